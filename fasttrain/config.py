@@ -1,0 +1,223 @@
+"""The typed configuration tree, and the one place that knows every option.
+
+Each field carries its command-line flags and help in `metadata`; `cli.py` builds the parser from these
+fields and a TOML config file uses the same names (`batch-size = 512` or `batch_size = 512`), so a key or
+flag that is not a field here is an error. Defaults and meanings of the reference script's flags
+(pytorch/examples imagenet/main.py) are kept, except where noted in the help text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def opt(default, *flags: str, help: str, choices=None, metavar=None):
+    """A config field with its CLI flags. The first long flag is also the TOML key."""
+    return field(default=default, metadata={"flags": flags, "help": help, "choices": choices, "metavar": metavar})
+
+
+@dataclass
+class DataConfig:
+    data: str | None = opt(None, help="dataset root holding train/ and val/ in ImageFolder layout "
+                           "(omit it to use the embedded demo dataset)", metavar="DATA")
+    loader: str = opt("auto", "--loader", choices=("auto", "torchvision", "dali", "synthetic"),
+                      help="input pipeline; auto = DALI on a GPU when installed, else torchvision")
+    workers: int = opt(4, "-j", "--workers", metavar="N",
+                       help="data loading workers (DALI: CPU threads) per node, split across its processes")
+    batch_size: int = opt(256, "-b", "--batch-size", metavar="N",
+                          help="mini-batch size per node, split across the node's processes as in the reference")
+    image_size: int = opt(224, "--image-size", metavar="PX",
+                          help="train crop size; val resizes the short side to size*256/224, then center-crops")
+    dummy: bool = opt(False, "--dummy", help="use synthetic data (same as --loader synthetic)")
+    num_classes: int = opt(1000, "--num-classes", metavar="N", help="classes of the synthetic data")
+    steps_per_epoch: int = opt(0, "--steps-per-epoch", metavar="N",
+                               help="stop each train epoch after N steps (0 = the whole epoch); for benchmarks")
+    hw_decoder_load: float = opt(0.9, "--hw-decoder-load", metavar="F",
+                                 help="DALI: share of JPEG decoding sent to the hardware decoder (0..1)")
+    prefetch: int = opt(2, "--prefetch", metavar="N", help="DALI prefetch queue depth (batches)")
+    file_list: str | None = opt(None, "--file-list", metavar="PATH",
+                                help="train/val only on the files listed (as written by check-data "
+                                "--write-clean-list)")
+    max_bad_files: int = opt(10, "--max-bad-files", metavar="N",
+                             help="skip up to N undecodable files with a warning, then stop with an error")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = opt("resnet18", "-a", "--arch", metavar="ARCH",
+                    help="any torchvision classification model (default: resnet18)")
+    pretrained: bool = opt(False, "--pretrained", help="start from pretrained weights (needs --weights)")
+    weights: str | None = opt(None, "--weights", metavar="PATH",
+                              help="local file of pretrained weights (nothing is downloaded)")
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = opt(90, "--epochs", metavar="N", help="number of total epochs to run")
+    start_epoch: int = opt(0, "--start-epoch", metavar="N", help="manual epoch number (useful on restarts)")
+    lr: float = opt(0.1, "--lr", "--learning-rate", metavar="LR", help="initial learning rate")
+    momentum: float = opt(0.9, "--momentum", metavar="M", help="SGD momentum")
+    weight_decay: float = opt(1e-4, "--wd", "--weight-decay", metavar="W", help="weight decay")
+    lr_schedule: str = opt("step", "--lr-schedule", choices=("step", "cosine"),
+                           help="step = 0.1x every 30 epochs as the reference; cosine = to zero at the end")
+    warmup_epochs: float = opt(0.0, "--warmup-epochs", metavar="E", help="linear LR warm-up, in epochs")
+    label_smoothing: float = opt(0.0, "--label-smoothing", metavar="S", help="cross-entropy label smoothing")
+
+
+@dataclass
+class RunConfig:
+    device: str = opt("auto", "--device", choices=("auto", "cuda", "cpu"), help="where to train")
+    amp: str = opt("none", "--amp", choices=("none", "bf16", "fp16"),
+                   help="autocast precision (fp16 uses a gradient scaler)")
+    channels_last: bool = opt(False, "--channels-last", help="NHWC memory format for model and input")
+    compile: bool = opt(False, "--compile", help="torch.compile the model")
+    cudnn_benchmark: bool = opt(False, "--cudnn-benchmark", help="let cuDNN autotune convolution algorithms")
+    seed: int | None = opt(None, "--seed", metavar="N", help="seed for initializing training")
+    print_freq: int = opt(10, "-p", "--print-freq", metavar="N", help="print (and sync) every N steps")
+    output_dir: str | None = opt(None, "--output-dir", metavar="DIR",
+                                 help="where metrics and checkpoints go (default: runs/<arch>-<timestamp>)")
+    resume: str = opt("", "--resume", metavar="PATH",
+                      help="checkpoint to resume from; 'auto' = OUTPUT_DIR/checkpoint.pth.tar if present")
+    evaluate: bool = opt(False, "-e", "--evaluate", help="evaluate the model on the validation set and exit")
+    checkpoint_interval: int = opt(0, "--checkpoint-interval", metavar="STEPS",
+                                   help="also checkpoint every STEPS train steps (0 = only at epoch ends)")
+    on_nan: str = opt("abort", "--on-nan", choices=("abort", "skip"),
+                      help="on a non-finite loss: stop the run, or skip that step's update")
+
+
+@dataclass
+class DistConfig:
+    world_size: int = opt(-1, "--world-size", metavar="N",
+                          help="number of nodes (reference flags), or total processes with --dist-url")
+    rank: int = opt(-1, "--rank", metavar="N", help="node rank for distributed training (reference flags)")
+    dist_url: str | None = opt(None, "--dist-url", metavar="URL",
+                               help="url used to set up distributed training, e.g. tcp://HOST:PORT")
+    dist_backend: str = opt("auto", "--dist-backend", choices=("auto", "nccl", "gloo"),
+                            help="auto = nccl on CUDA, gloo on CPU")
+    gpu: int | None = opt(None, "--gpu", metavar="ID", help="GPU id to use (single process)")
+    multiprocessing_distributed: bool = opt(False, "--multiprocessing-distributed",
+                                            help="spawn one process per GPU (or per --nproc-per-node) as the reference")
+    nproc_per_node: int = opt(0, "--nproc-per-node", metavar="N",
+                              help="processes per node with --multiprocessing-distributed (default: GPU count)")
+    timeout_s: float = opt(600.0, "--dist-timeout", metavar="SEC",
+                           help="collective timeout: a dead rank ends the others after this long")
+
+
+GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig, "dist": DistConfig}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, dict[str, Any]]) -> "Config":
+        """Rebuild from to_dict() output (as stored in a checkpoint), ignoring fields this version lacks."""
+        groups = {}
+        for name, klass in GROUPS.items():
+            known = {f.name for f in dataclasses.fields(klass)}
+            groups[name] = klass(**{k: v for k, v in d.get(name, {}).items() if k in known})
+        return cls(**groups)
+
+
+def all_fields():
+    """(group name, dataclasses.Field) for every option, in declaration order."""
+    for group, klass in GROUPS.items():
+        for f in dataclasses.fields(klass):
+            yield group, f
+
+
+def key_index() -> dict[str, tuple[str, str]]:
+    """Every accepted TOML key -> (group, field). Keys are field names and long-flag names."""
+    index = {}
+    for group, f in all_fields():
+        index[f.name] = (group, f.name)
+        for flag in f.metadata["flags"]:
+            if flag.startswith("--"):
+                index[flag[2:]] = (group, f.name)
+                index[flag[2:].replace("-", "_")] = (group, f.name)
+    return index
+
+
+def load_toml(path: str) -> dict[tuple[str, str], Any]:
+    """Read a flat TOML config file into {(group, field): value}. Unknown keys are an error."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    index = key_index()
+    out = {}
+    for key, value in raw.items():
+        if key not in index:
+            raise UserError(f"config file {path}: unknown key '{key}' (keys are the long flag names, "
+                            f"e.g. batch-size, lr, arch)")
+        out[index[key]] = value
+    return out
+
+
+def build_config(values: dict[tuple[str, str], Any]) -> Config:
+    """Make a Config from {(group, field): value}, checking types and ranges."""
+    cfg = Config()
+    for (group, name), value in values.items():
+        f = next(f for g, f in all_fields() if g == group and f.name == name)
+        setattr(getattr(cfg, group), name, _coerce(f, value))
+    validate(cfg)
+    return cfg
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    flag = (f.metadata["flags"] or (f.name,))[-1]
+    if value is None:
+        return None
+    kind = type(f.default) if f.default is not None else (int if "int" in str(f.type) else str)
+    if kind is bool and not isinstance(value, bool):
+        raise UserError(f"{flag} must be true or false, got {value!r}")
+    try:
+        value = kind(value) if kind in (int, float, str) else value
+    except (TypeError, ValueError):
+        raise UserError(f"{flag} must be a {kind.__name__}, got {value!r}") from None
+    if f.metadata["choices"] and value not in f.metadata["choices"]:
+        raise UserError(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    if cfg.data.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {cfg.data.batch_size}")
+    if cfg.data.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {cfg.data.workers}")
+    if cfg.data.image_size < 16:
+        raise UserError(f"--image-size must be at least 16 pixels, got {cfg.data.image_size}")
+    if cfg.optim.epochs < 1 and not cfg.run.evaluate:
+        raise UserError(f"--epochs must be at least 1, got {cfg.optim.epochs}")
+    if cfg.optim.lr <= 0:
+        raise UserError(f"--lr must be positive, got {cfg.optim.lr}")
+    if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
+        raise UserError(f"--hw-decoder-load must be between 0 and 1, got {cfg.data.hw_decoder_load}")
+    if cfg.run.print_freq < 1:
+        raise UserError(f"--print-freq must be at least 1, got {cfg.run.print_freq}")
+    if cfg.data.dummy:
+        cfg.data.loader = "synthetic"
+    if cfg.model.pretrained and not cfg.model.weights:
+        raise UserError("--pretrained would download weights, and fasttrain downloads nothing: "
+                        "pass the weights file with --weights PATH")

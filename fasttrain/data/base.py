@@ -1,0 +1,79 @@
+"""What every data backend hands the engine, and the pieces they share.
+
+A backend builds two `Batches`: iterables of `(images, labels)` already on the training device, images
+normalized float (or the AMP dtype) in the memory format the model wants, labels int64 [B]. The engine
+only ever sees this protocol, so it cannot tell DALI from torchvision from synthetic data.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+
+from ..errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def val_resize_size(image_size: int) -> int:
+    """The reference resizes to 256 for a 224 crop; keep that ratio for other sizes."""
+    return int(round(image_size * 256 / 224))
+
+
+class Batches(Protocol):
+    """One split's batches for this rank."""
+
+    def __len__(self) -> int: ...  # steps per epoch on this rank
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None: ...  # reshuffle; resume mid-epoch
+    def close(self) -> None: ...
+
+
+@dataclass
+class Loaders:
+    train: Batches
+    val: Batches
+    classes: tuple[str, ...]
+    name: str  # the backend actually used, e.g. "dali-gpu", printed at start-up
+    train_size: int  # images in the whole train split (all ranks)
+    val_size: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the engine wants its input: where, in which memory format and dtype."""
+    device: torch.device
+    channels_last: bool
+    dtype: torch.dtype = torch.float32
+
+
+class BadFileBudget:
+    """Counts files skipped at training time; past the budget the run stops with an error."""
+
+    def __init__(self, limit: int, rank: int = 0):
+        self.limit, self.rank, self.seen = limit, rank, []
+
+    def report(self, path: str, reason: str) -> None:
+        self.seen.append(path)
+        print(f"fasttrain: warning: rank {self.rank}: skipped bad file {path}: {reason} "
+              f"({len(self.seen)} of at most {self.limit})", file=sys.stderr, flush=True)
+        if len(self.seen) > self.limit:
+            raise UserError(f"more than --max-bad-files={self.limit} files could not be decoded (last: {path}); "
+                            "run `fasttrain check-data DATA --write-clean-list clean.txt` and train with "
+                            "--file-list clean.txt")
+
+
+def check_shard_sizes(train_size: int, world_size: int, per_rank_batch: int, val_size: int) -> int:
+    """Train steps per epoch on every rank (the same on all of them), or a clear error."""
+    if world_size > train_size or world_size > val_size:
+        raise UserError(f"world size {world_size} is larger than the dataset ({train_size} train, "
+                        f"{val_size} val images): use fewer processes")
+    per_rank = train_size // world_size
+    if per_rank_batch > per_rank:
+        raise UserError(f"batch size {per_rank_batch} per process is larger than the {per_rank} training images "
+                        f"each of the {world_size} process(es) reads: lower --batch-size")
+    return per_rank // per_rank_batch

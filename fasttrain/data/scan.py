@@ -1,0 +1,92 @@
+"""One scan of an ImageFolder tree: the class list and the (path, label) list every backend reads.
+
+Labels follow torchvision's ImageFolder exactly (sorted first-level folders; files found recursively,
+walked in sorted order; the same extensions, case-insensitive), so a model trained by fasttrain and one
+trained by the reference script agree on what label 7 means. Both the torchvision and the DALI backends
+are fed from this list, so they see the same files with the same labels. Where ImageFolder would fail
+later or silently, the scan fails now with a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class Split:
+    root: str
+    classes: tuple[str, ...]
+    samples: tuple[tuple[str, int], ...]  # (absolute path, label)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.classes)}
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def scan_split(root: str, allowed: set[str] | None = None) -> Split:
+    """Scan one split folder (DATA/train or DATA/val)."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is not a folder: DATA must hold train/ and val/ in ImageFolder layout "
+                        "(DATA/train/<class>/<image>.jpg)")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise UserError(f"{root} has no class folders: put each class's images in {root}/<class>/")
+    hidden = [c for c in classes if c.startswith(".")]
+    if hidden:
+        raise UserError(f"{root} has hidden folder(s) {', '.join(hidden)} that ImageFolder would count as "
+                        "classes: remove or move them out of the dataset")
+    samples = []
+    for label, cls in enumerate(classes):
+        found = 0
+        for dirpath, dirnames, fnames in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for fname in sorted(fnames):
+                path = os.path.abspath(os.path.join(dirpath, fname))
+                if _is_image(fname) and (allowed is None or path in allowed):
+                    samples.append((path, label))
+                    found += 1
+        if not found:
+            raise UserError(f"class folder {os.path.join(root, cls)} has no images (extensions: "
+                            f"{', '.join(IMG_EXTENSIONS)}): add images or remove the folder")
+    return Split(root=os.path.abspath(root), classes=tuple(classes), samples=tuple(samples))
+
+
+def read_file_list(path: str) -> set[str]:
+    """A --file-list: one path per line (absolute, or relative to the list's folder); '#' comments."""
+    try:
+        with open(path) as fh:
+            lines = [ln.strip() for ln in fh]
+    except OSError as e:
+        raise UserError(f"cannot read --file-list {path}: {e.strerror}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    return {os.path.abspath(os.path.join(base, ln)) for ln in lines if ln and not ln.startswith("#")}
+
+
+def scan_dataset(data: str, file_list: str | None = None) -> tuple[Split, Split]:
+    """Scan DATA/train and DATA/val; their class lists must be the same."""
+    if not os.path.isdir(data):
+        raise UserError(f"dataset folder {data} does not exist (expected DATA/train and DATA/val)")
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(data, split)):
+            raise UserError(f"{data} has no {split}/ folder: DATA must hold train/ and val/ in ImageFolder layout")
+    allowed = read_file_list(file_list) if file_list else None
+    train = scan_split(os.path.join(data, "train"), allowed)
+    val = scan_split(os.path.join(data, "val"), allowed)
+    if train.classes != val.classes:
+        only_t = sorted(set(train.classes) - set(val.classes))
+        only_v = sorted(set(val.classes) - set(train.classes))
+        raise UserError(f"train/ and val/ have different classes (only in train: {only_t[:5] or 'none'}; "
+                        f"only in val: {only_v[:5] or 'none'}): both need the same class folders")
+    return train, val

@@ -1,0 +1,46 @@
+"""Synthetic batches made once on the device: compute-only runs (`--dummy`, `--loader synthetic`).
+
+The reference's --dummy draws 1,281,167 train and 50,000 val random images of 1000 classes; so does this,
+but one batch is made on the device and handed out again, so nothing but the model is measured.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Layout
+
+TRAIN_SIZE, VAL_SIZE = 1_281_167, 50_000
+
+
+class SyntheticBatches:
+    def __init__(self, steps: int, batch: int, image_size: int, num_classes: int, layout: Layout, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        images = torch.randn(batch, 3, image_size, image_size, generator=g)
+        self.labels = torch.randint(0, num_classes, (batch,), generator=g).to(layout.device)
+        fmt = torch.channels_last if layout.channels_last else torch.contiguous_format
+        self.images = images.to(layout.device, layout.dtype).contiguous(memory_format=fmt)
+        self.steps, self.start = steps, 0
+
+    def __len__(self):
+        return self.steps
+
+    def set_epoch(self, epoch: int, start_step: int = 0):
+        self.start = start_step
+
+    def __iter__(self):
+        for _ in range(self.start, self.steps):
+            yield self.images, self.labels
+
+    def close(self):
+        pass
+
+
+def build(per_rank_batch: int, world_size: int, image_size: int, num_classes: int, layout: Layout, seed: int,
+          steps_limit: int):
+    steps = TRAIN_SIZE // world_size // per_rank_batch
+    if steps_limit:
+        steps = min(steps, steps_limit)
+    val_steps = -(-VAL_SIZE // world_size // per_rank_batch)
+    return (SyntheticBatches(steps, per_rank_batch, image_size, num_classes, layout, seed),
+            SyntheticBatches(val_steps, per_rank_batch, image_size, num_classes, layout, seed + 1))

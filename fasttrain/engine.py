@@ -1,0 +1,145 @@
+"""The training step and the evaluation loop. Knows nothing of loaders, files or processes.
+
+Batches arrive as on-device `(images, labels)` from any backend. Nothing here reads a device value back
+to the host per step: loss and accuracy stay in DeviceMeter and are read at print frequency, which is
+also when non-finite losses are checked and a stop request is agreed on by all ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import dist as D
+from .metrics import DeviceMeter, Progress
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Trainer:
+    model: torch.nn.Module          # raw module: what checkpoints hold
+    forward: torch.nn.Module        # what runs: compiled and/or DDP-wrapped `model`
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: torch.nn.Module
+    amp_dtype: torch.dtype | None
+    dist: D.DistInfo
+    on_nan: str = "abort"
+    skipped_steps: int = 0
+    _nonfinite: torch.Tensor | None = field(default=None, repr=False)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, meter: DeviceMeter) -> None:
+        with self.autocast():
+            logits = self.forward(images)
+            loss = self.criterion(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.on_nan == "skip" and not self._grads_finite():
+            self.optimizer.zero_grad(set_to_none=True)  # the same on every rank: DDP grads are all-reduced
+            self.skipped_steps += 1
+        else:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        meter.update(loss, logits.float(), labels)
+
+    def _grads_finite(self) -> bool:
+        # A host sync per step, paid only with --on-nan skip. fp16's GradScaler already skips inf steps.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def check_finite(self) -> None:
+        """At a sync point: under --on-nan abort, stop every rank together if any saw a non-finite loss."""
+        seen = bool(self._nonfinite) if self._nonfinite is not None else False
+        self._nonfinite = None
+        if self.on_nan == "abort" and D.any_rank(seen, self.dist):
+            raise NonFiniteLoss("loss became NaN or infinite (--on-nan abort); the last checkpoint holds "
+                                "finite weights: lower --lr, or use --on-nan skip")
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    top1: float
+    top5: float
+    samples: int
+    images_per_sec: float
+    data_time_fraction: float
+    steps_done: int        # index of the next step; == len(loader) when the epoch finished
+    stopped: bool = False  # a stop was requested (SIGTERM): the run should save and exit
+
+
+def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq: int, progress: Progress,
+                    at_sync: Callable[[int], bool]) -> EpochStats:
+    """One pass over this rank's shard from `start_step`. Every print_freq steps (the same steps on every
+    rank) the meters are read and `at_sync(step)` may checkpoint; it returns True to stop the run."""
+    tr.forward.train()
+    meter = DeviceMeter(tr.dist.device)
+    loader.set_epoch(epoch, start_step)
+    total = len(loader)
+    step, data_time, stopped = start_step, 0.0, False
+    t0 = t_data = time.perf_counter()
+    for images, labels in loader:
+        data_time += time.perf_counter() - t_data
+        tr.train_step(images, labels, meter)
+        step += 1
+        if step % print_freq == 0 or step == total:
+            tr.check_finite()  # host sync: reads the device-side flag
+            stats = meter.read()
+            progress.update(step, stats, stats["samples"] / (time.perf_counter() - t0))
+            stopped = at_sync(step)
+            if stopped:
+                break
+        t_data = time.perf_counter()
+    if tr.dist.device.type == "cuda":
+        torch.cuda.synchronize(tr.dist.device)  # so the wall time below covers the work, not its launch
+    elapsed = time.perf_counter() - t0
+    stats = meter.read()
+    return EpochStats(stats["loss"], stats["top1"], stats["top5"], stats["samples"],
+                      stats["samples"] * tr.dist.world_size / max(elapsed, 1e-9),
+                      data_time / max(elapsed, 1e-9), step, stopped)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, criterion, amp_dtype, dist: D.DistInfo,
+             progress: Progress | None = None) -> dict[str, float]:
+    """Exact validation: each rank scores its own images once; sums and counts are all-reduced.
+    `model` is the raw or compiled module, never the DDP wrapper (its forward may sync buffers)."""
+    model.eval()
+    meter = DeviceMeter(dist.device)
+    loader.set_epoch(0)
+    ctx = torch.autocast(dist.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    for i, (images, labels) in enumerate(loader, 1):
+        if labels.shape[0] == 0:
+            continue
+        with ctx:
+            logits = model(images)
+            loss = criterion(logits, labels)
+        meter.update(loss, logits.float(), labels)
+        if progress is not None and (i % 50 == 0 or i == len(loader)):
+            s = meter.read()
+            progress.update(i, s, s["samples"] / (time.perf_counter() - t0))
+    totals = torch.cat([meter.sums, torch.tensor([float(meter.n)], dtype=torch.float64, device=dist.device)])
+    D.all_reduce_sum(totals, dist)
+    loss_sum, c1, c5, n = totals.tolist()
+    n_ = max(n, 1.0)
+    return {"val_loss": loss_sum / n_, "val_top1": 100.0 * c1 / n_, "val_top5": 100.0 * c5 / n_,
+            "val_samples": int(n)}

@@ -1,0 +1,103 @@
+"""From a parsed Config to running processes: demo data, spawning, process groups, exit codes.
+
+    fasttrain train DATA ...                                  # one process
+    torchrun --nproc-per-node 8 -m fasttrain train DATA ...   # one process per GPU, any number of nodes
+    fasttrain train DATA --multiprocessing-distributed [--nproc-per-node N] ...   # the reference's way
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+
+import torch
+
+from . import dist as D
+from . import signals
+from .config import Config
+from .engine import NonFiniteLoss
+from .errors import UserError
+
+
+def use_demo_data(cfg: Config) -> None:
+    """No DATA: train on the embedded dataset (written once into the cache folder)."""
+    from .data.demo import default_root, write_demo_dataset
+    root = default_root()
+    if not os.path.isdir(os.path.join(root, "val")):
+        print(f"fasttrain: writing the embedded demo dataset to {root} (once)", file=sys.stderr, flush=True)
+    cfg.data.data = write_demo_dataset(root)
+
+
+def prepare_eval(cfg: Config, checkpoint: str) -> None:
+    """`fasttrain eval DATA --checkpoint PATH`: the checkpoint's arch and image size, validation only."""
+    from .checkpoint import load
+    saved = load(checkpoint).get("config") or {}
+    cfg.model.arch = saved.get("model", {}).get("arch", cfg.model.arch)
+    cfg.data.image_size = saved.get("data", {}).get("image_size", cfg.data.image_size)
+    cfg.run.resume, cfg.run.evaluate = checkpoint, True
+    cfg.run.output_dir = cfg.run.output_dir or os.path.dirname(os.path.abspath(checkpoint))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg: Config, eval_checkpoint: str | None = None) -> int:
+    if eval_checkpoint:
+        prepare_eval(cfg, eval_checkpoint)
+    if cfg.data.data is None and cfg.data.loader != "synthetic":
+        if eval_checkpoint:
+            raise UserError("fasttrain eval needs DATA (the folder holding val/)")
+        use_demo_data(cfg)
+    if not cfg.dist.multiprocessing_distributed:
+        return worker(None, cfg, 1)
+    nproc = cfg.dist.nproc_per_node or (torch.cuda.device_count() if cfg.run.device != "cpu" else 0) or 1
+    if cfg.dist.dist_url is None:
+        if cfg.dist.world_size > 1:
+            raise UserError("--multiprocessing-distributed on several nodes needs --dist-url tcp://HOST:PORT")
+        cfg.dist.dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    return spawn(cfg, nproc)
+
+
+def spawn(cfg: Config, nproc: int) -> int:
+    """The reference's mp.spawn, with a SIGTERM to the parent passed on to every child."""
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(_spawned, args=(cfg, nproc), nprocs=nproc, join=False, start_method="spawn")
+    signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in ctx.processes if p.is_alive()])
+    try:
+        while not ctx.join():
+            pass
+    except mp.ProcessExitedException as e:
+        return e.exit_code if e.exit_code > 0 else 128 - e.exit_code
+    except mp.ProcessRaisedException as e:
+        print(f"fasttrain: error: a worker failed:\n{e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _spawned(local_rank: int, cfg: Config, nproc: int) -> None:
+    code = worker(local_rank, cfg, nproc)
+    if code:
+        sys.exit(code)
+
+
+def worker(local_rank: int | None, cfg: Config, nproc: int) -> int:
+    from .train import run
+    signals.install()
+    info = D.setup(cfg.dist, cfg.run.device, local_rank, nproc)
+    try:
+        return run(cfg, info)
+    except UserError as e:
+        if local_rank is None:
+            raise
+        print(f"fasttrain: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"fasttrain: error: rank {info.rank}: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        D.teardown(info)

@@ -1,0 +1,97 @@
+"""Meters that live on the device, progress a person can watch, and metrics.jsonl.
+
+Loss and accuracy are accumulated as device tensors and read (a host sync) only at print frequency and at
+the end of an epoch, never per step. Accuracy is summed as counts of correct predictions over images
+actually scored, so a distributed result is exact rather than a mean of per-batch means.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+class DeviceMeter:
+    """Sums of loss*n, top-1 and top-5 correct, kept on the device; n (known on the host) kept on the host."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.n = 0
+
+    @torch.no_grad()
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.shape[0]
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(labels.view(-1, 1))
+        self.sums += torch.stack([loss.detach().double() * n, hit[:, :1].sum().double(), hit.sum().double()])
+        self.n += n
+
+    def read(self) -> dict[str, float]:
+        """A host sync. Returns loss, top1, top5 (percent) and samples."""
+        (loss_sum, c1, c5), n = self.sums.tolist(), self.n
+        n_ = max(n, 1.0)
+        return {"loss": loss_sum / n_, "top1": 100.0 * c1 / n_, "top5": 100.0 * c5 / n_, "samples": int(n)}
+
+
+class Progress:
+    """tqdm bar on a terminal, the reference script's plain lines otherwise. Silent on ranks other than 0."""
+
+    def __init__(self, total: int, desc: str, enabled: bool, initial: int = 0):
+        self.enabled, self.desc, self.total, self.bar = enabled, desc, total, None
+        self.start = time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+        self.done = initial
+
+    def update(self, step: int, stats: dict[str, float], images_per_sec: float) -> None:
+        """step: 1-based index of the last finished step."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.done)
+            self.bar.set_postfix(loss=f"{stats['loss']:.4f}", top1=f"{stats['top1']:.2f}",
+                                 img_s=f"{images_per_sec:.0f}", refresh=False)
+        else:
+            width = len(str(self.total))
+            print(f"{self.desc}: [{step:>{width}}/{self.total}]\tLoss {stats['loss']:.4e}\t"
+                  f"Acc@1 {stats['top1']:6.2f}\tAcc@5 {stats['top5']:6.2f}\t{images_per_sec:8.1f} img/s",
+                  flush=True)
+        self.done = step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class JsonlWriter:
+    """Appends one JSON object per line and flushes it to disk, so a crash loses no finished epoch."""
+
+    def __init__(self, path: str, enabled: bool, keep_before_epoch: int = 0):
+        """A fresh run starts the file anew; a resumed one keeps the rows of the epochs it will not redo."""
+        self.path, self.enabled = path, enabled
+        if enabled:
+            rows = [r for r in read_jsonl(path) if r.get("epoch", 0) < keep_before_epoch] \
+                if keep_before_epoch and os.path.exists(path) else []
+            tmp = path + ".tmp"
+            with open(tmp, "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+            os.replace(tmp, path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -1,0 +1,57 @@
+"""Build the model: any torchvision classification architecture, optional local pretrained weights.
+
+Wrapping (channels_last, torch.compile, DDP) happens in one place, train.wrap_model(); the raw module is
+kept for checkpoints, so saved state_dicts have no `module.` or `_orig_mod.` prefixes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torchvision
+
+from .config import ModelConfig
+from .errors import UserError
+
+
+def classification_models() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
+    names = classification_models()
+    if cfg.arch not in names:
+        near = [n for n in names if cfg.arch.lower().rstrip("0123456789_") in n][:6]
+        raise UserError(f"unknown arch '{cfg.arch}': use a torchvision classification model"
+                        f"{' such as ' + ', '.join(near) if near else ' (e.g. resnet18, resnet50, vit_b_16)'}")
+    kwargs = {"aux_logits": False, "init_weights": True} if cfg.arch in ("inception_v3", "googlenet") else {}
+    model = torchvision.models.get_model(cfg.arch, weights=None, num_classes=num_classes, **kwargs)
+    if cfg.pretrained or cfg.weights:
+        load_weights(model, cfg.weights)
+    return model
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a local weights file (a state_dict, or a fasttrain/reference checkpoint). Layers whose shape
+    differs (a classifier for another number of classes) are left as initialized, and said so."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"--weights {path} does not exist") from None
+    except Exception as e:
+        raise UserError(f"--weights {path} is not a PyTorch weights file ({type(e).__name__})") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {path} holds no state_dict")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(usable) < len(own) // 2:
+        raise UserError(f"--weights {path} does not fit this architecture ({len(usable)} of {len(own)} "
+                        "tensors match): check -a/--arch")
+    skipped = sorted(set(own) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    if skipped:
+        print(f"fasttrain: weights: {len(skipped)} tensor(s) kept at initialization (shape differs or "
+              f"missing): {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}", file=sys.stderr)

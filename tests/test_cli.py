@@ -1,0 +1,127 @@
+"""The command line: every reference flag parses with its meaning; bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fasttrain import cli
+from fasttrain.config import Config
+
+from .conftest import run_cli
+
+
+def parse(*argv) -> Config:
+    ns = cli.build_parser().parse_args(["train", *argv])
+    return cli.parse_config(ns)
+
+
+def test_reference_defaults_kept():
+    c = parse("DATA")
+    assert (c.model.arch, c.data.workers, c.optim.epochs, c.optim.start_epoch, c.data.batch_size) == \
+        ("resnet18", 4, 90, 0, 256)
+    assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay, c.run.print_freq) == (0.1, 0.9, 1e-4, 10)
+    assert (c.run.resume, c.run.evaluate, c.model.pretrained, c.run.seed, c.dist.gpu) == ("", False, False, None, None)
+    assert (c.dist.world_size, c.dist.rank, c.dist.multiprocessing_distributed, c.data.dummy) == (-1, -1, False, False)
+
+
+def test_every_reference_flag_parses():
+    c = parse("/data/imagenet", "-a", "resnet50", "-j", "8", "--epochs", "3", "--start-epoch", "1", "-b", "512",
+              "--lr", "0.2", "--momentum", "0.8", "--wd", "5e-5", "-p", "20", "--resume", "ck.pth", "-e",
+              "--world-size", "2", "--rank", "1", "--dist-url", "tcp://10.0.0.1:2345", "--dist-backend", "gloo",
+              "--seed", "7", "--gpu", "0", "--multiprocessing-distributed", "--dummy")
+    assert c.data.data == "/data/imagenet" and c.model.arch == "resnet50" and c.data.workers == 8
+    assert (c.optim.epochs, c.optim.start_epoch, c.data.batch_size, c.optim.lr) == (3, 1, 512, 0.2)
+    assert (c.optim.momentum, c.optim.weight_decay, c.run.print_freq, c.run.resume) == (0.8, 5e-5, 20, "ck.pth")
+    assert c.run.evaluate and c.dist.multiprocessing_distributed and c.data.dummy
+    assert (c.dist.world_size, c.dist.rank, c.dist.dist_url, c.dist.dist_backend) == (2, 1, "tcp://10.0.0.1:2345", "gloo")
+    assert (c.run.seed, c.dist.gpu, c.data.loader) == (7, 0, "synthetic")
+
+
+def test_long_aliases():
+    c = parse("D", "--arch", "vgg11", "--workers", "1", "--batch-size", "8", "--learning-rate", "0.5",
+              "--weight-decay", "0", "--print-freq", "1", "--evaluate")
+    assert (c.model.arch, c.data.workers, c.data.batch_size, c.optim.lr, c.optim.weight_decay) == ("vgg11", 1, 8, 0.5, 0)
+    assert c.run.print_freq == 1 and c.run.evaluate
+
+
+def test_fasttrain_flags():
+    c = parse("D", "--device", "cpu", "--loader", "torchvision", "--amp", "bf16", "--channels-last", "--compile",
+              "--cudnn-benchmark", "--image-size", "160", "--lr-schedule", "cosine", "--warmup-epochs", "2",
+              "--label-smoothing", "0.1", "--output-dir", "out")
+    assert (c.run.device, c.data.loader, c.run.amp, c.data.image_size) == ("cpu", "torchvision", "bf16", 160)
+    assert c.run.channels_last and c.run.compile and c.run.cudnn_benchmark
+    assert (c.optim.lr_schedule, c.optim.warmup_epochs, c.optim.label_smoothing, c.run.output_dir) == \
+        ("cosine", 2.0, 0.1, "out")
+
+
+def test_toml_config_and_precedence(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('arch = "resnet34"\nbatch-size = 128\nlr = 0.05\nchannels_last = true\n')
+    c = parse("D", "--config", str(f), "--lr", "0.3")
+    assert (c.model.arch, c.data.batch_size, c.optim.lr, c.run.channels_last) == ("resnet34", 128, 0.3, True)
+
+
+def test_toml_unknown_key_is_error(tmp_path, capsys):
+    f = tmp_path / "c.toml"
+    f.write_text("batch_sise = 3\n")
+    assert cli.main(["train", "D", "--config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fasttrain: error:") and "batch_sise" in err and err.count("\n") == 1
+
+
+def test_no_data_means_demo_defaults():
+    c = parse()
+    assert c.data.data is None and c.data.image_size == 64 and c.optim.epochs == 10
+    assert parse("--epochs", "3").optim.epochs == 3
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--bogus-flag"], "unrecognized arguments"),
+    (["train", "D", "-b", "0"], "--batch-size must be at least 1"),
+    (["train", "D", "--amp", "fp8"], "invalid choice"),
+    (["train", "D", "--pretrained"], "--weights"),
+])
+def test_parse_errors_are_one_line(argv, needle, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fasttrain: error:") and needle in err and err.count("\n") == 1
+
+
+def _tree_without(tiny_data, tmp_path, drop):
+    import shutil
+    dst = tmp_path / "data"
+    shutil.copytree(tiny_data, dst)
+    if drop:
+        shutil.rmtree(dst / drop)
+    return dst
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing", "does not exist"),
+    ("no_train", "no train/ folder"),
+    ("no_val", "no val/ folder"),
+    ("empty_class", "has no images"),
+    ("unknown_arch", "unknown arch 'resnet1000'"),
+    ("resume_missing", "does not exist"),
+])
+def test_bad_input_exit_2_one_line(case, needle, tiny_data, tmp_path, capsys):
+    data = _tree_without(tiny_data, tmp_path, {"no_train": "train", "no_val": "val"}.get(case))
+    if case == "empty_class":
+        os.makedirs(data / "train" / "zz_empty")
+        os.makedirs(data / "val" / "zz_empty")
+    argv = ["train", str(tmp_path / "nope") if case == "missing" else str(data), "--device", "cpu", "-j", "0",
+            "--epochs", "1", "-b", "8", "--output-dir", str(tmp_path / "out")]
+    argv += {"unknown_arch": ["-a", "resnet1000"], "resume_missing": ["--resume", str(tmp_path / "x.pth")]}.get(case, [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fasttrain: error:") and needle in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    r = run_cli("train", tmp_path / "missing", "--device", "cpu", timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("fasttrain: error:") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,111 @@
+"""End-to-end training on a tiny generated dataset: learning, exact resume, atomic checkpoints, eval."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fasttrain import checkpoint as ckpt_io
+from fasttrain import cli
+from fasttrain.metrics import read_jsonl
+
+COMMON = ["--device", "cpu", "-j", "0", "-b", "16", "--image-size", "32", "--seed", "3", "-p", "2",
+          "--lr", "0.05", "--warmup-epochs", "0.5"]
+
+
+def train(data, out, *extra):
+    code = cli.main(["train", str(data), *COMMON, "--output-dir", str(out), *extra])
+    assert code == 0
+    return read_jsonl(os.path.join(out, "metrics.jsonl"))
+
+
+def weights(out, name=ckpt_io.LATEST):
+    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=False)
+
+
+def test_learns_and_writes_outputs(tiny_data, tmp_path):
+    rows = train(tiny_data, tmp_path / "r", "--epochs", "8", "--lr-schedule", "cosine")
+    assert [r["epoch"] for r in rows] == list(range(8))
+    for key in ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "val_samples",
+                "train_images_per_sec", "data_time_fraction"):
+        assert key in rows[-1]
+    assert all(r["val_samples"] == 36 for r in rows)  # every val image scored exactly once
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert max(r["val_top1"] for r in rows) > 50.0  # 4 classes: chance is 25%
+    ck = weights(tmp_path / "r")
+    assert {"epoch", "arch", "state_dict", "best_acc1", "optimizer", "scheduler", "scaler", "rng", "classes",
+            "config"} <= set(ck)
+    assert ck["epoch"] == 8 and ck["arch"] == "resnet18" and len(ck["classes"]) == 4
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["state_dict"])
+    import torchvision
+    torchvision.models.resnet18(num_classes=4).load_state_dict(ck["state_dict"])  # loads as-is
+    assert os.path.exists(tmp_path / "r" / ckpt_io.BEST)
+
+
+def test_resume_equals_straight_run(tiny_data, tmp_path):
+    train(tiny_data, tmp_path / "straight", "--epochs", "2")
+    train(tiny_data, tmp_path / "split", "--epochs", "1")
+    rows = train(tiny_data, tmp_path / "split", "--epochs", "2", "--resume", "auto")
+    assert [r["epoch"] for r in rows] == [0, 1]
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+
+def test_stop_mid_epoch_then_resume_equals_straight_run(tiny_data, tmp_path, monkeypatch):
+    """A stop request (what SIGTERM sets) at step 4 of 6 saves a mid-epoch checkpoint and exits 143; the
+    resumed run continues with the same next batch and ends with the same weights as an unstopped run."""
+    train(tiny_data, tmp_path / "straight", "--epochs", "2")
+    out = tmp_path / "stopped"
+    calls = iter([False, True])  # at_sync runs at steps 2, 4, ...: stop at step 4
+    monkeypatch.setattr("fasttrain.train.stop_requested", lambda: next(calls, False))
+    code = cli.main(["train", str(tiny_data), *COMMON, "--output-dir", str(out), "--epochs", "2"])
+    assert code == 143
+    mid = weights(out)
+    assert (mid["epoch"], mid["step"]) == (0, 4)
+    monkeypatch.undo()
+    rows = train(tiny_data, out, "--epochs", "2", "--resume", "auto")
+    assert [r["epoch"] for r in rows] == [0, 1]
+    a, b = weights(tmp_path / "straight"), weights(out)
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_atomic_write_keeps_old_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / ckpt_io.LATEST)
+    ckpt_io.atomic_save({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, path)
+
+    def broken_save(obj, fh):
+        fh.write(b"partial bytes")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ckpt_io.atomic_save({"state_dict": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    ck = ckpt_io.load(path)
+    assert ck["epoch"] == 1 and torch.equal(ck["state_dict"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == [ckpt_io.LATEST]  # no temporary file left behind
+
+
+def test_eval_reproduces_recorded_accuracy(tiny_data, tmp_path, capsys):
+    rows = train(tiny_data, tmp_path / "r", "--epochs", "2")
+    capsys.readouterr()
+    assert cli.main(["eval", str(tiny_data), "--checkpoint", str(tmp_path / "r" / ckpt_io.LATEST),
+                     "--device", "cpu", "-j", "0", "-b", "7"]) == 0
+    err = capsys.readouterr().err
+    assert f"Acc@1 {rows[-1]['val_top1']:.3f}" in err and "on 36 images" in err
+
+
+def test_resume_other_arch_or_classes_is_error(tiny_data, tmp_path, capsys):
+    train(tiny_data, tmp_path / "r", "--epochs", "1")
+    ck = str(tmp_path / "r" / ckpt_io.LATEST)
+    assert cli.main(["train", str(tiny_data), *COMMON, "-a", "resnet34", "--resume", ck,
+                     "--output-dir", str(tmp_path / "o")]) == 2
+    assert "is for arch resnet18" in capsys.readouterr().err
+    from .conftest import make_tree
+    other = make_tree(tmp_path / "other", n_train=8, n_val=2, classes=("dots_cool", "dots_warm", "rings_cool"))
+    assert cli.main(["train", other, *COMMON, "--resume", ck, "--output-dir", str(tmp_path / "o2")]) == 2
+    assert "has 4 classes but the dataset has 3" in capsys.readouterr().err
