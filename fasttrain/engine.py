@@ -103,7 +103,7 @@ def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq
         if step % print_freq == 0 or step == total:
             tr.check_finite()  # host sync: reads the device-side flag
             stats = meter.read()
-            progress.update(step, stats, stats["samples"] / (time.perf_counter() - t0))
+            progress.update(step, stats, stats["samples"] * tr.dist.world_size / (time.perf_counter() - t0))
             stopped = at_sync(step)
             if stopped:
                 break
@@ -111,10 +111,18 @@ def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq
     if tr.dist.device.type == "cuda":
         torch.cuda.synchronize(tr.dist.device)  # so the wall time below covers the work, not its launch
     elapsed = time.perf_counter() - t0
-    stats = meter.read()
+    stats = reduce_meter(meter, tr.dist)  # one collective per epoch: the epoch's numbers cover every rank
     return EpochStats(stats["loss"], stats["top1"], stats["top5"], stats["samples"],
-                      stats["samples"] * tr.dist.world_size / max(elapsed, 1e-9),
-                      data_time / max(elapsed, 1e-9), step, stopped)
+                      stats["samples"] / max(elapsed, 1e-9), data_time / max(elapsed, 1e-9), step, stopped)
+
+
+def reduce_meter(meter: DeviceMeter, dist: D.DistInfo) -> dict[str, float]:
+    """Sum a meter over all ranks (exact: counts and sums, not a mean of means)."""
+    totals = torch.cat([meter.sums, torch.tensor([float(meter.n)], dtype=torch.float64, device=dist.device)])
+    D.all_reduce_sum(totals, dist)
+    loss_sum, c1, c5, n = totals.tolist()
+    n_ = max(n, 1.0)
+    return {"loss": loss_sum / n_, "top1": 100.0 * c1 / n_, "top5": 100.0 * c5 / n_, "samples": int(n)}
 
 
 @torch.no_grad()
@@ -137,9 +145,4 @@ def evaluate(model: torch.nn.Module, loader, criterion, amp_dtype, dist: D.DistI
         if progress is not None and (i % 50 == 0 or i == len(loader)):
             s = meter.read()
             progress.update(i, s, s["samples"] / (time.perf_counter() - t0))
-    totals = torch.cat([meter.sums, torch.tensor([float(meter.n)], dtype=torch.float64, device=dist.device)])
-    D.all_reduce_sum(totals, dist)
-    loss_sum, c1, c5, n = totals.tolist()
-    n_ = max(n, 1.0)
-    return {"val_loss": loss_sum / n_, "val_top1": 100.0 * c1 / n_, "val_top5": 100.0 * c5 / n_,
-            "val_samples": int(n)}
+    return {f"val_{k}": v for k, v in reduce_meter(meter, dist).items()}

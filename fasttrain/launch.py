@@ -87,7 +87,6 @@ def _spawned(local_rank: int, cfg: Config, nproc: int) -> None:
 
 def worker(local_rank: int | None, cfg: Config, nproc: int) -> int:
     from .train import run
-    signals.install()
     info = D.setup(cfg.dist, cfg.run.device, local_rank, nproc)
     try:
         return run(cfg, info)
@@ -100,4 +99,5 @@ def worker(local_rank: int | None, cfg: Config, nproc: int) -> int:
         print(f"fasttrain: error: rank {info.rank}: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
+        signals.uninstall()
         D.teardown(info)

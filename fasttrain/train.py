@@ -22,6 +22,7 @@ from .engine import Trainer, evaluate, train_one_epoch
 from .metrics import JsonlWriter, Progress
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
+from . import signals
 from .signals import stop_requested
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,6 +109,7 @@ def run(cfg: Config, dist: D.DistInfo) -> int:
         res = evaluate(eval_fwd, loaders.val, tr.criterion, tr.amp_dtype, dist, ctx.progress(len(loaders.val), "Test"))
         log0(dist, f"val: Acc@1 {res['val_top1']:.3f} Acc@5 {res['val_top5']:.3f} on {res['val_samples']} images")
         return 0
+    signals.install()  # from here on, SIGTERM means: save at the next sync point, then exit 143
     log0(dist, f"training {cfg.model.arch} on {dist.device} for epochs {state['epoch']}..{cfg.optim.epochs - 1}; "
                f"outputs in {out}")
     for epoch in range(state["epoch"], cfg.optim.epochs):
@@ -162,8 +164,8 @@ class RunContext:
         """Called at the same steps on every rank. Saves mid-epoch on schedule or on a stop request."""
         stop = D.any_rank(stop_requested(), self.dist)
         every = self.cfg.run.checkpoint_interval
-        if step < len(self.loaders.train) and (stop or (every and step % every == 0)):
-            self.save(epoch, step, val_top1=None, is_best=False)
+        if stop or (every and step % every == 0 and step < len(self.loaders.train)):
+            self.save(epoch, step, val_top1=None, is_best=False)  # at the last step: resumes into validation
         return stop
 
     def end_epoch(self, epoch: int, stats, val: dict) -> None:
@@ -173,7 +175,7 @@ class RunContext:
         self.best_acc1 = max(self.best_acc1, val["val_top1"])
         record = {"epoch": epoch, "lr": self.tr.optimizer.param_groups[0]["lr"], "train_loss": stats.loss,
                   "train_top1": stats.top1, "train_top5": stats.top5, **val,
-                  "train_samples": stats.samples * self.dist.world_size,
+                  "train_samples": stats.samples,
                   "train_images_per_sec": stats.images_per_sec, "data_time_fraction": stats.data_time_fraction,
                   "skipped_steps": self.tr.skipped_steps, "best_acc1": self.best_acc1, "time": time.time()}
         self.metrics.write(record)

@@ -1,0 +1,120 @@
+"""Distributed training with 2 real Gloo processes on CPU (torchrun, and the reference's spawn flags).
+
+Every test runs subprocesses under a timeout: a hang is a failure, not a stuck CI job.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fasttrain.data.torchvision_backend import ResumableSampler
+from fasttrain.metrics import read_jsonl
+
+from .conftest import REPO, make_tree
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+WORKER = os.path.join(REPO, "tests", "ddp_worker.py")
+ARGS = ["--device", "cpu", "-j", "0", "-b", "16", "--image-size", "32", "--seed", "1", "-p", "2", "--lr", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def odd_data(tmp_path_factory):
+    """3 classes x 32 train (96) and 9 val (27: odd, not a multiple of any per-rank batch used here)."""
+    return make_tree(tmp_path_factory.mktemp("odd"), n_train=32, n_val=9, classes=("checker_cool", "dots_warm",
+                                                                                    "rings_cool"))
+
+
+def torchrun(nproc, *args, env=None, timeout=240, extra=()):
+    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), *extra, WORKER, "train", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def state(out):
+    return torch.load(os.path.join(out, "checkpoint.pth.tar"), map_location="cpu", weights_only=False)
+
+
+def test_torchrun_two_ranks_scores_every_val_image_once(odd_data, tmp_path):
+    r = torchrun(2, odd_data, *ARGS, "--epochs", "2", "--output-dir", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [row["val_samples"] for row in rows] == [27, 27]
+    assert all(row["train_samples"] == 96 for row in rows)  # 2 ranks x 6 steps x 8
+    assert r.stderr.count("fasttrain: epoch 1:") == 1  # only rank 0 logs
+
+
+def test_two_ranks_equal_one_rank_at_same_global_batch(odd_data, tmp_path):
+    env = {"FT_TEST_TINY_MODEL": "1"}
+    one = torchrun(1, odd_data, *ARGS, "--epochs", "1", "--output-dir", tmp_path / "one", env=env)
+    two = torchrun(2, odd_data, *ARGS, "--epochs", "1", "--output-dir", tmp_path / "two", env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    a, b = state(tmp_path / "one")["state_dict"], state(tmp_path / "two")["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(a["0.weight"], torch.zeros_like(a["0.weight"]))
+
+
+def test_shards_disjoint_cover_and_reshuffle():
+    n, batch, world = 103, 8, 2
+    steps = n // world // batch
+    epochs = []
+    for epoch in (0, 1):
+        shards = []
+        for rank in range(world):
+            s = ResumableSampler(n, rank, world, seed=5, batch=batch, steps=steps)
+            s.set_epoch(epoch)
+            shards.append([i for i, _ in s])
+        assert all(len(sh) == steps * batch for sh in shards)  # same number of steps on every rank
+        assert not set(shards[0]) & set(shards[1])
+        epochs.append(shards)
+    assert epochs[0][0] != epochs[1][0]  # set_epoch reshuffles
+    seen = set().union(*epochs[0], *epochs[1])
+    assert len(seen) > n - world * batch  # whole batches only: at most world*batch-1 left out per epoch
+
+
+def test_one_rank_failing_ends_both_in_bounded_time(odd_data, tmp_path):
+    r = torchrun(2, odd_data, *ARGS, "--epochs", "2", "--output-dir", tmp_path, "--dist-timeout", "30",
+                 env={"FT_TEST_RAISE": "1:3", "FT_TEST_TINY_MODEL": "1"}, timeout=120)
+    assert r.returncode != 0
+    assert "injected failure on rank 1" in r.stderr
+
+
+def test_sigterm_saves_stops_all_and_restart_resumes_exactly(odd_data, tmp_path):
+    env = {"FT_TEST_TINY_MODEL": "1"}
+    straight = torchrun(2, odd_data, *ARGS, "--epochs", "2", "--output-dir", tmp_path / "straight", env=env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "preempted"
+    r = torchrun(2, odd_data, *ARGS, "--epochs", "2", "--output-dir", out, env={**env, "FT_TEST_SIGTERM": "1:3"})
+    assert r.returncode != 0 and "exitcode  : 143" in r.stderr
+    assert "stopped by signal at epoch 0 step 4" in r.stderr
+    ck = state(out)
+    assert (ck["epoch"], ck["step"], len(ck["rng"])) == (0, 4, 2)
+    r = torchrun(2, odd_data, *ARGS, "--epochs", "2", "--output-dir", out, "--resume", "auto", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    a, b = state(tmp_path / "straight")["state_dict"], state(out)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [row["epoch"] for row in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_reference_spawn_flags(odd_data, tmp_path):
+    cmd = [sys.executable, "-m", "fasttrain", "train", odd_data, *ARGS, "--epochs", "1", "--output-dir", tmp_path,
+           "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--world-size", "1", "--rank", "0",
+           "--multiprocessing-distributed", "--nproc-per-node", "2"]
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "8 per process x 2 process(es)" in r.stderr
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["val_samples"] == 27
