@@ -47,11 +47,14 @@ class Trainer:
             loss = self.criterion(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.on_nan == "skip" and not self._grads_finite():
-            self.optimizer.zero_grad(set_to_none=True)  # the same on every rank: DDP grads are all-reduced
+        if self.on_nan == "skip" and not self.scaler.is_enabled() and not self._grads_finite():
+            # The same decision on every rank: DDP has all-reduced the grads, so a NaN anywhere is everywhere.
+            self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-        else:
-            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            return  # nor does the skipped step's loss enter the meters
+        self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         bad = ~torch.isfinite(loss.detach())
@@ -59,7 +62,7 @@ class Trainer:
         meter.update(loss, logits.float(), labels)
 
     def _grads_finite(self) -> bool:
-        # A host sync per step, paid only with --on-nan skip. fp16's GradScaler already skips inf steps.
+        # A host sync per step, paid only with --on-nan skip (fp16's GradScaler skips non-finite steps itself).
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not grads:
             return True

@@ -61,6 +61,9 @@ def output_dir(cfg: Config, dist: D.DistInfo) -> str:
         torch.distributed.broadcast_object_list(out, src=0)  # one folder, named by rank 0's clock
     if dist.is_main:
         os.makedirs(out[0], exist_ok=True)
+        for name in os.listdir(out[0]):  # left by a process killed mid-write; the real files are whole
+            if ".tmp." in name:
+                os.remove(os.path.join(out[0], name))
     return out[0]
 
 

@@ -19,7 +19,7 @@ from fasttrain.metrics import read_jsonl
 from .conftest import REPO, make_tree
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-WORKER = os.path.join(REPO, "tests", "ddp_worker.py")
+WORKER = os.path.join(REPO, "tests", "fault_worker.py")
 ARGS = ["--device", "cpu", "-j", "0", "-b", "16", "--image-size", "32", "--seed", "1", "-p", "2", "--lr", "0.05"]
 
 

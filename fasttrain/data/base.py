@@ -58,6 +58,8 @@ class BadFileBudget:
         self.limit, self.rank, self.seen = limit, rank, []
 
     def report(self, path: str, reason: str) -> None:
+        if path in self.seen:
+            return  # said once already (val files come round every epoch)
         self.seen.append(path)
         print(f"fasttrain: warning: rank {self.rank}: skipped bad file {path}: {reason} "
               f"({len(self.seen)} of at most {self.limit})", file=sys.stderr, flush=True)

@@ -1,0 +1,85 @@
+"""Test-only entry point: `[torchrun ...] tests/fault_worker.py train ARGS` runs fasttrain's CLI with faults
+injected through environment variables, so fault tests are exact and deterministic:
+
+    FT_TEST_TINY_MODEL=1         a small CNN without BatchNorm or dropout (per-rank batch statistics would
+                                 otherwise make 2 ranks differ from 1 rank at the same global batch)
+    FT_TEST_RAISE=RANK:STEP      that rank raises inside its STEP-th train step (1-based, counted per process)
+    FT_TEST_SIGTERM=RANK:STEP    that rank sends itself SIGTERM at its STEP-th step (first torchrun attempt only)
+    FT_TEST_NAN=RANK:STEP        that rank's loss is NaN at its STEP-th step
+    FT_TEST_HANG_IN_SAVE=N       the N-th checkpoint write stops half-way (partial temporary file written),
+                                 touches OUTPUT_DIR/hanging and sleeps, for the test to kill -9 it there
+"""
+
+import os
+import signal
+import sys
+import time
+
+import torch
+
+import fasttrain.checkpoint as C
+import fasttrain.train as T
+from fasttrain.cli import main
+from fasttrain.engine import Trainer
+
+
+def tiny_model(cfg, num_classes):
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, num_classes))
+
+
+def _at(var):
+    if var not in os.environ:
+        return None
+    rank, step = os.environ[var].split(":")
+    return int(rank), int(step)
+
+
+def _patch_steps():
+    raise_at, term_at, nan_at = _at("FT_TEST_RAISE"), _at("FT_TEST_SIGTERM"), _at("FT_TEST_NAN")
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    rank = int(os.environ.get("RANK", "0"))
+    original = Trainer.train_step
+    count = [0]
+
+    def train_step(self, images, labels, meter):
+        count[0] += 1
+        if raise_at == (rank, count[0]):
+            raise RuntimeError(f"injected failure on rank {rank} at step {count[0]}")
+        if term_at == (rank, count[0]) and first_attempt:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if nan_at == (rank, count[0]):
+            crit = self.criterion
+            self.criterion = lambda logits, y: crit(logits, y) * float("nan")
+            try:
+                return original(self, images, labels, meter)
+            finally:
+                self.criterion = crit
+        return original(self, images, labels, meter)
+    Trainer.train_step = train_step
+
+
+def _patch_save():
+    hang_at = int(os.environ["FT_TEST_HANG_IN_SAVE"])
+    original, count = C.atomic_save, [0]
+
+    def atomic_save(obj, path):
+        count[0] += 1
+        if count[0] != hang_at:
+            return original(obj, path)
+        with open(f"{path}.tmp.{os.getpid()}", "wb") as fh:
+            fh.write(b"half a checkpoint")
+        open(os.path.join(os.path.dirname(path), "hanging"), "w").close()
+        time.sleep(600)
+    C.atomic_save = atomic_save
+
+
+if __name__ == "__main__":
+    if os.environ.get("FT_TEST_TINY_MODEL"):
+        T.build_model = tiny_model
+    _patch_steps()
+    if "FT_TEST_HANG_IN_SAVE" in os.environ:
+        _patch_save()
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,191 @@
+"""Bad data, start-up errors, kill -9 (also mid-checkpoint-write), non-finite losses."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fasttrain import cli
+from fasttrain.data.base import check_shard_sizes
+from fasttrain.errors import UserError
+from fasttrain.metrics import read_jsonl
+
+from .conftest import REPO, make_tree
+
+WORKER = os.path.join(REPO, "tests", "fault_worker.py")
+ARGS = ["--device", "cpu", "-j", "0", "-b", "16", "--image-size", "32", "--seed", "2", "-p", "2", "--lr", "0.05"]
+
+
+def _img(mode="RGB", size=(40, 40)):
+    arr = (np.random.default_rng(0).random((size[1], size[0], 3)) * 255).astype("uint8")
+    return Image.fromarray(arr).convert(mode)
+
+
+def plant_bad_files(cls_dir):
+    """One of each kind of bad or odd file into a class folder; returns {name: expected}."""
+    buf = io.BytesIO()
+    _img().save(buf, "JPEG")
+    (cls_dir / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (cls_dir / "zero.jpg").write_bytes(b"")
+    (cls_dir / "text.jpg").write_text("this is not an image\n")
+    _img().save(cls_dir / "png_named.JPEG", "PNG")
+    _img("CMYK").save(cls_dir / "cmyk.jpg", "JPEG")
+    _img(size=(1, 1)).save(cls_dir / "tiny.png")
+    _img("L").save(cls_dir / "gray.jpg")
+    _img("RGBA").save(cls_dir / "alpha.png")
+    return {"truncated.jpg": "corrupt or truncated", "zero.jpg": "empty file", "text.jpg": "not an image file",
+            "tiny.png": "too small", "png_named.JPEG": "PNG data in a .JPEG file", "cmyk.jpg": "mode CMYK",
+            "gray.jpg": "mode L", "alpha.png": "mode RGBA"}
+
+
+def run_worker(*args, env=None, timeout=240):
+    return subprocess.run([sys.executable, WORKER, "train", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def weights(out):
+    return torch.load(os.path.join(out, "checkpoint.pth.tar"), map_location="cpu", weights_only=False)
+
+
+@pytest.fixture()
+def data(tiny_data, tmp_path):
+    dst = tmp_path / "data"
+    shutil.copytree(tiny_data, dst)
+    return dst
+
+
+def test_check_data_reports_each_case_and_writes_clean_list(data, tmp_path, capsys):
+    expected = plant_bad_files(data / "train" / "hstripes_cool")
+    report, clean = tmp_path / "report.json", tmp_path / "clean.txt"
+    code = cli.main(["check-data", str(data), "-j", "2", "--report", str(report), "--write-clean-list", str(clean)])
+    out = capsys.readouterr().out
+    assert code == 1
+    lines = {line.split(": ")[1].rsplit("/", 1)[1]: line for line in out.splitlines()}
+    for name, needle in expected.items():
+        assert needle in lines[name], (name, lines.get(name))
+        assert lines[name].startswith("bad:" if name in ("truncated.jpg", "zero.jpg", "text.jpg", "tiny.png")
+                                      else "info:")
+    assert report.exists()
+    listed = [ln for ln in clean.read_text().splitlines() if not ln.startswith("#")]
+    assert len(listed) == 4 * 24 + 4 * 9 + 4 and not any("truncated" in p or "text.jpg" in p for p in listed)
+    # training on the clean list never meets the bad files
+    assert cli.main(["train", str(data), *ARGS, "--epochs", "1", "--file-list", str(clean),
+                     "--output-dir", str(tmp_path / "out")]) == 0
+    assert "skipped bad file" not in capsys.readouterr().err
+
+
+def test_check_data_clean_tree_exits_0(tiny_data, capsys):
+    assert cli.main(["check-data", tiny_data]) == 0
+
+
+def test_training_skips_bad_files_by_name_then_stops_past_the_limit(data, tmp_path, capsys):
+    plant_bad_files(data / "train" / "hstripes_cool")
+    assert cli.main(["train", str(data), *ARGS, "--epochs", "1", "--output-dir", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    for name in ("truncated.jpg", "zero.jpg", "text.jpg"):
+        assert f"skipped bad file {data / 'train' / 'hstripes_cool' / name}" in err
+    assert "cmyk.jpg" not in err and "png_named.JPEG" not in err  # decodable: converted, not skipped
+    assert read_jsonl(tmp_path / "a" / "metrics.jsonl")[0]["val_samples"] == 36
+    assert cli.main(["train", str(data), *ARGS, "--epochs", "1", "--max-bad-files", "1",
+                     "--output-dir", str(tmp_path / "b")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("fasttrain: error: more than --max-bad-files=1") and "check-data" in last
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("hidden", "hidden folder(s) .ipynb_checkpoints"),
+    ("mismatch", "different classes (only in train: ['zz_extra']"),
+    ("batch", "larger than the 96 training images"),
+    ("no_images", "has no class folders"),
+])
+def test_startup_errors(case, needle, data, tmp_path, capsys):
+    if case == "hidden":
+        os.makedirs(data / "train" / ".ipynb_checkpoints")
+    elif case == "mismatch":
+        shutil.copytree(data / "train" / "hstripes_cool", data / "train" / "zz_extra")
+    elif case == "no_images":
+        shutil.rmtree(data / "val")
+        os.makedirs(data / "val")
+    bs = "128" if case == "batch" else "16"
+    args = ["train", str(data), *ARGS, "-b", bs, "--epochs", "1", "--output-dir", str(tmp_path / "o")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fasttrain: error:") and needle in err[-1], err[-1]
+
+
+def test_world_size_larger_than_dataset():
+    with pytest.raises(UserError, match="world size 8 is larger than the dataset"):
+        check_shard_sizes(train_size=6, world_size=8, per_rank_batch=1, val_size=6)
+    assert check_shard_sizes(train_size=100, world_size=2, per_rank_batch=8, val_size=5) == 6
+
+
+def _wait_for(path, proc, timeout=120):
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+def test_kill9_mid_training_and_mid_checkpoint_write_then_resume(tiny_data, tmp_path):
+    """kill -9 while a checkpoint is half-written: the previous checkpoint is whole, --resume auto goes on
+    from it and ends with the same weights as a run never killed."""
+    env = {**os.environ, "FT_TEST_TINY_MODEL": "1", "PYTHONUNBUFFERED": "1"}
+    args = [*ARGS, "--epochs", "2", "--checkpoint-interval", "2"]
+    straight = run_worker(tiny_data, *args, "--output-dir", tmp_path / "straight", env=env)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, WORKER, "train", tiny_data, *args, "--output-dir", str(out)],
+                            cwd=REPO, env={**env, "FT_TEST_HANG_IN_SAVE": "3"}, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(out / "hanging", proc)  # the 3rd checkpoint (epoch 1 step 0) is half-written now
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert any(".tmp." in n for n in os.listdir(out))
+    ck = weights(out)  # still the 2nd checkpoint, whole: epoch 0, step 4
+    assert (ck["epoch"], ck["step"]) == (0, 4)
+    r = run_worker(tiny_data, *args, "--output-dir", out, "--resume", "auto", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stderr and not any(".tmp." in n for n in os.listdir(out))
+    a, b = weights(tmp_path / "straight")["state_dict"], weights(out)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [row["epoch"] for row in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+
+
+def test_nan_abort_keeps_finite_checkpoint(tiny_data, tmp_path):
+    env = {"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "0:3"}
+    r = run_worker(tiny_data, *ARGS, "--epochs", "1", "--checkpoint-interval", "2", "--output-dir", tmp_path, env=env)
+    assert r.returncode == 1 and "loss became NaN or infinite" in r.stderr
+    ck = weights(tmp_path)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+
+
+def test_nan_skip_skips_that_update(tiny_data, tmp_path):
+    env = {"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "0:3"}
+    r = run_worker(tiny_data, *ARGS, "--epochs", "1", "--on-nan", "skip", "--output-dir", tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    assert row["skipped_steps"] == 1 and np.isfinite(row["train_loss"])
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path)["state_dict"].values())
+
+
+def test_nan_on_one_of_two_ranks_stops_both(tiny_data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, "train",
+           tiny_data, *ARGS, "--epochs", "1", "--output-dir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO,
+                       env={**os.environ, "FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "1:3"})
+    assert r.returncode != 0
+    assert r.stderr.count("loss became NaN or infinite") == 2  # both ranks stop, at the same sync point
