@@ -21,9 +21,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def opt(default, *flags: str, help: str, choices=None, metavar=None):
-    """A config field with its CLI flags. The first long flag is also the TOML key."""
-    return field(default=default, metadata={"flags": flags, "help": help, "choices": choices, "metavar": metavar})
+def opt(default, *flags: str, help: str, choices=None, metavar=None, tristate=False):
+    """A config field with its CLI flags. The first long flag is also the TOML key. A tristate field is a
+    bool that may stay None ("auto"): --flag sets it, --no-flag clears it."""
+    return field(default=default, metadata={"flags": flags, "help": help, "choices": choices, "metavar": metavar,
+                                            "tristate": tristate})
 
 
 @dataclass
@@ -77,11 +79,16 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     device: str = opt("auto", "--device", choices=("auto", "cuda", "cpu"), help="where to train")
-    amp: str = opt("none", "--amp", choices=("none", "bf16", "fp16"),
-                   help="autocast precision (fp16 uses a gradient scaler)")
-    channels_last: bool = opt(False, "--channels-last", help="NHWC memory format for model and input")
-    compile: bool = opt(False, "--compile", help="torch.compile the model")
-    cudnn_benchmark: bool = opt(False, "--cudnn-benchmark", help="let cuDNN autotune convolution algorithms")
+    # Performance toggles: "auto"/None = the fastest measured-correct setting on a GPU (bf16, channels_last,
+    # compile, cuDNN autotuning) and the safe one on a CPU (fp32, NCHW, eager). resolve_toggles() fills them.
+    amp: str = opt("auto", "--amp", choices=("auto", "none", "bf16", "fp16"),
+                   help="autocast precision; fp16 uses a gradient scaler (auto: bf16 on GPU, none on CPU)")
+    channels_last: bool | None = opt(None, "--channels-last", tristate=True,
+                                     help="NHWC memory format for model and input (auto: on for GPU)")
+    compile: bool | None = opt(None, "--compile", tristate=True,
+                               help="torch.compile the model (auto: on for GPU training)")
+    cudnn_benchmark: bool | None = opt(None, "--cudnn-benchmark", tristate=True,
+                                       help="let cuDNN autotune convolution algorithms (auto: on for GPU)")
     seed: int | None = opt(None, "--seed", metavar="N", help="seed for initializing training")
     print_freq: int = opt(10, "-p", "--print-freq", metavar="N", help="print (and sync) every N steps")
     output_dir: str | None = opt(None, "--output-dir", metavar="DIR",
@@ -189,7 +196,10 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     flag = (f.metadata["flags"] or (f.name,))[-1]
     if value is None:
         return None
-    kind = type(f.default) if f.default is not None else (int if "int" in str(f.type) else str)
+    if f.metadata["tristate"]:
+        kind = bool
+    else:
+        kind = type(f.default) if f.default is not None else (int if "int" in str(f.type) else str)
     if kind is bool and not isinstance(value, bool):
         raise UserError(f"{flag} must be true or false, got {value!r}")
     try:
@@ -199,6 +209,21 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     if f.metadata["choices"] and value not in f.metadata["choices"]:
         raise UserError(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
     return value
+
+
+def resolve_toggles(run: RunConfig, device_type: str) -> RunConfig:
+    """Fill the "auto" performance toggles for this device (returns a new RunConfig)."""
+    gpu = device_type == "cuda"
+    amp = run.amp
+    if amp == "auto":
+        import torch
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if gpu else "none"
+
+    def pick(value, auto):
+        return auto if value is None else value
+    return dataclasses.replace(run, amp=amp, channels_last=pick(run.channels_last, gpu),
+                               compile=pick(run.compile, gpu and not run.evaluate),
+                               cudnn_benchmark=pick(run.cudnn_benchmark, gpu))
 
 
 def validate(cfg: Config) -> None:

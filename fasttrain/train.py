@@ -15,7 +15,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import dist as D
-from .config import Config, RunConfig
+from .config import Config, RunConfig, resolve_toggles
 from .data import build_loaders
 from .data.base import Layout
 from .engine import Trainer, evaluate, train_one_epoch
@@ -93,12 +93,15 @@ def log0(dist: D.DistInfo, msg: str) -> None:
 
 def run(cfg: Config, dist: D.DistInfo) -> int:
     """Train (or with -e, only evaluate). Returns the exit status: 0, or 143 after a SIGTERM stop."""
+    cfg.run = resolve_toggles(cfg.run, dist.device.type)
     seed = agreed_seed(cfg.run.seed, dist)
     seed_everything(seed)
     torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
     out = output_dir(cfg, dist)
     layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
     loaders = build_loaders(cfg.data, dist, layout, seed)
+    log0(dist, f"device {dist.device}: amp {cfg.run.amp}, channels_last {cfg.run.channels_last}, "
+               f"compile {cfg.run.compile}, cudnn.benchmark {cfg.run.cudnn_benchmark}")
     tr = build_trainer(cfg, dist, len(loaders.classes), len(loaders.train))
     state = {"epoch": cfg.optim.start_epoch, "step": 0, "best_acc1": 0.0}
     path = resume_path(cfg.run, out)

@@ -125,3 +125,13 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().startswith("fasttrain: error:") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_performance_toggles_auto_per_device():
+    from fasttrain.config import resolve_toggles
+    c = parse("D")
+    assert (c.run.amp, c.run.channels_last, c.run.compile, c.run.cudnn_benchmark) == ("auto", None, None, None)
+    cpu = resolve_toggles(c.run, "cpu")
+    assert (cpu.amp, cpu.channels_last, cpu.compile, cpu.cudnn_benchmark) == ("none", False, False, False)
+    off = resolve_toggles(parse("D", "--no-compile", "--amp", "none", "--channels-last").run, "cpu")
+    assert (off.amp, off.channels_last, off.compile) == ("none", True, False)
