@@ -33,7 +33,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if not flags:  # the positional DATA
             p.add_argument(dest, nargs="?", metavar=f.metadata["metavar"], **kw)
             continue
-        if isinstance(f.default, bool):
+        if f.metadata["tristate"]:
+            p.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(f.default, bool):
             p.add_argument(*flags, dest=dest, action="store_true", **kw)
         else:
             typ = float if isinstance(f.default, float) else int if isinstance(f.default, int) or \
@@ -68,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("-j", "--workers", type=int, default=None, metavar="N")
     bn.add_argument("-b", "--batch-size", type=int, default=None, metavar="N")
     bn.add_argument("-a", "--arch", action="append", default=None, metavar="ARCH")
+    bn.add_argument("--images", type=int, default=None, metavar="N",
+                    help="JPEGs to generate when no DATA is given (default: 512 on CPU, 128 with --quick, 4096 on GPU)")
+    bn.add_argument("--full", action="store_true", help="on CPU also time torch.compile (minutes)")
+    bn.add_argument("--sections", default=None, metavar="LIST", help="comma list of loader,model,e2e (default: all)")
+    bn.add_argument("--repeats", type=int, default=None, metavar="N",
+                    help="loader-only: run each loader N times, interleaved, and keep the best (default: 3 on CPU)")
+    bn.add_argument("--from-json", default=None, metavar="PATH",
+                    help="measure nothing: redraw the table and bench.png from an earlier bench.json")
     return p
 
 
