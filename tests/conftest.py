@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -35,8 +36,21 @@ def tiny_data(tmp_path_factory):
     return make_tree(tmp_path_factory.mktemp("tiny"))
 
 
+def run_group(cmd, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout kill the whole group (torchrun's workers too,
+    which subprocess.run's own timeout would leave running) and fail."""
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def run_cli(*args, timeout=300, env=None):
     """Run `python -m fasttrain ARGS` in a subprocess; returns CompletedProcess (text)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "fasttrain", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=REPO)
+    return run_group([sys.executable, "-m", "fasttrain", *args], timeout=timeout, env=env)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from fasttrain.data.torchvision_backend import ResumableSampler
 from fasttrain.metrics import read_jsonl
 
-from .conftest import REPO, make_tree
+from .conftest import REPO, make_tree, run_group
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 WORKER = os.path.join(REPO, "tests", "fault_worker.py")
@@ -31,9 +30,7 @@ def odd_data(tmp_path_factory):
 
 
 def torchrun(nproc, *args, env=None, timeout=240, extra=()):
-    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), *extra, WORKER, "train", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return run_group([*TORCHRUN, "--nproc-per-node", nproc, *extra, WORKER, "train", *args], timeout, env)
 
 
 def state(out):
@@ -114,7 +111,7 @@ def test_reference_spawn_flags(odd_data, tmp_path):
     cmd = [sys.executable, "-m", "fasttrain", "train", odd_data, *ARGS, "--epochs", "1", "--output-dir", tmp_path,
            "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--world-size", "1", "--rank", "0",
            "--multiprocessing-distributed", "--nproc-per-node", "2"]
-    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=240, cwd=REPO)
+    r = run_group(cmd, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "8 per process x 2 process(es)" in r.stderr
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["val_samples"] == 27

@@ -20,7 +20,7 @@ from fasttrain.data.base import check_shard_sizes
 from fasttrain.errors import UserError
 from fasttrain.metrics import read_jsonl
 
-from .conftest import REPO, make_tree
+from .conftest import REPO, make_tree, run_group
 
 WORKER = os.path.join(REPO, "tests", "fault_worker.py")
 ARGS = ["--device", "cpu", "-j", "0", "-b", "16", "--image-size", "32", "--seed", "2", "-p", "2", "--lr", "0.05"]
@@ -49,8 +49,7 @@ def plant_bad_files(cls_dir):
 
 
 def run_worker(*args, env=None, timeout=240):
-    return subprocess.run([sys.executable, WORKER, "train", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return run_group([sys.executable, WORKER, "train", *args], timeout, env)
 
 
 def weights(out):
@@ -185,7 +184,6 @@ def test_nan_skip_skips_that_update(tiny_data, tmp_path):
 def test_nan_on_one_of_two_ranks_stops_both(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, "train",
            tiny_data, *ARGS, "--epochs", "1", "--output-dir", str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO,
-                       env={**os.environ, "FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "1:3"})
+    r = run_group(cmd, 240, {"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "1:3"})
     assert r.returncode != 0
     assert r.stderr.count("loss became NaN or infinite") == 2  # both ranks stop, at the same sync point
