@@ -1,0 +1,130 @@
+"""`fasttrain bench`: images/sec and data-loading time of fasttrain against the reference loop, in one run.
+
+    fasttrain bench --out runs/bench                  # generated JPEGs, the matrix that fits this machine
+    fasttrain bench /data/imagenet --out runs/bench -j 16 -b 256 -a resnet50 -a resnet18
+    fasttrain bench --quick --out /tmp/b              # seconds: checks that everything runs; rough numbers
+    fasttrain bench --from-json runs/gpu/bench.json --out runs/gpu   # redraw table and PNG from a JSON
+    make bench                                        # = fasttrain bench --out runs/bench
+
+Sections: loader only (reference ImageFolder+PIL loader, fasttrain's torchvision path, DALI CPU and DALI
+GPU when present, same files, batch and worker count); model only (synthetic on-device batches for each
+toggle combination); end to end (each loader feeding the model). Writes DIR/bench.json, DIR/bench.png and
+prints a table. The pieces: images.py (data), reference.py (the reference loop), loaders.py, measure.py
+(the one timing loop), suite.py (the matrix), report.py (outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import torch
+
+from ..errors import UserError
+from .images import bench_dataset
+from .loaders import BenchData, available_loaders
+from .report import add_ratios, environment, load_average, plot, table, write_json
+from .suite import Plan, Toggles, run_suite
+
+SECTIONS = ("loader", "model", "e2e")
+
+
+def toggle_combos(device: torch.device, with_compile: bool) -> list[Toggles]:
+    """fp32; channels_last; bf16; bf16 + channels_last; + compile. cuDNN autotuning on for every fasttrain
+    entry on a GPU (the fastest correct setting; the reference entries keep the reference's False)."""
+    cudnn = device.type == "cuda"
+    combos = [Toggles("none", False, False, cudnn), Toggles("none", True, False, cudnn),
+              Toggles("bf16", False, False, cudnn), Toggles("bf16", True, False, cudnn)]
+    if with_compile:
+        combos.append(Toggles("bf16", True, True, cudnn))
+    return combos
+
+
+def make_plan(ns: argparse.Namespace, device: torch.device) -> Plan:
+    """Sizes that fit the machine: a 2-core CPU gets a small model batch and few steps (CPU training is
+    ~100x slower than a GPU's), a GPU the anchors' batch 256 and enough steps for stable percentiles."""
+    gpu = device.type == "cuda"
+    workers = ns.workers if ns.workers is not None else min(os.cpu_count() or 1, 16)
+    if gpu:
+        plan = Plan(device, ns.arch or ["resnet50", "resnet18"], workers, ns.batch_size or 256, ns.batch_size or 256,
+                    loader_steps=(5, 40), model_steps=(8, 40), e2e_steps=(8, 60))
+    elif ns.quick:  # seconds: 64 px model inputs, a few steps; the loader section keeps 224 px crops
+        plan = Plan(device, ns.arch or ["resnet18"], workers, ns.batch_size or 32, ns.batch_size or 4,
+                    model_image_size=64, loader_steps=(1, 3), model_steps=(1, 2), e2e_steps=(1, 2))
+    else:
+        plan = Plan(device, ns.arch or ["resnet18"], workers, ns.batch_size or 128, ns.batch_size or 16,
+                    loader_steps=(2, 12), model_steps=(1, 3), e2e_steps=(2, 4))
+    if ns.quick and gpu:
+        plan.loader_steps, plan.model_steps, plan.e2e_steps = (2, 5), (2, 5), (2, 5)
+    plan.combos = toggle_combos(device, with_compile=gpu or ns.full)
+    plan.loaders = available_loaders(device)
+    plan.repeats = ns.repeats or (1 if ns.quick or gpu else 3)
+    return plan
+
+
+def default_images(ns: argparse.Namespace, gpu: bool) -> int:
+    if ns.images:
+        return ns.images
+    return 4096 if gpu else 128 if ns.quick else 512
+
+
+def render(out: str, doc: dict) -> None:
+    """Table on stdout, bench.png next to bench.json (skipped, with a note, where matplotlib is missing)."""
+    print(table(doc["entries"]), flush=True)
+    try:
+        plot(os.path.join(out, "bench.png"), doc["entries"], doc["environment"])
+    except ImportError:
+        print("fasttrain bench: matplotlib is not installed: no bench.png (pip install matplotlib, then "
+              f"fasttrain bench --from-json {os.path.join(out, 'bench.json')} --out {out})", file=sys.stderr)
+
+
+def bench_command(ns: argparse.Namespace) -> int:
+    out = ns.out
+    if ns.sections and not {s.strip() for s in ns.sections.split(",")} <= set(SECTIONS):
+        raise UserError(f"--sections takes a comma list of {', '.join(SECTIONS)}")
+    os.makedirs(out, exist_ok=True)
+    if ns.from_json:
+        with open(ns.from_json) as fh:
+            doc = json.load(fh)
+        if os.path.abspath(ns.from_json) != os.path.abspath(os.path.join(out, "bench.json")):
+            write_json(os.path.join(out, "bench.json"), doc["entries"], doc["environment"], doc.get("plan", {}))
+        render(out, doc)
+        return 0
+    # An explicit index, as dist.pick_device() gives `fasttrain train` (DALI wants a device id).
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    plan = make_plan(ns, device)
+    threads = torch.get_num_threads()
+    if ns.quick and device.type == "cpu":
+        # A smoke run: one intra-op thread, because OpenMP's spinning threads slow a tiny model down 5-10x
+        # as soon as anything else wants the cores (DataLoader workers, a neighbour's tests).
+        torch.set_num_threads(1)
+    try:
+        return _measure(ns, out, device, plan)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan) -> int:
+    sections = tuple(s.strip() for s in (ns.sections or ",".join(SECTIONS)).split(","))
+    root = ns.data or bench_dataset(default_images(ns, device.type == "cuda"))
+    data = BenchData.scan(root)
+    plan.num_classes = len(data.train.classes)  # the models' heads must fit the labels of the files read
+    print(f"fasttrain bench: {device}, data {root} ({len(data.train)} images), loaders {', '.join(plan.loaders)}, "
+          f"{plan.workers} workers, archs {', '.join(plan.archs)}", flush=True)
+    env = environment(device, dict(vars(ns)))
+    plan_doc = {**asdict(plan), "device": str(device), "data": root, "train_images": len(data.train),
+                "sections": list(sections)}
+
+    def save(entries: list[dict]) -> None:
+        add_ratios(entries)
+        env["load_average_at_end"] = load_average()
+        write_json(os.path.join(out, "bench.json"), entries, env, plan_doc)
+
+    entries = run_suite(plan, data, sections, save)
+    save(entries)
+    render(out, {"environment": env, "plan": plan_doc, "entries": entries})
+    print(f"fasttrain bench: wrote {os.path.join(out, 'bench.json')} and bench.png", flush=True)
+    return 0

@@ -1,0 +1,149 @@
+"""What a benchmark run leaves behind: bench.json (entries + environment), a table, and bench.png.
+
+Each entry's ratio_to_reference divides its img/s by the reference entry of the same section (and the
+same arch) measured in the same run, so machine speed and background load mostly cancel out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+SECTION_TITLES = {"loader": "Loader only (decode + augment, batches delivered to the device)",
+                  "model": "Model only (synthetic batches on the device)",
+                  "e2e": "End to end (loader + model)"}
+
+
+def git_commit() -> str | None:
+    """`git rev-parse HEAD` of the checkout fasttrain runs from, with '-dirty' if tracked files are modified;
+    $FASTTRAIN_GIT_COMMIT where the tree travelled without .git (the GPU machine)."""
+    if os.environ.get("FASTTRAIN_GIT_COMMIT"):
+        return os.environ["FASTTRAIN_GIT_COMMIT"]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def dali_version() -> str | None:
+    try:
+        import nvidia.dali
+        return nvidia.dali.__version__
+    except Exception:  # not installed, or installed without its CUDA libraries
+        return None
+
+
+def environment(device: torch.device, args: dict | None = None) -> dict:
+    import torchvision
+    cuda = device.type == "cuda"
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "device": str(device),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "dali": dali_version(),
+            "cuda": torch.version.cuda if cuda else None,
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "gpu": torch.cuda.get_device_name(device) if cuda else None,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "git_commit": git_commit(), "args": args,
+            "load_average_at_start": load_average()}
+
+
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages: a busy neighbour on a shared machine shows up here."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def add_ratios(entries: list[dict]) -> None:
+    """ratio_to_reference for every entry: its img/s over the same section's (and arch's) reference."""
+    refs = {(e["section"], e["arch"]): e["images_per_sec"] for e in entries if e.get("reference")}
+    for e in entries:
+        ref = refs.get((e["section"], e["arch"]))
+        e["ratio_to_reference"] = e["images_per_sec"] / ref if ref else None
+
+
+def write_json(path: str, entries: list[dict], env: dict, plan: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"environment": env, "plan": plan, "entries": entries}, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def table(entries: list[dict]) -> str:
+    """Markdown table, one row per entry (pasteable into RESULTS.md)."""
+    rows = ["| section | configuration | img/s | x reference | data wait | p50 ms | p95 ms | CPU ms/img |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for e in entries:
+        ratio = "ref" if e.get("reference") else f"{e['ratio_to_reference']:.2f}x"
+        ceiling = f" ({100 * e['of_ceiling']:.0f}% of ceiling)" if e.get("of_ceiling") else ""
+        name = e["name"].split("/", 1)[1]
+        cpu = e.get("cpu_ms_per_image")
+        rows.append(f"| {e['section']} | {name} | {e['images_per_sec']:,.1f} | {ratio}{ceiling} | "
+                    f"{100 * e['data_wait_fraction']:.0f}% | {e['p50_ms']:.1f} | {e['p95_ms']:.1f} | "
+                    f"{'-' if cpu is None else f'{cpu:.2f}'} |")
+    return "\n".join(rows)
+
+
+def plot(path: str, entries: list[dict], env: dict) -> None:
+    """Horizontal bars of img/s, one panel per section (their scales differ by orders of magnitude);
+    reference bars grey and hatched, every bar labelled with its img/s and its ratio to the reference."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = [s for s in SECTION_TITLES if any(e["section"] == s for e in entries)]
+    heights = [sum(e["section"] == s for e in entries) + 1.2 for s in sections]
+    fig, axes = plt.subplots(len(sections), 1, figsize=(10, 0.42 * sum(heights) + 1.2),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, sec in zip(axes[:, 0], sections):
+        rows = [e for e in entries if e["section"] == sec][::-1]  # first entry at the top
+        vals = [e["images_per_sec"] for e in rows]
+        colors = ["#9e9e9e" if e.get("reference") else "#1f77b4" for e in rows]
+        bars = ax.barh(range(len(rows)), vals, color=colors, height=0.7)
+        for bar, e in zip(bars, rows):
+            if e.get("reference"):
+                bar.set_hatch("//")
+            ratio = "reference" if e.get("reference") else f"{e['ratio_to_reference']:.2f}x ref"
+            if e.get("of_ceiling"):
+                ratio += f", {100 * e['of_ceiling']:.0f}% of model-only"
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                    f"  {fmt_rate(e['images_per_sec'])}  ({ratio})", va="center", fontsize=8)
+        ax.set_yticks(range(len(rows)), [e["name"].split("/", 1)[1] for e in rows], fontsize=8)
+        ax.set_xlim(0, max(vals) * 1.5 if vals and max(vals) > 0 else 1)
+        first = rows[-1]
+        setup = f"batch {first['batch_size']}" + (f", {first['workers']} workers" if first.get("workers") else "")
+        ax.set_title(f"{SECTION_TITLES[sec]}; {setup}", fontsize=10, loc="left")
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("images / second (higher is better)")
+    from matplotlib.patches import Patch
+    where = env.get("gpu") or f"{env.get('cpu_count')}-core CPU"
+    commit = env.get("git_commit") or "unknown"
+    commit = commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+    top = 1 - 0.55 / fig.get_figheight()  # room for a title line and a legend line
+    fig.suptitle(f"fasttrain bench: {where}, torch {env['torch']}, commit {commit}, {env['date'][:10]}",
+                 fontsize=10, y=1 - 0.12 / fig.get_figheight(), va="top")
+    fig.legend(handles=[Patch(facecolor="#9e9e9e", hatch="//", label="reference loop (pytorch/examples imagenet)"),
+                        Patch(facecolor="#1f77b4", label="fasttrain")],
+               fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.38 / fig.get_figheight()),
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fmt_rate(x: float) -> str:
+    """1,234 img/s; 12.3 below 100, where the decimal still means something."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"

@@ -1,0 +1,192 @@
+"""The benchmark matrix: loader only, then per arch model only and end to end; every entry is timed by
+measure.time_loop.
+
+fasttrain entries run fasttrain's own pieces: its loaders (loaders.py), build_trainer/wrap_model from
+train.py and Trainer.train_step from engine.py, so what is timed is what `fasttrain train` runs. The
+reference entries run the reference loop (reference.py) on the same files, in the same process tree.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from ..config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig
+from ..data import build_loaders
+from ..data.base import Layout
+from ..dist import DistInfo
+from ..metrics import DeviceMeter
+from ..train import AMP_DTYPES, build_trainer, wrap_model
+from .loaders import BenchData, open_loader
+from .measure import Timing, time_loop
+from .reference import ReferenceStep
+
+
+@dataclass(frozen=True)
+class Toggles:
+    amp: str = "none"              # none | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False
+    cudnn_benchmark: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = [self.amp if self.amp != "none" else "fp32"]
+        return "+".join(parts + ["channels_last"] * self.channels_last + ["compile"] * self.compile)
+
+
+@dataclass
+class Plan:
+    """What to run on this machine; bench_command() fills it from the flags and the device."""
+    device: torch.device
+    archs: list[str]
+    workers: int
+    loader_batch: int
+    model_batch: int
+    image_size: int = 224         # loader-only crops, as the reference's RandomResizedCrop(224)
+    model_image_size: int = 224   # model-only and end-to-end (smaller only in --quick on CPU)
+    num_classes: int = 8
+    loader_steps: tuple[int, int] = (3, 12)   # (warm-up, timed) batches
+    model_steps: tuple[int, int] = (2, 6)
+    e2e_steps: tuple[int, int] = (2, 6)
+    combos: list[Toggles] = field(default_factory=list)
+    loaders: list[str] = field(default_factory=list)
+    repeats: int = 1  # loader-only: run each loader this many times, interleaved; keep the best
+
+
+def entry(section: str, name: str, loader: str, arch: str | None, toggles: Toggles | None, batch: int,
+          workers: int | None, timing: Timing, steps: tuple[int, int], **extra) -> dict:
+    extra.setdefault("reference", False)
+    return {"name": name, "section": section, "loader": loader, "arch": arch,
+            "toggles": asdict(toggles) if toggles else None, "batch_size": batch, "workers": workers,
+            "warmup_steps": steps[0], "timed_steps": steps[1], **timing.summary(), **extra}
+
+
+def log(msg: str) -> None:
+    print(f"fasttrain bench: {msg}", flush=True)
+
+
+def loader_section(plan: Plan, data: BenchData) -> list[dict]:
+    """Images/s of each data path alone: same files, batch and worker (or DALI thread) count."""
+    layout = Layout(plan.device, channels_last=False)
+    runs: dict[str, list[Timing]] = {k: [] for k in plan.loaders}
+    for _ in range(plan.repeats):  # interleaved, so a busy neighbour hurts every loader alike
+        for kind in plan.loaders:
+            with open_loader(kind, data, plan.loader_batch, plan.workers, plan.image_size, layout,
+                             sum(plan.loader_steps)) as batches:
+                t = time_loop(batches, None, plan.device, *plan.loader_steps)
+            log(f"loader {kind}: {t.images_per_sec:.0f} img/s, {t.summary()['cpu_ms_per_image'] or 0:.2f} CPU ms/img")
+            runs[kind].append(t)
+    # Best of the repeats, as timeit does: noise only ever slows a run down.
+    return [entry("loader", f"loader/{k}", k, None, None, plan.loader_batch, plan.workers,
+                  max(ts, key=lambda t: t.images_per_sec), plan.loader_steps, reference=k == "reference",
+                  all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]) for k, ts in runs.items()]
+
+
+def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int) -> tuple[Callable, Layout, Config]:
+    """fasttrain's trainer for these toggles, wrapped as `fasttrain train` wraps it.
+    Returns (step function, the input Layout it wants, its Config)."""
+    cfg = Config(data=DataConfig(loader="synthetic", batch_size=plan.model_batch, image_size=plan.model_image_size,
+                                 num_classes=plan.num_classes, steps_per_epoch=steps_per_epoch, workers=plan.workers),
+                 model=ModelConfig(arch=arch), optim=OptimConfig(),
+                 run=RunConfig(amp=tg.amp, channels_last=tg.channels_last, compile=tg.compile,
+                               cudnn_benchmark=tg.cudnn_benchmark))
+    dist = DistInfo(device=plan.device)
+    torch.backends.cudnn.benchmark = tg.cudnn_benchmark  # as train.run() sets it
+    torch.manual_seed(0)
+    tr = build_trainer(cfg, dist, plan.num_classes, steps_per_epoch)
+    tr.forward, _ = wrap_model(tr.model, cfg.run, dist)
+    tr.forward.train()
+    meter = DeviceMeter(plan.device)
+    layout = Layout(plan.device, tg.channels_last, AMP_DTYPES[tg.amp] or torch.float32)
+    return (lambda x, y: tr.train_step(x, y, meter)), layout, cfg
+
+
+def model_section(plan: Plan, arch: str) -> tuple[list[dict], tuple[Toggles, Callable, Layout]]:
+    """Synthetic batches already on the device: the compute ceiling of each toggle combination. Returns the
+    entries and the fastest combination with its step function (its compiled graph is reused end to end)."""
+    steps, size, b = plan.model_steps, plan.model_image_size, plan.model_batch
+    ref = ReferenceStep(arch, plan.num_classes, plan.device)
+    x = torch.randn(b, 3, size, size, device=plan.device)
+    y = torch.randint(0, plan.num_classes, (b,), device=plan.device)
+    t = time_loop(iter(lambda: (x, y), None), ref, plan.device, *steps)
+    out = [entry("model", f"model/{arch}/reference", "synthetic", arch, Toggles(), b, None, t, steps, reference=True)]
+    log(f"model {arch} reference loop: {t.images_per_sec:.1f} img/s")
+    del ref, x, y
+    best, best_ips = None, 0.0
+    for tg in plan.combos:
+        step, layout, cfg = fasttrain_step(plan, arch, tg, sum(steps))
+        loaders = build_loaders(cfg.data, DistInfo(device=plan.device), layout, seed=0)  # loader "synthetic"
+        t = time_loop(loaders.train, step, plan.device, *steps)
+        out.append(entry("model", f"model/{arch}/{tg.label}", "synthetic", arch, tg, b, None, t, steps))
+        log(f"model {arch} {tg.label}: {t.images_per_sec:.1f} img/s (warm-up {t.warmup_s:.1f}s)")
+        if t.images_per_sec > best_ips:  # keep only the fastest trainer alive (GPU memory)
+            best, best_ips = (tg, step, layout), t.images_per_sec
+        del step, loaders
+    return out, best
+
+
+def e2e_loaders(plan: Plan) -> list[str]:
+    """fasttrain loaders that feed the model: all, except DALI's CPU mode on a GPU machine (its batches
+    stay in host memory there; the loader-only section still measures it)."""
+    return [k for k in plan.loaders if k != "reference" and not (k == "dali-cpu" and plan.device.type == "cuda")]
+
+
+def e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict], fastest) -> list[dict]:
+    """Each data path feeding the model: the reference loop, then fasttrain's loaders with the toggle
+    combination that was fastest in this run's model-only section (its trainer, already compiled)."""
+    steps, size, b = plan.e2e_steps, plan.model_image_size, plan.model_batch
+    tg, step, layout = fastest
+    ceiling = next(e for e in model_entries if e["toggles"] == asdict(tg) and not e["reference"])
+    ref = ReferenceStep(arch, plan.num_classes, plan.device)
+    # One step on a synthetic batch before its workers start: CUDA/cuDNN set-up done now would otherwise let
+    # the workers pile up batches that the timed window then drains at model speed.
+    ref(torch.randn(b, 3, size, size), torch.randint(0, plan.num_classes, (b,)))
+    with open_loader("reference", data, b, plan.workers, size, Layout(plan.device, False), sum(steps),
+                     raw_reference=True) as batches:
+        t = time_loop(batches, ref, plan.device, *steps)
+    del ref
+    out = [entry("e2e", f"e2e/{arch}/reference", "reference", arch, Toggles(), b, plan.workers, t, steps,
+                 reference=True)]
+    log(f"e2e {arch} reference loop: {t.images_per_sec:.1f} img/s")
+    torch.backends.cudnn.benchmark = tg.cudnn_benchmark  # the reference step above set the reference's
+    for kind in e2e_loaders(plan):
+        with open_loader(kind, data, b, plan.workers, size, layout, sum(steps)) as batches:
+            t = time_loop(batches, step, plan.device, *steps)
+        out.append(entry("e2e", f"e2e/{arch}/{kind}+{tg.label}", kind, arch, tg, b, plan.workers, t, steps,
+                         of_ceiling=t.images_per_sec / ceiling["images_per_sec"]))
+        log(f"e2e {arch} {kind} {tg.label}: {t.images_per_sec:.1f} img/s, data wait {100 * t.data_wait_fraction:.0f}%")
+    return out
+
+
+def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
+              save: Callable[[list[dict]], None] = lambda entries: None) -> list[dict]:
+    """Every entry, ordered loader, model, e2e (within a section, in the order measured). `save` gets the
+    entries so far after each part, so a run stopped by a time limit still leaves its numbers."""
+    t0 = time.perf_counter()
+    entries = loader_section(plan, data) if "loader" in sections else []
+    save(entries)
+    for arch in plan.archs:
+        if "model" not in sections and "e2e" not in sections:
+            break
+        model, fastest = model_section(plan, arch)
+        entries += model if "model" in sections else []
+        if "e2e" in sections:
+            entries += e2e_section(plan, data, arch, model, fastest)
+        del fastest
+        gc.collect()
+        if plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+        save(ordered(entries))
+    log(f"matrix done in {time.perf_counter() - t0:.0f}s")
+    return ordered(entries)
+
+
+def ordered(entries: list[dict]) -> list[dict]:
+    """Sections in the order loader, model, e2e; within one, the order measured (sort is stable)."""
+    order = {"loader": 0, "model": 1, "e2e": 2}
+    return sorted(entries, key=lambda e: order[e["section"]])
