@@ -102,12 +102,12 @@ def run(cfg: Config, dist: D.DistInfo) -> int:
     loaders = build_loaders(cfg.data, dist, layout, seed)
     log0(dist, f"device {dist.device}: amp {cfg.run.amp}, channels_last {cfg.run.channels_last}, "
                f"compile {cfg.run.compile}, cudnn.benchmark {cfg.run.cudnn_benchmark}")
-    tr = build_trainer(cfg, dist, len(loaders.classes), len(loaders.train))
+    tr = build_trainer(cfg, dist, len(loaders.classes), len(loaders.train))  # same init on every rank
+    seed_everything(seed + 1000 * dist.rank)  # ranks differ (e.g. dropout masks) from here on
     state = {"epoch": cfg.optim.start_epoch, "step": 0, "best_acc1": 0.0}
     path = resume_path(cfg.run, out)
     if path:
-        state = restore(tr, path, cfg, dist, loaders)
-    seed_everything(seed + 1000 * dist.rank + state["epoch"])  # ranks differ (e.g. dropout) from here on
+        state = restore(tr, path, cfg, dist, loaders)  # also puts every RNG back where the checkpoint left it
     t_compile = time.perf_counter()
     tr.forward, eval_fwd = wrap_model(tr.model, cfg.run, dist)
     ctx = RunContext(cfg, dist, out, tr, loaders, state)

@@ -55,9 +55,18 @@ def test_resume_equals_straight_run(tiny_data, tmp_path):
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
 
 
-def test_stop_mid_epoch_then_resume_equals_straight_run(tiny_data, tmp_path, monkeypatch):
+def dropout_model(cfg, num_classes):
+    """Uses the RNG in every step: a resume that lost the RNG state would end with other weights."""
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(8, num_classes))
+
+
+@pytest.mark.parametrize("model", ["resnet18", "dropout"])
+def test_stop_mid_epoch_then_resume_equals_straight_run(model, tiny_data, tmp_path, monkeypatch):
     """A stop request (what SIGTERM sets) at step 4 of 6 saves a mid-epoch checkpoint and exits 143; the
     resumed run continues with the same next batch and ends with the same weights as an unstopped run."""
+    if model == "dropout":
+        monkeypatch.setattr("fasttrain.train.build_model", dropout_model)
     train(tiny_data, tmp_path / "straight", "--epochs", "2")
     out = tmp_path / "stopped"
     calls = iter([False, True])  # at_sync runs at steps 2, 4, ...: stop at step 4
@@ -66,7 +75,7 @@ def test_stop_mid_epoch_then_resume_equals_straight_run(tiny_data, tmp_path, mon
     assert code == 143
     mid = weights(out)
     assert (mid["epoch"], mid["step"]) == (0, 4)
-    monkeypatch.undo()
+    monkeypatch.setattr("fasttrain.train.stop_requested", lambda: False)
     rows = train(tiny_data, out, "--epochs", "2", "--resume", "auto")
     assert [r["epoch"] for r in rows] == [0, 1]
     a, b = weights(tmp_path / "straight"), weights(out)

@@ -38,16 +38,26 @@ class ImageFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key):
+        seed = None
         if isinstance(key, tuple):  # (index, seed) from ResumableSampler: augmentation depends only on these,
             key, seed = key         # not on which worker or how many, so a resumed run crops the same way
-            # Only the CPU generator, which is all the transforms draw from: torch.manual_seed() also queues
-            # lazy CUDA/XPU seeding with a traceback.format_stack() each call, ~0.1-0.9 ms per image.
-            torch.default_generator.manual_seed(seed)
         path, label = self.samples[key]
         try:
-            return self.transform(decode_file(path)), label, None
+            image = decode_file(path)
         except BadImage as e:
             return None, label, (e.path, e.reason)
+        if seed is None:
+            return self.transform(image), label, None
+        # The transforms draw from the global CPU generator. Seed it for this sample, then put it back: with
+        # -j 0 this runs in the training process, whose RNG (dropout, resume) must not be touched.
+        state = torch.default_generator.get_state()
+        # Only the CPU generator: torch.manual_seed() also queues lazy CUDA seeding with a
+        # traceback.format_stack() each call, ~0.1-0.9 ms per image.
+        torch.default_generator.manual_seed(seed)
+        try:
+            return self.transform(image), label, None
+        finally:
+            torch.default_generator.set_state(state)
 
 
 def collate(items):
@@ -154,8 +164,11 @@ def build(train: Split, val: Split, per_rank_batch: int, workers: int, image_siz
           rank: int, world_size: int, seed: int, steps: int, max_bad_files: int):
     budget = BadFileBudget(max_bad_files, rank)
     pin = layout.device.type == "cuda"
+    # Its own generator: starting an epoch's iterator draws worker seeds from it, not from the training
+    # process's RNG, which a mid-epoch resume restores to the exact state of the run it continues.
     common = dict(batch_size=per_rank_batch, num_workers=workers, collate_fn=collate, pin_memory=pin,
-                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                  generator=torch.Generator().manual_seed(seed + rank))
     train_sampler = ResumableSampler(len(train), rank, world_size, seed, per_rank_batch, steps)
     train_dl = DataLoader(ImageFiles(train, train_transform(image_size)), sampler=train_sampler, drop_last=True,
                           **common)
