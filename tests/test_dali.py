@@ -319,3 +319,20 @@ def test_two_gloo_ranks_train_and_score_every_val_image_once(tiny_data, tmp_path
     assert "loader dali-cpu" in r.stderr
     rows = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
     assert [(row["val_samples"], row["train_samples"]) for row in rows] == [(36, 96)]  # 2 ranks x 6 steps x 8
+
+
+def test_stop_mid_epoch_then_resume_equals_straight_run_through_the_cli(tiny_data, tmp_path, monkeypatch):
+    """--loader dali: a stop at step 4 of 6, then --resume auto, ends with the same weights as a run never
+    stopped (the resumed epoch re-reads the same files with the same crops)."""
+    args = ["train", tiny_data, "--loader", "dali", "--device", "cpu", "-j", "1", "-b", "16", "--image-size", "32",
+            "--seed", "3", "-p", "2", "--lr", "0.05", "--epochs", "2"]
+    assert cli.main([*args, "--output-dir", str(tmp_path / "straight")]) == 0
+    calls = iter([False, True])  # at_sync runs at steps 2, 4, ...: stop at step 4
+    monkeypatch.setattr("fasttrain.train.stop_requested", lambda: next(calls, False))
+    assert cli.main([*args, "--output-dir", str(tmp_path / "stopped")]) == 143
+    monkeypatch.setattr("fasttrain.train.stop_requested", lambda: False)
+    assert cli.main([*args, "--output-dir", str(tmp_path / "stopped"), "--resume", "auto"]) == 0
+    load = lambda d: torch.load(tmp_path / d / "checkpoint.pth.tar", map_location="cpu", weights_only=False)  # noqa: E731
+    a, b = load("straight")["state_dict"], load("stopped")["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
