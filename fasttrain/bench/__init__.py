@@ -56,7 +56,7 @@ def make_plan(ns: argparse.Namespace, device: torch.device) -> Plan:
                     model_image_size=64, loader_steps=(1, 3), model_steps=(1, 2), e2e_steps=(1, 2))
     else:
         plan = Plan(device, ns.arch or ["resnet18"], workers, ns.batch_size or 128, ns.batch_size or 16,
-                    loader_steps=(2, 12), model_steps=(1, 3), e2e_steps=(2, 4))
+                    loader_steps=(3, 30), model_steps=(1, 3), e2e_steps=(2, 4))
     if ns.quick and gpu:
         plan.loader_steps, plan.model_steps, plan.e2e_steps = (2, 5), (2, 5), (2, 5)
     plan.combos = toggle_combos(device, with_compile=gpu or ns.full)
