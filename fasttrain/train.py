@@ -148,8 +148,9 @@ def restore(tr: Trainer, path: str, cfg: Config, dist: D.DistInfo, loaders) -> d
     rngs = ck.get("rng") or []
     if len(rngs) == dist.world_size:
         ckpt_io.set_rng_state(rngs[dist.rank], dist.device)
-    if ck.get("data") is not None and hasattr(loaders.train, "load_state_dict"):
-        loaders.train.load_state_dict(ck["data"])
+    data = ck.get("data") or []  # one position per rank, from loaders that keep one (DALI)
+    if len(data) == dist.world_size and hasattr(loaders.train, "load_state_dict"):
+        loaders.train.load_state_dict(data[dist.rank])
     log0(dist, f"resumed from {path} at epoch {ck['epoch']} step {ck.get('step', 0)}")
     return {"epoch": ck["epoch"], "step": ck.get("step", 0), "best_acc1": float(ck.get("best_acc1", 0.0))}
 
@@ -192,21 +193,22 @@ class RunContext:
                         f"data wait {100 * stats.data_time_fraction:.0f}%")
 
     def save(self, epoch: int, step: int, val_top1: float | None, is_best: bool) -> None:
-        """Collective (RNG states are gathered from every rank); rank 0 writes; then a barrier."""
+        """Collective (RNG states and data positions are gathered from every rank); rank 0 writes; then a
+        barrier."""
         tr = self.tr
-        rng = [None] * self.dist.world_size
+        data_state = getattr(self.loaders.train, "state_dict", None)  # loaders that keep a position (DALI)
+        mine = (ckpt_io.rng_state(self.dist.device), data_state() if data_state else None)
+        every = [mine] * self.dist.world_size
         if self.dist.distributed:
-            torch.distributed.all_gather_object(rng, ckpt_io.rng_state(self.dist.device))
-        else:
-            rng[0] = ckpt_io.rng_state(self.dist.device)
+            torch.distributed.all_gather_object(every, mine)
+        rng, data = [r for r, _ in every], [d for _, d in every]
         finite = all(bool(torch.isfinite(p).all()) for p in tr.model.parameters())
         if self.dist.is_main and finite:
-            data_state = getattr(self.loaders.train, "state_dict", None)  # loaders that keep a position
             ckpt_io.atomic_save({
                 "epoch": epoch, "step": step, "arch": self.cfg.model.arch,
                 "state_dict": tr.model.state_dict(), "best_acc1": self.best_acc1,
                 "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
-                "scaler": tr.scaler.state_dict(), "rng": rng, "data": data_state() if data_state else None,
+                "scaler": tr.scaler.state_dict(), "rng": rng, "data": data if data_state else None,
                 "classes": list(self.loaders.classes), "config": self.cfg.to_dict(), "val_top1": val_top1,
             }, os.path.join(self.out, ckpt_io.LATEST))
             if is_best:

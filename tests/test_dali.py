@@ -179,6 +179,80 @@ def test_resume_mid_epoch_gives_the_same_batches(tiny_data):
         assert torch.equal(a, b) and torch.equal(la, lb)  # same crops and flips, not only the same files
 
 
+def _opens(monkeypatch) -> list[tuple[int, bool]]:
+    """Record each pipeline the DALI backend builds: (files in its list, restored from a checkpoint)."""
+    calls, real = [], dali_backend.DaliBatches._open
+
+    def spy(self, items, seed, checkpoint=None):
+        calls.append((len(items), checkpoint is not None))
+        return real(self, items, seed, checkpoint)
+    monkeypatch.setattr(dali_backend.DaliBatches, "_open", spy)
+    return calls
+
+
+def _stop_at(batches, epoch_: int, step: int):
+    """Run `step` batches of an epoch, take the loader's state there (as a checkpoint does), then drop it."""
+    batches.set_epoch(epoch_)
+    it = iter(batches)
+    done = [next(it) for _ in range(step)]
+    state = batches.state_dict()
+    batches.close()
+    return done, state
+
+
+def test_resume_from_dali_checkpoint_without_decoding_the_done_part(tiny_data, monkeypatch):
+    """The position saved with DALI's own checkpointing: a new loader (a new process, after a crash)
+    continues with the same batches, same crops and flips, and its only pipeline starts at the saved point."""
+    train, val = scan_dataset(tiny_data)
+    tr, _ = loaders(train, val)
+    whole = epoch(tr, 1)
+    _, state = _stop_at(tr, 1, 5)
+    assert state["epoch"] == 1 and state["pos"] == 40 and isinstance(state["dali"], bytes)
+    opens = _opens(monkeypatch)
+    fresh, _ = loaders(train, val)
+    fresh.load_state_dict(state)
+    rest = epoch(fresh, 1, start_step=5)
+    assert opens == [(96, True)]  # restored, nothing replayed (a replay would open without a checkpoint)
+    assert len(rest) == 7
+    for (a, la), (b, lb) in zip(whole[5:], rest):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    # A state saved elsewhere than where the pass starts is not used: that pass replays instead.
+    opens.clear()
+    fresh.load_state_dict(state)
+    again = epoch(fresh, 1, start_step=6)
+    assert opens == [(96, False)] and all(torch.equal(a, b) for (a, _), (b, _) in zip(whole[6:], again))
+    assert fresh.state_dict() is None  # a finished pass: nothing to continue (the next epoch starts afresh)
+
+
+def test_resume_from_dali_checkpoint_after_bad_files(tiny_data, tmp_path, monkeypatch, capsys):
+    """Bad files found before the checkpoint: the resumed loader rebuilds the list as the first run patched
+    it, restores the pipeline of that point, and still yields exactly the batches of a run never stopped."""
+    import shutil
+    root = tmp_path / "bad"
+    shutil.copytree(tiny_data, root)
+    train0, val0 = scan_dataset(str(root))
+    order, _ = loaders(train0, val0)
+    early = [train0.samples[i][0] for i in order._items()[:20:18]]  # in the 1st and 3rd batch of epoch 0
+    for path in early:
+        open(path, "wb").write(b"not an image\n" * 20)
+    train, val = scan_dataset(str(root))
+    tr, _ = loaders(train, val)
+    whole = epoch(tr, 0)
+    assert capsys.readouterr().err.count("skipped bad file") == 2
+    tr, _ = loaders(train, val)
+    _, state = _stop_at(tr, 0, 4)
+    assert [p for _, p in state["recoveries"]] == early
+    capsys.readouterr()
+    opens = _opens(monkeypatch)
+    fresh, _ = loaders(train, val)
+    fresh.load_state_dict(state)
+    rest = epoch(fresh, 0, start_step=4)
+    assert opens == [(96 - state["recoveries"][-1][0], True)] and len(rest) == 8
+    for (a, la), (b, lb) in zip(whole[4:], rest):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    assert "skipped bad file" not in capsys.readouterr().err and fresh.budget.seen == early
+
+
 def test_odd_images_come_out_rgb_like_torchvision(tmp_path):
     y, x = np.mgrid[0:48, 0:64]
     smooth = np.stack([x * 4, y * 5, 255 - x * 2 - y * 2], axis=2).astype(np.uint8)
@@ -330,9 +404,11 @@ def test_stop_mid_epoch_then_resume_equals_straight_run_through_the_cli(tiny_dat
     calls = iter([False, True])  # at_sync runs at steps 2, 4, ...: stop at step 4
     monkeypatch.setattr("fasttrain.train.stop_requested", lambda: next(calls, False))
     assert cli.main([*args, "--output-dir", str(tmp_path / "stopped")]) == 143
+    load = lambda d: torch.load(tmp_path / d / "checkpoint.pth.tar", map_location="cpu", weights_only=False)  # noqa: E731
+    (pos,) = load("stopped")["data"]  # one rank: its DALI checkpoint, 4 batches of 16 into epoch 0
+    assert (pos["epoch"], pos["pos"]) == (0, 64) and pos["dali"]
     monkeypatch.setattr("fasttrain.train.stop_requested", lambda: False)
     assert cli.main([*args, "--output-dir", str(tmp_path / "stopped"), "--resume", "auto"]) == 0
-    load = lambda d: torch.load(tmp_path / d / "checkpoint.pth.tar", map_location="cpu", weights_only=False)  # noqa: E731
     a, b = load("straight")["state_dict"], load("stopped")["state_dict"]
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Iterator
@@ -91,8 +92,9 @@ class Spec:
     half: bool                 # fp16 out of DALI (DALI has no bfloat16: bf16 is one cast on the torch side)
 
 
-def _pipeline(source: dict, train: bool, spec: Spec, seed: int):
-    """`source`: the reader's file_list= or files=/labels= (see DaliBatches._source). Order and sharding are ours."""
+def _pipeline(source: dict, train: bool, spec: Spec, seed: int, checkpoint: bytes | None = None):
+    """`source`: the reader's file_list= or files=/labels= (see DaliBatches._source). Order and sharding are ours.
+    Train pipelines keep DALI checkpoints (reader position, every random op's state); `checkpoint` restores one."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = spec.device_id is not None
@@ -119,7 +121,8 @@ def _pipeline(source: dict, train: bool, spec: Spec, seed: int):
         return images, (labels.gpu() if gpu else labels)
 
     return pipeline_def(graph)(batch_size=spec.batch, num_threads=spec.threads, device_id=spec.device_id,
-                               prefetch_queue_depth=spec.prefetch, seed=seed)
+                               prefetch_queue_depth=spec.prefetch, seed=seed, enable_checkpointing=train,
+                               checkpoint=checkpoint)
 
 
 def _seed(*parts: int) -> int:
@@ -174,6 +177,8 @@ class DaliBatches:
         self.seed, self.rank, self.epoch, self.start_step = seed, rank, 0, 0
         self._live: Iterator | None = None
         self._lines: list[str] | None = None
+        self._pass: dict | None = None     # where the live pass is: what state_dict() saves
+        self._resume: dict | None = None   # a saved position for the next pass (load_state_dict)
 
     def _items(self) -> list[int]:
         raise NotImplementedError
@@ -183,9 +188,15 @@ class DaliBatches:
 
     def __iter__(self):
         self.close()  # a pass left unfinished (a stop, an exception) must not keep its pipeline and threads
+        saved, self._resume = self._resume, None
+        skip = self.start_step * self.spec.batch
+        if saved is not None and (saved["epoch"], saved["pos"]) != (self.epoch, skip):
+            saved = None  # saved at another point than this pass starts from: replay instead
+        if saved is not None:
+            self.bad.update(saved["bad_at_start"])
+        self._pass = {"epoch": self.epoch, "pos": 0, "bad_at_start": sorted(self.bad), "recoveries": [], "it": None}
         items = _patch(self._items(), self.samples, self.bad, self.train)
-        self._live = self._walk(items, _seed(self.seed, self.epoch, self.rank, self.train),
-                                self.start_step * self.spec.batch)
+        self._live = self._walk(items, _seed(self.seed, self.epoch, self.rank, self.train), skip, saved)
         return self._live
 
     def close(self) -> None:
@@ -193,26 +204,36 @@ class DaliBatches:
             self._live.close()
             self._live = None
 
-    def _walk(self, items: list[int], seed: int, skip: int):
-        """Yield `items` in batches, in order, after dropping the first `skip` (decoded, so that the random
-        crops and flips after them are the same as in a pass that did not skip)."""
-        pos = 0  # items before `pos` are done: yielded, or skipped
-        it = self._open(items, seed)
-        while it is not None:
-            try:
-                out = next(it, None)
-            except RuntimeError as e:  # DALI: after any error the pipeline object is dead
-                it = None
-                items = self._recover(e, items, pos)
-                it = self._open(items[pos:], _seed(seed, pos))
-                continue
-            if out is None:
-                break
-            images, labels = out[0]["images"], out[0]["labels"]
-            pos += labels.shape[0]
-            # PARTIAL + pad_last_batch may hand back an EMPTY last batch: nothing to yield.
-            if pos > skip and labels.shape[0]:
-                yield self._to_layout(images, labels)
+    def _walk(self, items: list[int], seed: int, skip: int, saved: dict | None = None):
+        """Yield `items` in batches, in order, from item `skip` on: from a saved DALI checkpoint when there is
+        one for this point, else by decoding and dropping the first `skip` (so the random crops and flips
+        after them are the same as in a pass that did not skip)."""
+        pos, it = 0, None  # items before `pos` are done: yielded, or skipped
+        if saved is not None:
+            it, pos = self._restore(items, seed, saved)
+            items = self._pass["items"]
+        if it is None:
+            pos, it = 0, self._open(items, seed)
+        try:
+            while it is not None:
+                self._pass["it"] = it
+                try:
+                    out = next(it, None)
+                except RuntimeError as e:  # DALI: after any error the pipeline object is dead
+                    it = self._pass["it"] = None
+                    items = self._recover(e, items, pos)
+                    it = self._open(items[pos:], _seed(seed, pos))
+                    continue
+                if out is None:
+                    break
+                images, labels = out[0]["images"], out[0]["labels"]
+                pos += labels.shape[0]
+                self._pass["pos"] = pos
+                # PARTIAL + pad_last_batch may hand back an EMPTY last batch: nothing to yield.
+                if pos > skip and labels.shape[0]:
+                    yield self._to_layout(images, labels)
+        finally:  # a finished or closed pass holds no pipeline (and has no position to save)
+            self._pass["it"] = None
 
     def _source(self, items: list[int]) -> tuple[dict, str | None]:
         """(reader arguments, temporary file to delete once the pipeline is built). A file_list builds ~3x
@@ -228,7 +249,7 @@ class DaliBatches:
             fh.write("".join([self._lines[i] for i in items]))
         return dict(file_list=fh.name), fh.name
 
-    def _open(self, items: list[int], seed: int):
+    def _open(self, items: list[int], seed: int, checkpoint: bytes | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
         if not items:
             return None
@@ -237,7 +258,7 @@ class DaliBatches:
             # PARTIAL: the last batch holds only the real samples (the reader pads it with copies, then they
             # are cut); reader_name lets the iterator stop at the end of the list. No first batch in the
             # constructor, so a bad file in it fails in _walk, where it is handled.
-            return DALIGenericIterator(_pipeline(source, self.train, self.spec, seed), ["images", "labels"],
+            return DALIGenericIterator(_pipeline(source, self.train, self.spec, seed, checkpoint), ["images", "labels"],
                                        reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL,
                                        prepare_first_batch=False)
         finally:  # the constructor built the pipeline, which has read the list
@@ -255,7 +276,47 @@ class DaliBatches:
         path, reason = found
         self.bad.add(path)
         self.budget.report(path, reason)
+        self._pass["recoveries"].append((pos, path))
         return items[:pos] + _patch(items[pos:], self.samples, self.bad, self.train)
+
+    def _restore(self, items: list[int], seed: int, saved: dict):
+        """(DALI iterator, position) continuing a saved pass exactly where it was, without decoding what it
+        had done; (None, 0) to fall back to replaying, with a warning, if DALI cannot take the checkpoint.
+        The pass's list is rebuilt as the saved pass changed it (each bad file found patched the rest of
+        the list from where it was found), and its last pipeline (built at the last such point, with the
+        seed it was built with) is restored from DALI's own checkpoint: reader position and random state."""
+        start, seg_seed = 0, seed
+        for pos, path in saved["recoveries"]:
+            self.bad.add(path)
+            self._pass["recoveries"].append((pos, path))
+            items = items[:pos] + _patch(items[pos:], self.samples, self.bad, self.train)
+            start, seg_seed = pos, _seed(seed, pos)
+        self._pass["items"] = items
+        for path in sorted(self.bad):  # counted against --max-bad-files, as in the run that found them
+            if path not in self.budget.seen:
+                self.budget.seen.append(path)
+        try:
+            it = self._open(items[start:], seg_seed, checkpoint=saved["dali"])
+        except (RuntimeError, ValueError) as e:
+            print(f"fasttrain: warning: rank {self.rank}: DALI could not restore its checkpoint ({e}); "
+                  f"replaying the epoch's first {saved['pos']} samples instead", file=sys.stderr, flush=True)
+            self._pass["recoveries"].clear()
+            return None, 0
+        self._pass["pos"] = saved["pos"]
+        return it, saved["pos"]
+
+    def state_dict(self) -> dict | None:
+        """This rank's position in the live pass, with DALI's checkpoint of it (a few hundred bytes): what
+        load_state_dict() + set_epoch(epoch, step) continue from. None when no pass is under way."""
+        p = self._pass
+        if p is None or p["it"] is None or self._live is None:
+            return None
+        return {"epoch": p["epoch"], "pos": p["pos"], "bad_at_start": list(p["bad_at_start"]),
+                "recoveries": list(p["recoveries"]), "dali": p["it"].checkpoints()[0]}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Take a state_dict() for the next pass; it is used if that pass starts where the state was saved."""
+        self._resume = state
 
     def _to_layout(self, images: torch.Tensor, labels: torch.Tensor):
         if self.spec.channels_last:
