@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from fasttrain.data import dali_backend
 from fasttrain.data.torchvision_backend import ResumableSampler
 from fasttrain.metrics import read_jsonl
 
@@ -82,17 +83,23 @@ def test_one_rank_failing_ends_both_in_bounded_time(odd_data, tmp_path):
     assert "injected failure on rank 1" in r.stderr
 
 
-def test_sigterm_saves_stops_all_and_restart_resumes_exactly(odd_data, tmp_path):
-    env = {"FT_TEST_TINY_MODEL": "1"}
-    straight = torchrun(2, odd_data, *ARGS, "--epochs", "2", "--output-dir", tmp_path / "straight", env=env)
+@pytest.mark.parametrize("loader", ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
+    not dali_backend.available(), reason="nvidia-dali is not installed"))])
+def test_sigterm_saves_stops_all_and_restart_resumes_exactly(odd_data, tmp_path, loader):
+    env = {"FT_TEST_TINY_MODEL": "1", "OMP_NUM_THREADS": "1"}
+    args = [*ARGS, "--epochs", "2", "--loader", loader] + (["-j", "1"] if loader == "dali" else [])
+    straight = torchrun(2, odd_data, *args, "--output-dir", tmp_path / "straight", env=env)
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "preempted"
-    r = torchrun(2, odd_data, *ARGS, "--epochs", "2", "--output-dir", out, env={**env, "FT_TEST_SIGTERM": "1:3"})
+    r = torchrun(2, odd_data, *args, "--output-dir", out, env={**env, "FT_TEST_SIGTERM": "1:3"})
     assert r.returncode != 0 and "exitcode  : 143" in r.stderr
     assert "stopped by signal at epoch 0 step 4" in r.stderr
     ck = state(out)
     assert (ck["epoch"], ck["step"], len(ck["rng"])) == (0, 4, 2)
-    r = torchrun(2, odd_data, *ARGS, "--epochs", "2", "--output-dir", out, "--resume", "auto", env=env)
+    if loader == "dali":  # each rank's own DALI checkpoint, 4 batches of 8 into epoch 0
+        assert [(d["epoch"], d["pos"]) for d in ck["data"]] == [(0, 32), (0, 32)]
+        assert ck["data"][0]["dali"] != ck["data"][1]["dali"]
+    r = torchrun(2, odd_data, *args, "--output-dir", out, "--resume", "auto", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
     a, b = state(tmp_path / "straight")["state_dict"], state(out)["state_dict"]
