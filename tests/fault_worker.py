@@ -8,6 +8,8 @@ injected through environment variables, so fault tests are exact and determinist
     FT_TEST_NAN=RANK:STEP        that rank's loss is NaN at its STEP-th step
     FT_TEST_HANG_IN_SAVE=N       the N-th checkpoint write stops half-way (partial temporary file written),
                                  touches OUTPUT_DIR/hanging and sleeps, for the test to kill -9 it there
+    FT_TEST_STEP_LOG=PATH        append one line to PATH after each finished train step (rank 0): what a
+                                 kill -9 test counts as work done
 """
 
 import os
@@ -41,8 +43,17 @@ def _patch_steps():
     raise_at, term_at, nan_at = _at("FT_TEST_RAISE"), _at("FT_TEST_SIGTERM"), _at("FT_TEST_NAN")
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     rank = int(os.environ.get("RANK", "0"))
+    log = os.environ.get("FT_TEST_STEP_LOG") if rank == 0 else None
     original = Trainer.train_step
     count = [0]
+
+    def logged(self, images, labels, meter):
+        out = original(self, images, labels, meter)
+        if log:
+            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            os.write(fd, b"step\n")
+            os.close(fd)
+        return out
 
     def train_step(self, images, labels, meter):
         count[0] += 1
@@ -54,10 +65,10 @@ def _patch_steps():
             crit = self.criterion
             self.criterion = lambda logits, y: crit(logits, y) * float("nan")
             try:
-                return original(self, images, labels, meter)
+                return logged(self, images, labels, meter)
             finally:
                 self.criterion = crit
-        return original(self, images, labels, meter)
+        return logged(self, images, labels, meter)
     Trainer.train_step = train_step
 
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from fasttrain import cli
+from fasttrain.data import dali_backend
 from fasttrain.data.base import check_shard_sizes
 from fasttrain.errors import UserError
 from fasttrain.metrics import read_jsonl
@@ -162,6 +163,62 @@ def test_kill9_mid_training_and_mid_checkpoint_write_then_resume(tiny_data, tmp_
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [row["epoch"] for row in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+
+
+def _global_step(out, steps_per_epoch):
+    path = os.path.join(out, "checkpoint.pth.tar")
+    if not os.path.exists(path):
+        return 0
+    ck = weights(out)
+    return ck["epoch"] * steps_per_epoch + ck["step"]
+
+
+def _lines(path):
+    return open(path).read().count("\n") if os.path.exists(path) else 0
+
+
+@pytest.mark.parametrize("loader", ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
+    not dali_backend.available(), reason="nvidia-dali is not installed"))])
+def test_kill9_at_random_moments_loses_at_most_one_interval(tiny_data, tmp_path, loader):
+    """kill -9 three times at arbitrary moments (mid-step, mid-checkpoint, in validation, at start-up), each
+    time `--resume auto`: no kill loses more than --checkpoint-interval steps, and the run that finally
+    finishes ends with the same weights as one never killed."""
+    interval, steps = 2, 6  # 96 train images / batch 16
+    env = {**os.environ, "FT_TEST_TINY_MODEL": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = [*ARGS, "--epochs", "3", "--checkpoint-interval", str(interval), "--loader", loader, "--resume", "auto"]
+    if loader == "dali":
+        args[args.index("-j") + 1] = "1"
+    straight = run_worker(tiny_data, *args, "--output-dir", tmp_path / "straight", env=env)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out, log = tmp_path / "killed", tmp_path / "steps.log"
+    rng, kills = np.random.default_rng(0), 0
+    for _ in range(3):
+        start = _global_step(out, steps)
+        n0 = _lines(log)
+        proc = subprocess.Popen([sys.executable, WORKER, "train", tiny_data, *args, "--output-dir", str(out)],
+                                cwd=REPO, env={**env, "FT_TEST_STEP_LOG": str(log)}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            wait_steps, t0 = int(rng.integers(1, 6)), time.time()
+            while _lines(log) - n0 < wait_steps and proc.poll() is None and time.time() - t0 < 120:
+                time.sleep(0.002)
+            time.sleep(float(rng.uniform(0, 0.05)))  # somewhere inside the next step, save or validation
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+            proc.communicate()
+        done = start + _lines(log) - n0  # global steps finished when it died
+        assert done - _global_step(out, steps) <= interval, (done, _global_step(out, steps))
+    assert kills >= 2
+    r = run_worker(tiny_data, *args, "--output-dir", out, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = weights(tmp_path / "straight")["state_dict"], weights(out)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [row["epoch"] for row in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
 
 
 def test_nan_abort_keeps_finite_checkpoint(tiny_data, tmp_path):
