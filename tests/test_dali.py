@@ -395,6 +395,28 @@ def test_two_gloo_ranks_train_and_score_every_val_image_once(tiny_data, tmp_path
     assert [(row["val_samples"], row["train_samples"]) for row in rows] == [(36, 96)]  # 2 ranks x 6 steps x 8
 
 
+def test_two_gloo_ranks_with_a_bad_file_keep_step_and_finish(tiny_data, tmp_path):
+    """A bad file in one rank's shard: that rank warns naming it and puts another image in its place, so both
+    ranks still run every step (DDP would hang otherwise); val scores every good image once."""
+    import shutil
+    import subprocess
+    import sys
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    (root / "train" / "hstripes_cool" / "0003.jpg").write_bytes(b"not an image\n" * 20)
+    (root / "val" / "hstripes_warm" / "0001.jpg").write_bytes(b"")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fasttrain",
+           "train", str(root), "--loader", "dali", "--device", "cpu", "-j", "1", "-b", "16", "--image-size", "32",
+           "--epochs", "2", "--seed", "1", "-p", "2", "--output-dir", str(tmp_path / "out")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("skipped bad file") == 2, r.stderr[-3000:]  # each named once, not again in epoch 1
+    assert "0003.jpg: not an image file" in r.stderr and "0001.jpg" in r.stderr
+    rows = read_jsonl(os.path.join(tmp_path, "out", "metrics.jsonl"))
+    assert [(row["val_samples"], row["train_samples"]) for row in rows] == [(35, 96), (35, 96)]
+
+
 def test_stop_mid_epoch_then_resume_equals_straight_run_through_the_cli(tiny_data, tmp_path, monkeypatch):
     """--loader dali: a stop at step 4 of 6, then --resume auto, ends with the same weights as a run never
     stopped (the resumed epoch re-reads the same files with the same crops)."""
