@@ -3,7 +3,7 @@
 About 460x375 pixels (widths 400-520, heights 330-420), JPEG quality 90, ~70 KB each: a 1/f-like colour
 field, a few flat shapes, a slight blur and sensor-like grain. Decode cost tracks pixel count and entropy,
 so these cost about what ImageNet photos of that size cost (ImageNet's mean file is larger, ~110 KB).
-Deterministic, and written to a temporary folder renamed into place, like fasttrain/data/demo.py.
+Deterministic, and written to a temporary folder renamed into place (demo.written_into_place).
 
     from fasttrain.bench.images import bench_dataset
     root = bench_dataset(n_train=512)   # $FASTTRAIN_CACHE/bench-v1-512/{train,val}/<class>/*.jpg
@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..data.demo import default_root
+from ..data.demo import default_root, written_into_place
 
 VERSION = 1
 CLASSES = 8
@@ -85,10 +83,7 @@ def bench_dataset(n_train: int, out: str | None = None, seed: int = 0, processes
     out = out or cache_root(n_train)
     if os.path.isdir(os.path.join(out, "val")):
         return out
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".bench-", dir=parent)
-    try:
+    with written_into_place(out) as tmp:
         tasks = _tasks(os.path.join(tmp, "train"), max(1, n_train // CLASSES), seed, 0)
         tasks += _tasks(os.path.join(tmp, "val"), VAL_PER_CLASS, seed, 1)
         processes = min(processes or os.cpu_count() or 1, len(tasks))
@@ -98,11 +93,4 @@ def bench_dataset(n_train: int, out: str | None = None, seed: int = 0, processes
         else:
             for task in tasks:
                 _write_chunk(task)
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished first; its files are the same
-            if not os.path.isdir(os.path.join(out, "val")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

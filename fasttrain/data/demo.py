@@ -10,6 +10,7 @@ interrupted write never leave half a dataset.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -66,15 +67,31 @@ def draw(texture: str, warm: bool, rng: np.random.Generator, h: int, w: int) -> 
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+@contextlib.contextmanager
+def written_into_place(out: str):
+    """Yield a temporary folder next to `out`; once the body has filled it, rename it to `out`. Nobody ever
+    sees half a dataset (concurrent ranks, a run interrupted while writing), and when another process got
+    there first with the same data, theirs is kept (a dataset is complete when it has val/)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=parent)
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, out)
+        except OSError:  # `out` exists: fine if another process finished first
+            if not os.path.isdir(os.path.join(out, "val")):
+                raise UserError(f"{out} exists and is not empty: pick a new folder for the dataset") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_demo_dataset(out: str, sizes: dict[str, int] | None = None, seed: int = 0) -> str:
     """Write DATA/{train,val}/<class>/*.jpg under `out` (if not already there) and return `out`."""
     sizes = sizes or DEFAULT_SIZES
     if os.path.isdir(os.path.join(out, "val")):
         return out
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
-    try:
+    with written_into_place(out) as tmp:
         for split_i, (split, n) in enumerate(sizes.items()):
             for c, name in enumerate(CLASSES):
                 texture, palette = name.split("_")
@@ -85,11 +102,4 @@ def write_demo_dataset(out: str, sizes: dict[str, int] | None = None, seed: int 
                     h, w = int(rng.integers(72, 112)), int(rng.integers(72, 112))
                     img = Image.fromarray(draw(texture, palette == "warm", rng, h, w))
                     img.save(os.path.join(folder, f"{i:05d}.jpg"), quality=int(rng.integers(70, 95)))
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished first: theirs is the same data
-            if not os.path.isdir(os.path.join(out, "val")):
-                raise UserError(f"{out} exists and is not empty: pick a new folder for the demo dataset") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
