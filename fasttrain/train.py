@@ -151,6 +151,9 @@ def restore(tr: Trainer, path: str, cfg: Config, dist: D.DistInfo, loaders) -> d
     data = ck.get("data") or []  # one position per rank, from loaders that keep one (DALI)
     if len(data) == dist.world_size and hasattr(loaders.train, "load_state_dict"):
         loaders.train.load_state_dict(data[dist.rank])
+    elif any(d is not None for d in data) and hasattr(loaders.train, "load_state_dict"):
+        log0(dist, f"the checkpoint holds data positions of {len(data)} rank(s), this run has {dist.world_size}: "
+                   "the loaders replay the epoch's done part instead")
     log0(dist, f"resumed from {path} at epoch {ck['epoch']} step {ck.get('step', 0)}")
     return {"epoch": ck["epoch"], "step": ck.get("step", 0), "best_acc1": float(ck.get("best_acc1", 0.0))}
 
