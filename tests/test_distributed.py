@@ -108,6 +108,41 @@ def test_sigterm_saves_stops_all_and_restart_resumes_exactly(odd_data, tmp_path,
     assert [row["epoch"] for row in read_jsonl(out / "metrics.jsonl")] == [0, 1]
 
 
+def test_kill9_of_the_whole_job_then_resume_exactly(odd_data, tmp_path):
+    """The node dies (kill -9 of torchrun and both ranks, at an arbitrary moment after the first checkpoint):
+    at most one checkpoint interval is lost, and `--resume auto` ends with the weights of a run never killed."""
+    import signal
+    import subprocess
+    import time
+    env = {**os.environ, "FT_TEST_TINY_MODEL": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = [*ARGS, "--epochs", "2", "--checkpoint-interval", "2", "--resume", "auto"]
+    straight = torchrun(2, odd_data, *args, "--output-dir", tmp_path / "straight", env=env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out, log = tmp_path / "killed", tmp_path / "steps.log"
+    cmd = [*TORCHRUN, "--nproc-per-node", "2", WORKER, "train", odd_data, *args, "--output-dir", str(out)]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env={**env, "FT_TEST_STEP_LOG": str(log)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        t0 = time.time()
+        while not (os.path.exists(log) and open(log).read().count("\n") >= 7) and time.time() - t0 < 180:
+            assert proc.poll() is None, "finished before it could be killed"
+            time.sleep(0.005)
+        time.sleep(0.03)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    done, ck = open(log).read().count("\n"), state(out)  # 6 steps per epoch (96 images / 2 ranks / 8)
+    assert done - (ck["epoch"] * 6 + ck["step"]) <= 2 and len(ck["rng"]) == 2
+    r = torchrun(2, odd_data, *args, "--output-dir", out, env=env)
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    a, b = state(tmp_path / "straight")["state_dict"], state(out)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [row["epoch"] for row in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
