@@ -143,6 +143,23 @@ def test_kill9_of_the_whole_job_then_resume_exactly(odd_data, tmp_path):
     assert [row["epoch"] for row in read_jsonl(out / "metrics.jsonl")] == [0, 1]
 
 
+def test_bad_files_under_two_ranks(odd_data, tmp_path):
+    """A bad train file in one rank's shard and a bad val file: named once each, both ranks run every step
+    (the torchvision loader drops the file from its batch), val scores every good image exactly once."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(odd_data, root)
+    (root / "train" / "dots_warm" / "0004.jpg").write_bytes(b"not an image\n" * 20)
+    (root / "val" / "rings_cool" / "0002.jpg").write_bytes(b"")
+    r = torchrun(2, root, *ARGS, "--epochs", "2", "--output-dir", tmp_path / "out",
+                 env={"FT_TEST_TINY_MODEL": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("skipped bad file") == 2, r.stderr[-3000:]
+    assert "0004.jpg: not an image file" in r.stderr and "0002.jpg: empty file" in r.stderr
+    rows = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert [(row["val_samples"], row["train_samples"]) for row in rows] == [(26, 95), (26, 95)]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
