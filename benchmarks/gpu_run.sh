@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark matrix in one command: about 5 minutes on one H100 with 16 CPU cores.
+# The whole GPU benchmark matrix in one command: about 5 minutes on one H100 with 16 CPU cores, then a
+# one-minute DALI GPU stop/resume check.
 #
 #   FASTTRAIN_GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_run.sh   # on the GPU machine
 #   OUT=/tmp/g bash benchmarks/gpu_run.sh --dry-run      # anywhere: checks the plan, writes OUT, runs nothing
@@ -76,5 +77,18 @@ if (( status == 124 )); then
 fi
 if [[ -f "$OUT/bench/bench.json" ]]; then
   "$PY" benchmarks/check_goals.py "$OUT/bench/bench.json" | tee "$OUT/bench/goals.txt"
+fi
+
+# DALI "mixed" stop and resume (CPU CI runs it only in DALI's CPU mode): SIGTERM at step 6 of 16, then
+# --resume auto from each rank's DALI checkpoint. Expect 143, then 0 with "resumed from" and no "replaying".
+if (( status == 0 )) && "$PY" -c 'import nvidia.dali' 2>/dev/null; then
+  data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset(${IMAGES:-4096}))")
+  train=(train "$data" --loader dali -j "${WORKERS:-16}" -b 256 --image-size 64 --epochs 1 -p 2 --seed 0
+         --output-dir "$OUT/resume" --no-compile)
+  {
+    FT_TEST_SIGTERM=0:6 timeout 120 "$PY" tests/fault_worker.py "${train[@]}"; echo "first run exit: $?"
+    timeout 120 "$PY" tests/fault_worker.py "${train[@]}" --resume auto; echo "resumed run exit: $?"
+  } > "$OUT/resume.txt" 2>&1 || true
+  grep -E "exit:|resumed from|replaying|Error|error" "$OUT/resume.txt" | head -20
 fi
 exit "$status"
