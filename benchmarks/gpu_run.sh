@@ -18,7 +18,8 @@
 # part, so a run cut short by the time limit still leaves what it measured. No matplotlib there? Then
 # render the PNG on the CPU machine: fasttrain bench --from-json DIR/bench.json --out DIR.
 # Knobs (environment): OUT (default runs/gpu), WORKERS (16), BATCH (256), IMAGES (4096), ARCHS
-# ("resnet50 resnet18"), LIMIT_S (400: the bench is stopped after this long), PYTHON (python3).
+# ("resnet50 resnet18"), LIMIT_S (400: the bench is stopped after this long), PYTHON (python3), COMPILE_MODE
+# (torch.compile mode of the compiled entries: default, reduce-overhead = + CUDA graphs, max-autotune).
 set -euo pipefail
 
 dry=0
@@ -32,6 +33,7 @@ export FASTTRAIN_CACHE=${FASTTRAIN_CACHE:-/tmp/fasttrain-cache}
 
 args=(bench --out "$OUT/bench" -j "${WORKERS:-16}" -b "${BATCH:-256}" --images "${IMAGES:-4096}")
 for a in ${ARCHS:-resnet50 resnet18}; do args+=(-a "$a"); done
+[[ -n "${COMPILE_MODE:-}" ]] && args+=(--compile-mode "$COMPILE_MODE")
 
 if (( dry )); then
   # Everything but the measuring: the arguments must parse, and OUT must take files.

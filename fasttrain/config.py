@@ -87,6 +87,8 @@ class RunConfig:
                                      help="NHWC memory format for model and input (auto: on for GPU)")
     compile: bool | None = opt(None, "--compile", tristate=True,
                                help="torch.compile the model (auto: on for GPU training)")
+    compile_mode: str = opt("default", "--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
+                            help="torch.compile mode; reduce-overhead adds CUDA graphs (fewer launch gaps)")
     cudnn_benchmark: bool | None = opt(None, "--cudnn-benchmark", tristate=True,
                                        help="let cuDNN autotune convolution algorithms (auto: on for GPU)")
     seed: int | None = opt(None, "--seed", metavar="N", help="seed for initializing training")

@@ -51,7 +51,7 @@ def wrap_model(model: torch.nn.Module, run: RunConfig, dist: D.DistInfo):
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         train_fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
     if run.compile:
-        return torch.compile(train_fwd), torch.compile(model)
+        return torch.compile(train_fwd, mode=run.compile_mode), torch.compile(model, mode=run.compile_mode)
     return train_fwd, model
 
 
@@ -101,7 +101,7 @@ def run(cfg: Config, dist: D.DistInfo) -> int:
     layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
     loaders = build_loaders(cfg.data, dist, layout, seed)
     log0(dist, f"device {dist.device}: amp {cfg.run.amp}, channels_last {cfg.run.channels_last}, "
-               f"compile {cfg.run.compile}, cudnn.benchmark {cfg.run.cudnn_benchmark}")
+               f"compile {cfg.run.compile and cfg.run.compile_mode}, cudnn.benchmark {cfg.run.cudnn_benchmark}")
     tr = build_trainer(cfg, dist, len(loaders.classes), len(loaders.train))  # same init on every rank
     seed_everything(seed + 1000 * dist.rank)  # ranks differ (e.g. dropout masks) from here on
     state = {"epoch": cfg.optim.start_epoch, "step": 0, "best_acc1": 0.0}

@@ -48,10 +48,10 @@ def test_long_aliases():
 
 def test_fasttrain_flags():
     c = parse("D", "--device", "cpu", "--loader", "torchvision", "--amp", "bf16", "--channels-last", "--compile",
-              "--cudnn-benchmark", "--image-size", "160", "--lr-schedule", "cosine", "--warmup-epochs", "2",
+              "--compile-mode", "reduce-overhead", "--cudnn-benchmark", "--image-size", "160", "--lr-schedule", "cosine", "--warmup-epochs", "2",
               "--label-smoothing", "0.1", "--output-dir", "out")
     assert (c.run.device, c.data.loader, c.run.amp, c.data.image_size) == ("cpu", "torchvision", "bf16", 160)
-    assert c.run.channels_last and c.run.compile and c.run.cudnn_benchmark
+    assert c.run.channels_last and c.run.compile and c.run.cudnn_benchmark and c.run.compile_mode == "reduce-overhead"
     assert (c.optim.lr_schedule, c.optim.warmup_epochs, c.optim.label_smoothing, c.run.output_dir) == \
         ("cosine", 2.0, 0.1, "out")
 

@@ -32,14 +32,14 @@ from .suite import Plan, Toggles, run_suite
 SECTIONS = ("loader", "model", "e2e")
 
 
-def toggle_combos(device: torch.device, with_compile: bool) -> list[Toggles]:
+def toggle_combos(device: torch.device, with_compile: bool, compile_mode: str = "default") -> list[Toggles]:
     """fp32; channels_last; bf16; bf16 + channels_last; + compile. cuDNN autotuning on for every fasttrain
     entry on a GPU (the fastest correct setting; the reference entries keep the reference's False)."""
     cudnn = device.type == "cuda"
     combos = [Toggles("none", False, False, cudnn), Toggles("none", True, False, cudnn),
               Toggles("bf16", False, False, cudnn), Toggles("bf16", True, False, cudnn)]
     if with_compile:
-        combos.append(Toggles("bf16", True, True, cudnn))
+        combos.append(Toggles("bf16", True, True, cudnn, compile_mode))
     return combos
 
 
@@ -59,7 +59,7 @@ def make_plan(ns: argparse.Namespace, device: torch.device) -> Plan:
                     loader_steps=(3, 30), model_steps=(1, 3), e2e_steps=(2, 4))
     if ns.quick and gpu:
         plan.loader_steps, plan.model_steps, plan.e2e_steps = (2, 5), (2, 5), (2, 5)
-    plan.combos = toggle_combos(device, with_compile=gpu or ns.full)
+    plan.combos = toggle_combos(device, with_compile=gpu or ns.full, compile_mode=ns.compile_mode)
     plan.loaders = available_loaders(device)
     plan.repeats = ns.repeats or (1 if ns.quick or gpu else 3)
     return plan

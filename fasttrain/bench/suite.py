@@ -31,12 +31,14 @@ class Toggles:
     amp: str = "none"              # none | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"
     cudnn_benchmark: bool = False
 
     @property
     def label(self) -> str:
         parts = [self.amp if self.amp != "none" else "fp32"]
-        return "+".join(parts + ["channels_last"] * self.channels_last + ["compile"] * self.compile)
+        mode = "" if self.compile_mode == "default" else f"({self.compile_mode})"
+        return "+".join(parts + ["channels_last"] * self.channels_last + [f"compile{mode}"] * self.compile)
 
 
 @dataclass
@@ -94,6 +96,7 @@ def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int) -> 
                                  num_classes=plan.num_classes, steps_per_epoch=steps_per_epoch, workers=plan.workers),
                  model=ModelConfig(arch=arch), optim=OptimConfig(),
                  run=RunConfig(amp=tg.amp, channels_last=tg.channels_last, compile=tg.compile,
+                               compile_mode=tg.compile_mode,
                                cudnn_benchmark=tg.cudnn_benchmark))
     dist = DistInfo(device=plan.device)
     torch.backends.cudnn.benchmark = tg.cudnn_benchmark  # as train.run() sets it
