@@ -44,7 +44,8 @@ def plant_bad_files(cls_dir):
     _img(size=(1, 1)).save(cls_dir / "tiny.png")
     _img("L").save(cls_dir / "gray.jpg")
     _img("RGBA").save(cls_dir / "alpha.png")
-    return {"truncated.jpg": "corrupt or truncated", "zero.jpg": "empty file", "text.jpg": "not an image file",
+    os.symlink(cls_dir / "moved_away.jpg", cls_dir / "gone.jpg")  # listed, but cannot be opened
+    return {"gone.jpg": "unreadable (No such file or directory)", "truncated.jpg": "corrupt or truncated", "zero.jpg": "empty file", "text.jpg": "not an image file",
             "tiny.png": "too small", "png_named.JPEG": "PNG data in a .JPEG file", "cmyk.jpg": "mode CMYK",
             "gray.jpg": "mode L", "alpha.png": "mode RGBA"}
 
@@ -73,7 +74,7 @@ def test_check_data_reports_each_case_and_writes_clean_list(data, tmp_path, caps
     lines = {line.split(": ")[1].rsplit("/", 1)[1]: line for line in out.splitlines()}
     for name, needle in expected.items():
         assert needle in lines[name], (name, lines.get(name))
-        assert lines[name].startswith("bad:" if name in ("truncated.jpg", "zero.jpg", "text.jpg", "tiny.png")
+        assert lines[name].startswith("bad:" if name in ("truncated.jpg", "zero.jpg", "text.jpg", "tiny.png", "gone.jpg")
                                       else "info:")
     assert report.exists()
     listed = [ln for ln in clean.read_text().splitlines() if not ln.startswith("#")]
@@ -89,10 +90,10 @@ def test_check_data_clean_tree_exits_0(tiny_data, capsys):
 
 
 def test_training_skips_bad_files_by_name_then_stops_past_the_limit(data, tmp_path, capsys):
-    plant_bad_files(data / "train" / "hstripes_cool")
-    assert cli.main(["train", str(data), *ARGS, "--epochs", "1", "--output-dir", str(tmp_path / "a")]) == 0
+    plant_bad_files(data / "train" / "hstripes_cool")  # 96 + 9 files: batches of 15 read every one each epoch
+    assert cli.main(["train", str(data), *ARGS, "-b", "15", "--epochs", "1", "--output-dir", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
-    for name in ("truncated.jpg", "zero.jpg", "text.jpg"):
+    for name in ("truncated.jpg", "zero.jpg", "text.jpg", "gone.jpg"):
         assert f"skipped bad file {data / 'train' / 'hstripes_cool' / name}" in err
     assert "cmyk.jpg" not in err and "png_named.JPEG" not in err  # decodable: converted, not skipped
     assert read_jsonl(tmp_path / "a" / "metrics.jsonl")[0]["val_samples"] == 36
@@ -268,3 +269,15 @@ def test_nan_on_one_of_two_ranks_stops_both(tiny_data, tmp_path):
     r = run_group(cmd, 240, {"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "1:3"})
     assert r.returncode != 0
     assert r.stderr.count("loss became NaN or infinite") == 2  # both ranks stop, at the same sync point
+
+
+def test_nan_skip_on_one_of_two_ranks_skips_that_step_on_both(tiny_data, tmp_path):
+    """--on-nan skip: rank 1's NaN loss drops that step's update on both ranks (DDP keeps them equal); the run
+    finishes with finite weights and counts one skipped step."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, "train",
+           tiny_data, *ARGS, "--epochs", "1", "--on-nan", "skip", "--output-dir", str(tmp_path)]
+    r = run_group(cmd, 240, {"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "1:3", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    assert row["skipped_steps"] == 1 and np.isfinite(row["train_loss"])
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path)["state_dict"].values())
