@@ -224,6 +224,27 @@ def test_resume_from_dali_checkpoint_without_decoding_the_done_part(tiny_data, m
     assert fresh.state_dict() is None  # a finished pass: nothing to continue (the next epoch starts afresh)
 
 
+def test_a_dali_that_cannot_checkpoint_still_trains_and_resumes_by_replay(tiny_data, monkeypatch, capsys):
+    """Some DALI versions refuse to checkpoint some operators at pipeline build: train on without DALI
+    checkpoints (one warning), save no DALI state, and resume by replaying the done part."""
+    real = dali_backend._pipeline
+
+    def refusing(source, train, spec, seed, checkpoint=None, checkpointing=True):
+        if train and checkpointing:
+            raise RuntimeError("[operator.h:214] Checkpointing is not implemented for this operator: Decoder")
+        return real(source, train, spec, seed, checkpoint, checkpointing)
+    train, val = scan_dataset(tiny_data)
+    tr, _ = loaders(train, val)
+    whole = epoch(tr, 1)
+    monkeypatch.setattr(dali_backend, "_pipeline", refusing)
+    fresh, _ = loaders(train, val)
+    _, state = _stop_at(fresh, 1, 5)
+    assert state is None and capsys.readouterr().err.count("DALI cannot checkpoint this pipeline") == 1
+    fresh.load_state_dict(state)
+    rest = epoch(fresh, 1, start_step=5)
+    assert len(rest) == 7 and all(torch.equal(a, b) for (a, _), (b, _) in zip(whole[5:], rest))
+
+
 def test_resume_from_dali_checkpoint_after_bad_files(tiny_data, tmp_path, monkeypatch, capsys):
     """Bad files found before the checkpoint: the resumed loader rebuilds the list as the first run patched
     it, restores the pipeline of that point, and still yields exactly the batches of a run never stopped."""

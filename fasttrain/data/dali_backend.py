@@ -92,9 +92,11 @@ class Spec:
     half: bool                 # fp16 out of DALI (DALI has no bfloat16: bf16 is one cast on the torch side)
 
 
-def _pipeline(source: dict, train: bool, spec: Spec, seed: int, checkpoint: bytes | None = None):
+def _pipeline(source: dict, train: bool, spec: Spec, seed: int, checkpoint: bytes | None = None,
+              checkpointing: bool = True):
     """`source`: the reader's file_list= or files=/labels= (see DaliBatches._source). Order and sharding are ours.
-    Train pipelines keep DALI checkpoints (reader position, every random op's state); `checkpoint` restores one."""
+    Train pipelines keep DALI checkpoints (reader position, every random op's state) unless `checkpointing` is
+    off; `checkpoint` restores one."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = spec.device_id is not None
@@ -121,7 +123,7 @@ def _pipeline(source: dict, train: bool, spec: Spec, seed: int, checkpoint: byte
         return images, (labels.gpu() if gpu else labels)
 
     return pipeline_def(graph)(batch_size=spec.batch, num_threads=spec.threads, device_id=spec.device_id,
-                               prefetch_queue_depth=spec.prefetch, seed=seed, enable_checkpointing=train,
+                               prefetch_queue_depth=spec.prefetch, seed=seed, enable_checkpointing=train and checkpointing,
                                checkpoint=checkpoint)
 
 
@@ -179,6 +181,7 @@ class DaliBatches:
         self._lines: list[str] | None = None
         self._pass: dict | None = None     # where the live pass is: what state_dict() saves
         self._resume: dict | None = None   # a saved position for the next pass (load_state_dict)
+        self._checkpointing = self.train   # off if this DALI cannot checkpoint an operator of the pipeline
 
     def _items(self) -> list[int]:
         raise NotImplementedError
@@ -254,13 +257,25 @@ class DaliBatches:
         if not items:
             return None
         source, list_file = self._source(items)
-        try:
+
+        def build():
             # PARTIAL: the last batch holds only the real samples (the reader pads it with copies, then they
             # are cut); reader_name lets the iterator stop at the end of the list. No first batch in the
             # constructor, so a bad file in it fails in _walk, where it is handled.
-            return DALIGenericIterator(_pipeline(source, self.train, self.spec, seed, checkpoint), ["images", "labels"],
-                                       reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL,
-                                       prepare_first_batch=False)
+            pipe = _pipeline(source, self.train, self.spec, seed, checkpoint, self._checkpointing)
+            return DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
+                                       last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
+        try:
+            try:
+                return build()
+            except RuntimeError as e:  # "Checkpointing is not implemented for this operator: ..." (older DALI)
+                if not self._checkpointing or checkpoint is not None or "heckpointing" not in str(e):
+                    raise
+                self._checkpointing = False
+                print(f"fasttrain: warning: rank {self.rank}: DALI cannot checkpoint this pipeline "
+                      f"({str(e).strip().splitlines()[-1]}); a resumed epoch replays its done part instead",
+                      file=sys.stderr, flush=True)
+                return build()
         finally:  # the constructor built the pipeline, which has read the list
             if list_file:
                 os.unlink(list_file)
@@ -309,7 +324,7 @@ class DaliBatches:
         """This rank's position in the live pass, with DALI's checkpoint of it (a few hundred bytes): what
         load_state_dict() + set_epoch(epoch, step) continue from. None when no pass is under way."""
         p = self._pass
-        if p is None or p["it"] is None or self._live is None:
+        if p is None or p["it"] is None or self._live is None or not self._checkpointing:
             return None
         return {"epoch": p["epoch"], "pos": p["pos"], "bad_at_start": list(p["bad_at_start"]),
                 "recoveries": list(p["recoveries"]), "dali": p["it"].checkpoints()[0]}
