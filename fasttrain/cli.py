@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # With no DATA, `fasttrain train` trains on the embedded demo dataset with these settings (flags still win):
-# ResNet-18 at 64 px reaches ~97% val top-1 in 10 epochs, under 2 minutes on 2 CPU cores.
+# ResNet-18 at 64 px, 10 epochs, about 2 minutes on 2 CPU cores. lr 0.05: last-epoch val top-1 99.0 / 99.75 /
+# 100% with seeds 0 / 1 / 2; lr 0.1 diverged for a while with some seeds (77.25 / 95.5 / 92.5%).
 DEMO_DEFAULTS = {("data", "batch_size"): 64, ("data", "image_size"): 64, ("data", "workers"): 2,
-                 ("optim", "epochs"): 10, ("optim", "lr"): 0.1, ("optim", "warmup_epochs"): 1.0,
+                 ("optim", "epochs"): 10, ("optim", "lr"): 0.05, ("optim", "warmup_epochs"): 1.0,
                  ("optim", "lr_schedule"): "cosine", ("run", "seed"): 0}
 
 

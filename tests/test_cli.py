@@ -73,7 +73,7 @@ def test_toml_unknown_key_is_error(tmp_path, capsys):
 
 def test_no_data_means_demo_defaults():
     c = parse()
-    assert c.data.data is None and c.data.image_size == 64 and c.optim.epochs == 10
+    assert c.data.data is None and c.data.image_size == 64 and c.optim.epochs == 10 and c.optim.lr == 0.05
     assert parse("--epochs", "3").optim.epochs == 3
 
 
