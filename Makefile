@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-stages install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/fasttrain bench --out runs/bench
+
+bench-stages: $(STAMP)
+	$(PY) -m pytest benchmarks/test_stages.py --benchmark-only -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -141,3 +141,12 @@ def test_gpu_run_dry_run_parses_its_command(tmp_path):
     plan = (tmp_path / "gpu_run_plan.txt").read_text()
     assert "-m fasttrain bench --out" in plan and "-a resnet50" in plan and "-j 16 -b 256" in plan
     assert (tmp_path / "bench").is_dir()
+
+
+def test_stage_benchmarks_run(tmp_path):
+    """benchmarks/test_stages.py (pytest-benchmark) runs each stage once, untimed, so it cannot rot."""
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                          os.path.join(REPO, "benchmarks", "test_stages.py")], cwd=REPO, capture_output=True,
+                         text=True, timeout=240, env={**os.environ, "FASTTRAIN_STAGE_IMAGES": "8"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout

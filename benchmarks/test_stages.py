@@ -1,0 +1,110 @@
+"""Where a CPU loader's milliseconds go, stage by stage (pytest-benchmark), on the benchmark's JPEGs.
+
+    .venv/bin/python -m pytest benchmarks/test_stages.py --benchmark-only      # = make bench-stages
+
+`fasttrain bench` times whole loaders side by side; this times their parts, on one thread, so a change to
+one stage shows up as that stage's number. Per image unless the name says batch:
+- decode: torchvision.io / libjpeg-turbo (fasttrain) against PIL (the reference's ImageFolder loader);
+- augment: fasttrain's TrainTransform on uint8 tensors, torchvision's v2 RandomResizedCrop + flip on the
+  same tensors, and the reference's PIL RandomResizedCrop + flip + ToTensor + Normalize;
+- normalize_batch: 128 uint8 images to normalized float32, as the torchvision loader does it on a CPU device
+  (on one intra-op thread: with more, they fight the DataLoader workers for the cores);
+- dali_cpu_batch: DALI's CPU-only pipeline (decode of the crop region, resize, flip, normalize), batch 32.
+CI runs this file once with --benchmark-disable (tests/test_bench.py), so it cannot rot; no time is asserted.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from fasttrain.bench.images import bench_dataset
+from fasttrain.bench.reference import MEAN, STD
+from fasttrain.data.base import Layout
+from fasttrain.data.decode import decode_file, read_bytes
+from fasttrain.data.scan import scan_dataset
+from fasttrain.data.torchvision_backend import DeviceBatches, TrainTransform
+
+SIZE = 224
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    n = int(os.environ.get("FASTTRAIN_STAGE_IMAGES", "64"))
+    root = bench_dataset(n, out=str(tmp_path_factory.mktemp("stages") / "data"), processes=1)
+    return [p for p, _ in scan_dataset(root)[0].samples]
+
+
+@pytest.fixture(scope="module")
+def decoded(files):
+    return [decode_file(p) for p in files]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a DataLoader worker runs with
+    yield
+    torch.set_num_threads(n)
+
+
+def test_decode_torchvision(benchmark, files):
+    data = itertools.cycle([read_bytes(p) for p in files])
+    from torchvision.io import ImageReadMode, decode_image
+    benchmark(lambda: decode_image(torch.frombuffer(bytearray(next(data)), dtype=torch.uint8), mode=ImageReadMode.RGB))
+
+
+def test_decode_pil_reference(benchmark, files):
+    data = itertools.cycle([read_bytes(p) for p in files])
+    benchmark(lambda: Image.open(io.BytesIO(next(data))).convert("RGB"))
+
+
+def test_augment_fasttrain(benchmark, decoded):
+    images, tf, seeds = itertools.cycle(decoded), TrainTransform(SIZE), itertools.count()
+    benchmark(lambda: tf(next(images), random.Random(next(seeds))))
+
+
+def test_augment_torchvision_v2(benchmark, decoded):
+    from torchvision.transforms import v2
+    images = itertools.cycle(decoded)
+    tf = v2.Compose([v2.RandomResizedCrop(SIZE, antialias=True), v2.RandomHorizontalFlip()])
+    benchmark(lambda: tf(next(images)))
+
+
+def test_augment_pil_reference(benchmark, files):
+    import torchvision.transforms as T
+    pil = itertools.cycle([Image.open(p).convert("RGB") for p in files])
+    tf = T.Compose([T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    benchmark(lambda: tf(next(pil)))
+
+
+def test_normalize_batch(benchmark, decoded):
+    tf = TrainTransform(SIZE)
+    batch = torch.stack([tf(decoded[i % len(decoded)], random.Random(i)) for i in range(128)])
+    labels = torch.zeros(128, dtype=torch.int64)
+    to_float = DeviceBatches(None, Layout(torch.device("cpu"), channels_last=False), None)
+    benchmark(lambda: to_float._to_device(batch, labels))
+
+
+def test_dali_cpu_batch(benchmark, files):
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def, types
+
+    def graph():
+        jpegs, labels = fn.readers.file(files=files, labels=[0] * len(files), random_shuffle=False, name="r")
+        images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=[0.08, 1.0],
+                                               random_aspect_ratio=[3 / 4, 4 / 3], device="cpu")
+        images = fn.resize(images, resize_x=SIZE, resize_y=SIZE)
+        images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), dtype=types.FLOAT,
+                                          mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD])
+        return images, labels
+
+    pipe = pipeline_def(graph)(batch_size=32, num_threads=1, device_id=None, seed=0, prefetch_queue_depth=1)
+    pipe.build()
+    benchmark(pipe.run)
