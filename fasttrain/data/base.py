@@ -57,6 +57,11 @@ class BadFileBudget:
     def __init__(self, limit: int, rank: int = 0):
         self.limit, self.rank, self.seen = limit, rank, []
 
+    def count_known(self, path: str) -> None:
+        """Count, without a new warning, a file an earlier run (the one a resume continues) reported."""
+        if path not in self.seen:
+            self.seen.append(path)
+
     def report(self, path: str, reason: str) -> None:
         if path in self.seen:
             return  # said once already (val files come round every epoch)

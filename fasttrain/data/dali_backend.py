@@ -19,13 +19,19 @@ the torchvision backend's sampler gives it (DistributedSampler's permutation for
 GLOBAL rank, truncated to `steps` whole batches), so every rank runs the same number of steps; val rank r
 reads samples r, r+W, r+2W, ... so every val image is scored once. Each pass (one train epoch, one val
 run) gets a fresh pipeline on that list in that order (the reader's num_shards=1: the sharding by global
-rank is in the list). Why not DALI's own shuffling and sharding: `random_shuffle` is a 1024-sample shuffle buffer whose state, like the shard rotation between
-epochs, depends on every earlier epoch, so a resumed run could not get its epoch back without replaying
-them all, and an epoch cut short by --steps-per-epoch cannot be reset without decoding the rest of it.
-Starting a pass (list, file_list, pipeline build) took 0.8 s for ImageNet's 1.28M files on one rank on the
-2-core machine, about 0.1 s per rank on 8. Resuming mid-epoch decodes and drops the first
-`start_step` batches (at most one epoch of decoding, once per resume) so the rest crops and flips exactly
-as the uninterrupted run did: DALI's random ops depend only on the pipeline seed, not on thread timing.
+rank is in the list). Why not DALI's own shuffling and sharding: `random_shuffle` is a 1024-sample shuffle
+buffer whose state, like the shard rotation between epochs, depends on every earlier epoch, so a resumed run
+could not get its epoch back without replaying them all, and an epoch cut short by --steps-per-epoch cannot
+be reset without decoding the rest of it. Starting a pass (list, file_list, pipeline build) took 0.8 s for
+ImageNet's 1.28M files on one rank on the 2-core machine, about 0.1 s per rank on 8.
+
+Resume: train pipelines run with DALI's checkpointing on. state_dict() is this rank's position in the pass
+plus DALI's checkpoint of its pipeline (reader position, the state of every random op; a few hundred
+bytes), which the run's checkpoint stores per rank; after load_state_dict(), the pass that starts at that
+point restores the pipeline from it and continues with the same batches, crops and flips, decoding nothing
+twice. Without a usable state (another number of ranks, a DALI that refuses the checkpoint or cannot
+checkpoint an operator) the pass decodes and drops its first `start_step` batches instead, which gives the
+same batches too: DALI's random ops depend only on the pipeline seed, not on thread timing.
 
 Bad files: DALI 2.4 stops the whole pipeline on a file it cannot read, sometimes naming it ("Failed to
 decode sample #1 : PATH" for a truncated JPEG, "File mapping failed: PATH" for an empty one) and
@@ -123,8 +129,8 @@ def _pipeline(source: dict, train: bool, spec: Spec, seed: int, checkpoint: byte
         return images, (labels.gpu() if gpu else labels)
 
     return pipeline_def(graph)(batch_size=spec.batch, num_threads=spec.threads, device_id=spec.device_id,
-                               prefetch_queue_depth=spec.prefetch, seed=seed, enable_checkpointing=train and checkpointing,
-                               checkpoint=checkpoint)
+                               prefetch_queue_depth=spec.prefetch, seed=seed,
+                               enable_checkpointing=train and checkpointing, checkpoint=checkpoint)
 
 
 def _seed(*parts: int) -> int:
@@ -307,9 +313,8 @@ class DaliBatches:
             items = items[:pos] + _patch(items[pos:], self.samples, self.bad, self.train)
             start, seg_seed = pos, _seed(seed, pos)
         self._pass["items"] = items
-        for path in sorted(self.bad):  # counted against --max-bad-files, as in the run that found them
-            if path not in self.budget.seen:
-                self.budget.seen.append(path)
+        for path in sorted(self.bad):
+            self.budget.count_known(path)
         try:
             it = self._open(items[start:], seg_seed, checkpoint=saved["dali"])
         except (RuntimeError, ValueError) as e:
