@@ -68,7 +68,7 @@ class ValTransform:
         self.resize, self.size = val_resize_size(size), [size, size]
 
     def __call__(self, image: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
-        return F.center_crop(F.resize(image, self.resize, antialias=True), self.size)
+        return F.center_crop(F.resize(image, [self.resize], antialias=True), self.size)  # [n]: the short side
 
 
 class ImageFiles(Dataset):
