@@ -118,3 +118,31 @@ def test_resume_other_arch_or_classes_is_error(tiny_data, tmp_path, capsys):
     other = make_tree(tmp_path / "other", n_train=8, n_val=2, classes=("dots_cool", "dots_warm", "rings_cool"))
     assert cli.main(["train", other, *COMMON, "--resume", ck, "--output-dir", str(tmp_path / "o2")]) == 2
     assert "has 4 classes but the dataset has 3" in capsys.readouterr().err
+
+
+def test_train_crop_box_is_torchvisions_random_resized_crop():
+    """TrainTransform draws its box with Python's random, by torchvision's algorithm: same distribution of
+    area and aspect ratio as RandomResizedCrop.get_params, and the same fallback for extreme shapes."""
+    import math
+    import random
+
+    import numpy as np
+    import torchvision.transforms as T
+
+    from fasttrain.data.torchvision_backend import TrainTransform
+    tf = TrainTransform(224)
+
+    def stats(boxes, h, w):
+        area = [bh * bw / (h * w) for _, _, bh, bw in boxes]
+        aspect = [math.log(bw / bh) for _, _, bh, bw in boxes]
+        inside = all(0 <= t and 0 <= left and t + bh <= h and left + bw <= w for t, left, bh, bw in boxes)
+        return np.mean(area), np.std(area), np.mean(aspect), np.std(aspect), inside
+    torch.manual_seed(0)
+    ours = stats([tf.box(375, 500, random.Random(i)) for i in range(20000)], 375, 500)
+    ref = stats([T.RandomResizedCrop.get_params(torch.empty(3, 375, 500), [0.08, 1.0], [3 / 4, 4 / 3])
+                 for _ in range(20000)], 375, 500)
+    assert ours[4] and ref[4]
+    assert np.allclose(ours[:4], ref[:4], atol=0.01), (ours, ref)
+    for h, w in ((10, 1000), (1000, 10)):  # no try fits: the whole image cut to the nearest allowed ratio
+        assert tf.box(h, w, random.Random(0)) == T.RandomResizedCrop.get_params(
+            torch.empty(3, h, w), [0.08, 1.0], [3 / 4, 4 / 3])
