@@ -90,11 +90,16 @@ class EpochStats:
 
 
 def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq: int, progress: Progress,
-                    at_sync: Callable[[int], bool]) -> EpochStats:
+                    at_sync: Callable[[int, DeviceMeter], bool], meter_state: dict | None = None) -> EpochStats:
     """One pass over this rank's shard from `start_step`. Every print_freq steps (the same steps on every
-    rank) the meters are read and `at_sync(step)` may checkpoint; it returns True to stop the run."""
+    rank) the meters are read and `at_sync(step, meter)` may checkpoint; it returns True to stop the run.
+    `meter_state`: the meter of the steps before `start_step` (a resumed epoch), so the epoch's loss and
+    accuracy cover all of it; speeds count only the steps run here."""
     tr.forward.train()
     meter = DeviceMeter(tr.dist.device)
+    if meter_state is not None:
+        meter.load_state_dict(meter_state)
+    n0 = meter.n
     loader.set_epoch(epoch, start_step)
     total = len(loader)
     step, data_time, stopped = start_step, 0.0, False
@@ -106,26 +111,29 @@ def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq
         if step % print_freq == 0 or step == total:
             tr.check_finite()  # host sync: reads the device-side flag
             stats = meter.read()
-            progress.update(step, stats, stats["samples"] * tr.dist.world_size / (time.perf_counter() - t0))
-            stopped = at_sync(step)
+            progress.update(step, stats, (stats["samples"] - n0) * tr.dist.world_size / (time.perf_counter() - t0))
+            stopped = at_sync(step, meter)
             if stopped:
                 break
         t_data = time.perf_counter()
     if tr.dist.device.type == "cuda":
         torch.cuda.synchronize(tr.dist.device)  # so the wall time below covers the work, not its launch
     elapsed = time.perf_counter() - t0
-    stats = reduce_meter(meter, tr.dist)  # one collective per epoch: the epoch's numbers cover every rank
+    stats = reduce_meter(meter, tr.dist, timed=meter.n - n0)  # the epoch's numbers cover every rank
     return EpochStats(stats["loss"], stats["top1"], stats["top5"], stats["samples"],
-                      stats["samples"] / max(elapsed, 1e-9), data_time / max(elapsed, 1e-9), step, stopped)
+                      stats["timed"] / max(elapsed, 1e-9), data_time / max(elapsed, 1e-9), step, stopped)
 
 
-def reduce_meter(meter: DeviceMeter, dist: D.DistInfo) -> dict[str, float]:
-    """Sum a meter over all ranks (exact: counts and sums, not a mean of means)."""
-    totals = torch.cat([meter.sums, torch.tensor([float(meter.n)], dtype=torch.float64, device=dist.device)])
+def reduce_meter(meter: DeviceMeter, dist: D.DistInfo, timed: int = 0) -> dict[str, float]:
+    """Sum a meter over all ranks (exact: counts and sums, not a mean of means). `timed`: this rank's samples
+    run in this process (not restored from a checkpoint), summed as "timed"."""
+    extra = torch.tensor([float(meter.n), float(timed)], dtype=torch.float64, device=dist.device)
+    totals = torch.cat([meter.sums, extra])
     D.all_reduce_sum(totals, dist)
-    loss_sum, c1, c5, n = totals.tolist()
+    loss_sum, c1, c5, n, timed_all = totals.tolist()
     n_ = max(n, 1.0)
-    return {"loss": loss_sum / n_, "top1": 100.0 * c1 / n_, "top5": 100.0 * c5 / n_, "samples": int(n)}
+    return {"loss": loss_sum / n_, "top1": 100.0 * c1 / n_, "top5": 100.0 * c5 / n_, "samples": int(n),
+            "timed": int(timed_all)}
 
 
 @torch.no_grad()

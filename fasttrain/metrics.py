@@ -31,6 +31,15 @@ class DeviceMeter:
         self.sums += torch.stack([loss.detach().double() * n, hit[:, :1].sum().double(), hit.sum().double()])
         self.n += n
 
+    def state_dict(self) -> dict:
+        """A host sync (only at checkpoints): what a run resumed mid-epoch needs so its epoch metrics cover the
+        whole epoch, not only the steps after the resume."""
+        return {"sums": self.sums.tolist(), "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.sums.device)
+        self.n = int(state["n"])
+
     def read(self) -> dict[str, float]:
         """A host sync. Returns loss, top1, top5 (percent) and samples."""
         (loss_sum, c1, c5), n = self.sums.tolist(), self.n

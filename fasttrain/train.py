@@ -122,7 +122,8 @@ def run(cfg: Config, dist: D.DistInfo) -> int:
         start_step = state["step"] if epoch == state["epoch"] else 0
         progress = ctx.progress(len(loaders.train), f"Epoch: [{epoch}]", start_step)
         stats = train_one_epoch(tr, loaders.train, epoch, start_step, cfg.run.print_freq, progress,
-                                lambda step: ctx.at_sync(epoch, step))
+                                lambda step, meter: ctx.at_sync(epoch, step, meter),
+                                state.get("meter") if epoch == state["epoch"] else None)
         progress.close()
         if epoch == state["epoch"] and cfg.run.compile:
             log0(dist, f"first epoch incl. torch.compile took {time.perf_counter() - t_compile:.1f}s")
@@ -154,8 +155,10 @@ def restore(tr: Trainer, path: str, cfg: Config, dist: D.DistInfo, loaders) -> d
     elif any(d is not None for d in data) and hasattr(loaders.train, "load_state_dict"):
         log0(dist, f"the checkpoint holds data positions of {len(data)} rank(s), this run has {dist.world_size}: "
                    "the loaders replay the epoch's done part instead")
+    meters = ck.get("meters") or []  # each rank's train meter of the epoch so far (mid-epoch checkpoints)
     log0(dist, f"resumed from {path} at epoch {ck['epoch']} step {ck.get('step', 0)}")
-    return {"epoch": ck["epoch"], "step": ck.get("step", 0), "best_acc1": float(ck.get("best_acc1", 0.0))}
+    return {"epoch": ck["epoch"], "step": ck.get("step", 0), "best_acc1": float(ck.get("best_acc1", 0.0)),
+            "meter": meters[dist.rank] if len(meters) == dist.world_size else None}
 
 
 class RunContext:
@@ -170,12 +173,14 @@ class RunContext:
     def progress(self, total: int, desc: str, initial: int = 0) -> Progress:
         return Progress(total, desc, self.dist.is_main, initial)
 
-    def at_sync(self, epoch: int, step: int) -> bool:
-        """Called at the same steps on every rank. Saves mid-epoch on schedule or on a stop request."""
+    def at_sync(self, epoch: int, step: int, meter=None) -> bool:
+        """Called at the same steps on every rank. Saves mid-epoch on schedule or on a stop request, with
+        each rank's train meter of the epoch so far (a resumed epoch's metrics then cover all of it)."""
         stop = D.any_rank(stop_requested(), self.dist)
         every = self.cfg.run.checkpoint_interval
         if stop or (every and step % every == 0 and step < len(self.loaders.train)):
-            self.save(epoch, step, val_top1=None, is_best=False)  # at the last step: resumes into validation
+            # at the last step too: the resumed run goes straight to validation
+            self.save(epoch, step, val_top1=None, is_best=False, meter=meter)
         return stop
 
     def end_epoch(self, epoch: int, stats, val: dict) -> None:
@@ -195,16 +200,17 @@ class RunContext:
                         f"({val['val_samples']} images) | {stats.images_per_sec:.0f} img/s, "
                         f"data wait {100 * stats.data_time_fraction:.0f}%")
 
-    def save(self, epoch: int, step: int, val_top1: float | None, is_best: bool) -> None:
-        """Collective (RNG states and data positions are gathered from every rank); rank 0 writes; then a
-        barrier."""
+    def save(self, epoch: int, step: int, val_top1: float | None, is_best: bool, meter=None) -> None:
+        """Collective (RNG states, data positions and mid-epoch train meters are gathered from every rank);
+        rank 0 writes; then a barrier."""
         tr = self.tr
         data_state = getattr(self.loaders.train, "state_dict", None)  # loaders that keep a position (DALI)
-        mine = (ckpt_io.rng_state(self.dist.device), data_state() if data_state else None)
+        mine = (ckpt_io.rng_state(self.dist.device), data_state() if data_state else None,
+                meter.state_dict() if meter is not None else None)
         every = [mine] * self.dist.world_size
         if self.dist.distributed:
             torch.distributed.all_gather_object(every, mine)
-        rng, data = [r for r, _ in every], [d for _, d in every]
+        rng, data, meters = ([e[i] for e in every] for i in range(3))
         finite = all(bool(torch.isfinite(p).all()) for p in tr.model.parameters())
         if self.dist.is_main and finite:
             ckpt_io.atomic_save({
@@ -212,6 +218,7 @@ class RunContext:
                 "state_dict": tr.model.state_dict(), "best_acc1": self.best_acc1,
                 "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
                 "scaler": tr.scaler.state_dict(), "rng": rng, "data": data if data_state else None,
+                "meters": meters if meter is not None else None,
                 "classes": list(self.loaders.classes), "config": self.cfg.to_dict(), "val_top1": val_top1,
             }, os.path.join(self.out, ckpt_io.LATEST))
             if is_best:

@@ -67,7 +67,7 @@ def test_stop_mid_epoch_then_resume_equals_straight_run(model, tiny_data, tmp_pa
     resumed run continues with the same next batch and ends with the same weights as an unstopped run."""
     if model == "dropout":
         monkeypatch.setattr("fasttrain.train.build_model", dropout_model)
-    train(tiny_data, tmp_path / "straight", "--epochs", "2")
+    straight = train(tiny_data, tmp_path / "straight", "--epochs", "2")
     out = tmp_path / "stopped"
     calls = iter([False, True])  # at_sync runs at steps 2, 4, ...: stop at step 4
     monkeypatch.setattr("fasttrain.train.stop_requested", lambda: next(calls, False))
@@ -78,6 +78,9 @@ def test_stop_mid_epoch_then_resume_equals_straight_run(model, tiny_data, tmp_pa
     monkeypatch.setattr("fasttrain.train.stop_requested", lambda: False)
     rows = train(tiny_data, out, "--epochs", "2", "--resume", "auto")
     assert [r["epoch"] for r in rows] == [0, 1]
+    # the resumed epoch's metrics cover all of it (its first 4 steps came back from the checkpoint's meter)
+    keys = ("train_loss", "train_top1", "train_top5", "train_samples", "val_loss", "val_top1")
+    assert [[r[k] for k in keys] for r in rows] == [[r[k] for k in keys] for r in straight]
     a, b = weights(tmp_path / "straight"), weights(out)
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
