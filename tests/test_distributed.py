@@ -76,6 +76,21 @@ def test_shards_disjoint_cover_and_reshuffle():
     assert len(seen) > n - world * batch  # whole batches only: at most world*batch-1 left out per epoch
 
 
+@pytest.mark.parametrize("world", [1, 3, 8])
+def test_synthetic_val_scores_exactly_50000_images(world):
+    """--dummy's val set is 50,000 images however many ranks share it, as with real data."""
+    from fasttrain.data import synthetic
+    from fasttrain.data.base import Layout
+    total = 0
+    for rank in range(world):
+        train, val = synthetic.build(256, world, 8, 10, Layout(torch.device("cpu"), False), 0, 0, rank)
+        val.set_epoch(0)
+        sizes = [labels.shape[0] for _, labels in val]
+        assert len(sizes) == len(val) and min(sizes) > 0
+        total += sum(sizes)
+    assert total == 50_000 and len(train) == 1_281_167 // world // 256
+
+
 def test_one_rank_failing_ends_both_in_bounded_time(odd_data, tmp_path):
     r = torchrun(2, odd_data, *ARGS, "--epochs", "2", "--output-dir", tmp_path, "--dist-timeout", "30",
                  env={"FT_TEST_RAISE": "1:3", "FT_TEST_TINY_MODEL": "1"}, timeout=120)

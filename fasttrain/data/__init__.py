@@ -31,7 +31,7 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int) ->
     if backend == "synthetic":
         from . import synthetic
         train, val = synthetic.build(batch, dist.world_size, cfg.image_size, cfg.num_classes, layout, seed,
-                                     cfg.steps_per_epoch)
+                                     cfg.steps_per_epoch, dist.rank)
         classes = tuple(str(i) for i in range(cfg.num_classes))
         return Loaders(train, val, classes, "synthetic", synthetic.TRAIN_SIZE, synthetic.VAL_SIZE)
 

@@ -14,13 +14,19 @@ TRAIN_SIZE, VAL_SIZE = 1_281_167, 50_000
 
 
 class SyntheticBatches:
-    def __init__(self, steps: int, batch: int, image_size: int, num_classes: int, layout: Layout, seed: int):
+    """`steps` batches of `batch`; with `samples`, as many batches as hold that many and a last partial one."""
+
+    def __init__(self, steps: int, batch: int, image_size: int, num_classes: int, layout: Layout, seed: int,
+                 samples: int | None = None):
         g = torch.Generator().manual_seed(seed)
         images = torch.randn(batch, 3, image_size, image_size, generator=g)
         self.labels = torch.randint(0, num_classes, (batch,), generator=g).to(layout.device)
         fmt = torch.channels_last if layout.channels_last else torch.contiguous_format
         self.images = images.to(layout.device, layout.dtype).contiguous(memory_format=fmt)
         self.steps, self.start = steps, 0
+        self.last = batch
+        if samples is not None:
+            self.steps, self.last = -(-samples // batch), samples - (-(-samples // batch) - 1) * batch
 
     def __len__(self):
         return self.steps
@@ -29,18 +35,23 @@ class SyntheticBatches:
         self.start = start_step
 
     def __iter__(self):
-        for _ in range(self.start, self.steps):
-            yield self.images, self.labels
+        for i in range(self.start, self.steps):
+            if i == self.steps - 1 and self.last < self.images.shape[0]:
+                yield self.images[:self.last], self.labels[:self.last]
+            else:
+                yield self.images, self.labels
 
     def close(self):
         pass
 
 
 def build(per_rank_batch: int, world_size: int, image_size: int, num_classes: int, layout: Layout, seed: int,
-          steps_limit: int):
+          steps_limit: int, rank: int = 0):
+    """Train: full batches, every rank the same number. Val: rank r scores samples r, r+W, ... of 50,000, so
+    the ranks together score exactly 50,000, as with real data."""
     steps = TRAIN_SIZE // world_size // per_rank_batch
     if steps_limit:
         steps = min(steps, steps_limit)
-    val_steps = -(-VAL_SIZE // world_size // per_rank_batch)
+    val_samples = len(range(rank, VAL_SIZE, world_size))
     return (SyntheticBatches(steps, per_rank_batch, image_size, num_classes, layout, seed),
-            SyntheticBatches(val_steps, per_rank_batch, image_size, num_classes, layout, seed + 1))
+            SyntheticBatches(0, per_rank_batch, image_size, num_classes, layout, seed + 1, samples=val_samples))
