@@ -21,7 +21,7 @@ from fasttrain.data.base import check_shard_sizes
 from fasttrain.errors import UserError
 from fasttrain.metrics import read_jsonl
 
-from .conftest import REPO, make_tree, run_group
+from .conftest import REPO, run_group
 
 WORKER = os.path.join(REPO, "tests", "fault_worker.py")
 ARGS = ["--device", "cpu", "-j", "0", "-b", "16", "--image-size", "32", "--seed", "2", "-p", "2", "--lr", "0.05"]
