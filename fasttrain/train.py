@@ -155,6 +155,7 @@ def restore(tr: Trainer, path: str, cfg: Config, dist: D.DistInfo, loaders) -> d
     elif any(d is not None for d in data) and hasattr(loaders.train, "load_state_dict"):
         log0(dist, f"the checkpoint holds data positions of {len(data)} rank(s), this run has {dist.world_size}: "
                    "the loaders replay the epoch's done part instead")
+    tr.skipped_steps = int(ck.get("skipped_steps", 0))  # --on-nan skip: counted over the whole run
     meters = ck.get("meters") or []  # each rank's train meter of the epoch so far (mid-epoch checkpoints)
     log0(dist, f"resumed from {path} at epoch {ck['epoch']} step {ck.get('step', 0)}")
     return {"epoch": ck["epoch"], "step": ck.get("step", 0), "best_acc1": float(ck.get("best_acc1", 0.0)),
@@ -218,7 +219,7 @@ class RunContext:
                 "state_dict": tr.model.state_dict(), "best_acc1": self.best_acc1,
                 "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
                 "scaler": tr.scaler.state_dict(), "rng": rng, "data": data if data_state else None,
-                "meters": meters if meter is not None else None,
+                "meters": meters if meter is not None else None, "skipped_steps": tr.skipped_steps,
                 "classes": list(self.loaders.classes), "config": self.cfg.to_dict(), "val_top1": val_top1,
             }, os.path.join(self.out, ckpt_io.LATEST))
             if is_best:

@@ -258,6 +258,16 @@ def test_nan_on_one_of_two_ranks_stops_both(tiny_data, tmp_path):
     assert r.stderr.count("loss became NaN or infinite") == 2  # both ranks stop, at the same sync point
 
 
+def test_nan_skip_count_survives_a_resume(tiny_data, tmp_path):
+    """A step skipped before a stop is still counted in metrics.jsonl after --resume auto."""
+    args = [*ARGS, "--epochs", "1", "--on-nan", "skip", "--output-dir", tmp_path]
+    r = run_worker(tiny_data, *args, env={"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "0:3", "FT_TEST_SIGTERM": "0:4"})
+    assert r.returncode == 143 and weights(tmp_path)["step"] == 4, r.stderr[-2000:]
+    r = run_worker(tiny_data, *args, "--resume", "auto", env={"FT_TEST_TINY_MODEL": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["skipped_steps"] == 1
+
+
 def test_nan_skip_on_one_of_two_ranks_skips_that_step_on_both(tiny_data, tmp_path):
     """--on-nan skip: rank 1's NaN loss drops that step's update on both ranks (DDP keeps them equal); the run
     finishes with finite weights and counts one skipped step."""
