@@ -150,11 +150,12 @@ def restore(tr: Trainer, path: str, cfg: Config, dist: D.DistInfo, loaders) -> d
     if len(rngs) == dist.world_size:
         ckpt_io.set_rng_state(rngs[dist.rank], dist.device)
     data = ck.get("data") or []  # one position per rank, from loaders that keep one (DALI)
-    if len(data) == dist.world_size and hasattr(loaders.train, "load_state_dict"):
-        loaders.train.load_state_dict(data[dist.rank])
-    elif any(d is not None for d in data) and hasattr(loaders.train, "load_state_dict"):
-        log0(dist, f"the checkpoint holds data positions of {len(data)} rank(s), this run has {dist.world_size}: "
-                   "the loaders replay the epoch's done part instead")
+    if any(d is not None for d in data) and hasattr(loaders.train, "load_state_dict"):
+        if len(data) == dist.world_size:
+            loaders.train.load_state_dict(data[dist.rank])
+        else:
+            log0(dist, f"the checkpoint holds data positions of {len(data)} rank(s), this run has "
+                       f"{dist.world_size}: the loaders replay the epoch's done part instead")
     tr.skipped_steps = int(ck.get("skipped_steps", 0))  # --on-nan skip: counted over the whole run
     meters = ck.get("meters") or []  # each rank's train meter of the epoch so far (mid-epoch checkpoints)
     log0(dist, f"resumed from {path} at epoch {ck['epoch']} step {ck.get('step', 0)}")

@@ -329,7 +329,7 @@ class DaliBatches:
         """This rank's position in the live pass, with DALI's checkpoint of it (a few hundred bytes): what
         load_state_dict() + set_epoch(epoch, step) continue from. None when no pass is under way."""
         p = self._pass
-        if p is None or p["it"] is None or self._live is None or not self._checkpointing:
+        if p is None or p["it"] is None or not self._checkpointing:  # _walk clears "it" when a pass ends
             return None
         return {"epoch": p["epoch"], "pos": p["pos"], "bad_at_start": list(p["bad_at_start"]),
                 "recoveries": list(p["recoveries"]), "dali": p["it"].checkpoints()[0]}

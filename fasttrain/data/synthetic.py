@@ -14,19 +14,16 @@ TRAIN_SIZE, VAL_SIZE = 1_281_167, 50_000
 
 
 class SyntheticBatches:
-    """`steps` batches of `batch`; with `samples`, as many batches as hold that many and a last partial one."""
+    """`steps` batches of `batch` images, the last one cut to `last` images when given."""
 
     def __init__(self, steps: int, batch: int, image_size: int, num_classes: int, layout: Layout, seed: int,
-                 samples: int | None = None):
+                 last: int | None = None):
         g = torch.Generator().manual_seed(seed)
         images = torch.randn(batch, 3, image_size, image_size, generator=g)
         self.labels = torch.randint(0, num_classes, (batch,), generator=g).to(layout.device)
         fmt = torch.channels_last if layout.channels_last else torch.contiguous_format
         self.images = images.to(layout.device, layout.dtype).contiguous(memory_format=fmt)
-        self.steps, self.start = steps, 0
-        self.last = batch
-        if samples is not None:
-            self.steps, self.last = -(-samples // batch), samples - (-(-samples // batch) - 1) * batch
+        self.steps, self.start, self.last = steps, 0, batch if last is None else last
 
     def __len__(self):
         return self.steps
@@ -53,5 +50,7 @@ def build(per_rank_batch: int, world_size: int, image_size: int, num_classes: in
     if steps_limit:
         steps = min(steps, steps_limit)
     val_samples = len(range(rank, VAL_SIZE, world_size))
+    val_steps = -(-val_samples // per_rank_batch)
     return (SyntheticBatches(steps, per_rank_batch, image_size, num_classes, layout, seed),
-            SyntheticBatches(0, per_rank_batch, image_size, num_classes, layout, seed + 1, samples=val_samples))
+            SyntheticBatches(val_steps, per_rank_batch, image_size, num_classes, layout, seed + 1,
+                             last=val_samples - (val_steps - 1) * per_rank_batch))
