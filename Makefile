@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench bench-stages install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml fasttrain/data/_jpeg.c  # the C file: rebuilds the crop decoder
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"

@@ -3,6 +3,10 @@
 torchvision.io.decode_image (libjpeg-turbo / libpng, no PIL object, no float work) is tried first; PIL is
 the fallback for what it refuses (some CMYK, palette and 16-bit files). Anything neither can decode is a
 BadImage naming the file, which the loaders turn into a warning and a skip (see --max-bad-files).
+
+A train crop needs only its box: `decode_jpeg_box` decodes just that rectangle of a JPEG (fasttrain/data/_jpeg.c,
+libjpeg-turbo), with the same pixels a full decode would give there. It is an optional compiled module;
+where it was not built (no libjpeg headers), or for a file it cannot take, callers decode the whole image.
 """
 
 from __future__ import annotations
@@ -12,6 +16,11 @@ import warnings
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
+
+try:
+    from . import _jpeg
+except ImportError:  # not built: see pyproject.toml
+    _jpeg = None
 
 # torchvision 0.29 announces that its decoders move to TorchCodec; they still work, and warn on each call.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
@@ -51,9 +60,39 @@ def _pil_decode(path: str, data: bytes) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
+def crop_decoder_available() -> bool:
+    return _jpeg is not None
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that decode_jpeg_box can take, else None. Only whole files (ending with the
+    EOI marker) qualify: a box above a truncation would decode, and a truncated file must be reported as bad
+    whichever box it drew, so those go through a full decode."""
+    if _jpeg is None or data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
+        return None
+    try:
+        return _jpeg.header(data)
+    except ValueError:
+        return None
+
+
+def decode_jpeg_box(data: bytes, top: int, left: int, height: int, width: int) -> torch.Tensor | None:
+    """uint8 [3, height, width], the pixels of a full decode's [:, top:top+height, left:left+width], or None
+    where libjpeg refuses or warns (corrupt data, CMYK, ...): decode the whole file then."""
+    try:
+        pixels, rows, cols, x = _jpeg.decode_crop(data, top, left, height, width)
+    except ValueError:
+        return None
+    return torch.frombuffer(pixels, dtype=torch.uint8).view(rows, cols, 3)[:, x:x + width].permute(2, 0, 1)
+
+
 def decode_file(path: str) -> torch.Tensor:
     """uint8 [3, H, W]. Raises BadImage."""
-    data = read_bytes(path)
+    return decode_bytes(path, read_bytes(path))
+
+
+def decode_bytes(path: str, data: bytes) -> torch.Tensor:
+    """decode_file on bytes already read. Raises BadImage."""
     try:
         img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):

@@ -1,7 +1,7 @@
 """The fallback that works everywhere: CPU decode in DataLoader workers, uint8 until on the device.
 
 Workers decode with torchvision.io (libjpeg-turbo) and crop/flip/resize uint8 tensors with transforms.v2.functional;
-no float tensor is built on the CPU (4x less memory traffic, and the float work runs on the device).
+a train JPEG has only its crop box decoded (decode.decode_jpeg_box, same pixels). No float tensor is built on the CPU (4x less memory traffic, and the float work runs on the device).
 Batches are pinned, copied non-blocking and normalized on the device; on CUDA the next batch's copy runs
 on a side stream while the current step computes.
 """
@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as F
 
 from ..errors import UserError
 from .base import IMAGENET_MEAN, IMAGENET_STD, BadFileBudget, Layout, val_resize_size
-from .decode import BadImage, decode_file
+from .decode import BadImage, decode_bytes, decode_file, decode_jpeg_box, jpeg_size, read_bytes
 from .scan import Split
 
 
@@ -55,9 +55,30 @@ class TrainTransform:
         return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, image: torch.Tensor, rng: random.Random | None) -> torch.Tensor:
+        """The crop of a decoded image."""
         rng = rng or random.Random()
         top, left, h, w = self.box(image.shape[-2], image.shape[-1], rng)
-        image = F.resized_crop(image, top, left, h, w, self.size, antialias=True)
+        return self._finish(image[:, top:top + h, left:left + w], rng)
+
+    def load(self, path: str, rng: random.Random | None) -> torch.Tensor:
+        """The crop of an image file, decoding only its box where it can: the same pixels and the same random
+        draws as __call__(decode_file(path), rng). Raises BadImage."""
+        rng = rng or random.Random()
+        data = read_bytes(path)
+        size = jpeg_size(data)
+        if size is None:
+            return self(decode_bytes(path, data), rng)
+        top, left, h, w = self.box(*size, rng)
+        region = decode_jpeg_box(data, top, left, h, w)
+        if region is None:  # libjpeg refused the fast path: the full decode decides whether the file is bad
+            image = decode_bytes(path, data)
+            if tuple(image.shape[-2:]) != size:
+                return self(image, rng)
+            region = image[:, top:top + h, left:left + w]
+        return self._finish(region, rng)
+
+    def _finish(self, region: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        image = F.resize(region, self.size, antialias=True)
         return image.flip(-1) if rng.random() < 0.5 else image
 
 
@@ -69,6 +90,10 @@ class ValTransform:
 
     def __call__(self, image: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
         return F.center_crop(F.resize(image, [self.resize], antialias=True), self.size)  # [n]: the short side
+
+    def load(self, path: str, rng: random.Random | None = None) -> torch.Tensor:
+        """Raises BadImage. The whole image is decoded: the resize's filter reaches past the centre crop."""
+        return self(decode_file(path), rng)
 
 
 class ImageFiles(Dataset):
@@ -86,10 +111,9 @@ class ImageFiles(Dataset):
             key, seed = key         # not on which worker or how many, so a resumed run crops the same way
         path, label = self.samples[key]
         try:
-            image = decode_file(path)
+            return self.transform.load(path, None if seed is None else random.Random(seed)), label, None
         except BadImage as e:
             return None, label, (e.path, e.reason)
-        return self.transform(image, None if seed is None else random.Random(seed)), label, None
 
 
 def collate(items):

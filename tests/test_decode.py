@@ -1,0 +1,100 @@
+"""Crop-box JPEG decoding (fasttrain/data/_jpeg.c): the same pixels as a full decode, on every kind of JPEG."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fasttrain.data import decode
+from fasttrain.data.torchvision_backend import TrainTransform
+
+# Where libjpeg-turbo's headers are, `make install` builds the module: its absence there is a failure.
+needs_module = pytest.mark.skipif(not decode.crop_decoder_available() and not os.path.exists("/usr/include/jpeglib.h"),
+                                  reason="crop decoder not built: no libjpeg headers on this machine")
+
+
+def jpeg(h, w, seed=0, mode="RGB", **save) -> bytes:
+    rng = np.random.default_rng(seed)
+    smooth = np.cumsum(np.cumsum(rng.normal(size=(h, w, 3)), 0), 1)  # gradients and edges, not just noise
+    pixels = ((smooth - smooth.min()) / np.ptp(smooth) * 255).astype(np.uint8)
+    pixels[h // 3: h // 2, w // 4: w // 2] = rng.integers(0, 256, size=3, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+def full(data: bytes) -> torch.Tensor:
+    return decode.decode_bytes("x.jpg", data)
+
+
+KINDS = {  # name: (height, width, PIL save options, mode)
+    "4:2:0": (375, 500, dict(quality=90, subsampling=2), "RGB"),
+    "4:2:2": (333, 467, dict(quality=85, subsampling=1), "RGB"),
+    "4:4:4": (301, 257, dict(quality=95, subsampling=0), "RGB"),
+    "progressive": (360, 480, dict(quality=80, progressive=True), "RGB"),
+    "restart markers": (250, 390, dict(quality=75, restart_marker_rows=1), "RGB"),
+    "grayscale": (200, 299, dict(quality=90), "L"),
+    "tiny": (9, 13, dict(quality=90), "RGB"),
+}
+
+
+@needs_module
+@pytest.mark.parametrize("kind", KINDS)
+def test_box_equals_full_decode_cropped(kind):
+    h, w, save, mode = KINDS[kind]
+    data = jpeg(h, w, seed=len(kind), mode=mode, **save)
+    whole = full(data)
+    assert tuple(whole.shape) == (3, h, w) and decode.jpeg_size(data) == (h, w)
+    rng = random.Random(kind)
+    boxes = [(0, 0, h, w), (h - 1, w - 1, 1, 1), (0, w - 5, h, 5), (h // 2, 0, h - h // 2, w // 2)]
+    boxes += [TrainTransform(224).box(h, w, rng) for _ in range(40)]
+    boxes += [(t, left, rng.randint(1, h - t), rng.randint(1, w - left))  # every alignment against the MCUs
+              for t, left in ((rng.randrange(h), 16 * rng.randrange(w // 16 + 1) % w) for _ in range(20))]
+    for top, left, bh, bw in boxes:
+        got = decode.decode_jpeg_box(data, top, left, bh, bw)
+        assert got is not None and got.dtype == torch.uint8
+        assert torch.equal(got, whole[:, top:top + bh, left:left + bw]), (kind, (top, left, bh, bw))
+
+
+@needs_module
+def test_train_load_matches_transform_of_the_full_decode(tmp_path):
+    """TrainTransform.load (box-only decode, or a full one where that cannot run) gives exactly what the
+    transform gives on the fully decoded image, draw for draw: JPEG, PNG and CMYK JPEG (libjpeg cannot make
+    RGB of it; the full decode's PIL fallback can)."""
+    files = {"a.jpg": jpeg(375, 500, seed=1, quality=90), "b.jpg": jpeg(120, 700, seed=2, quality=90)}
+    png, cmyk = io.BytesIO(), io.BytesIO()
+    Image.open(io.BytesIO(files["a.jpg"])).save(png, format="PNG")
+    Image.open(io.BytesIO(files["a.jpg"])).convert("CMYK").save(cmyk, format="JPEG")
+    files.update({"c.png": png.getvalue(), "d.jpg": cmyk.getvalue()})
+    assert decode.jpeg_size(files["d.jpg"]) is not None and decode.decode_jpeg_box(files["d.jpg"], 0, 0, 8, 8) is None
+    tf = TrainTransform(64)
+    for name, data in files.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        for seed in range(12):
+            want = tf(decode.decode_file(str(path)), random.Random(seed))
+            assert torch.equal(tf.load(str(path), random.Random(seed)), want), (name, seed)
+
+
+@needs_module
+def test_truncated_or_corrupt_jpeg_is_bad_whichever_box(tmp_path):
+    """A box above a truncation would decode: the fast path takes only whole files, so a truncated file is
+    reported (BadImage) as the full decode reports it, with any seed."""
+    data = jpeg(375, 500, quality=90)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    assert decode.jpeg_size(path.read_bytes()) is None
+    for seed in range(8):
+        with pytest.raises(decode.BadImage):
+            TrainTransform(64).load(str(path), random.Random(seed))
+    garbage = bytearray(data)
+    garbage[len(data) // 2: len(data) // 2 + 400] = os.urandom(400)  # corrupt entropy data, ends complete
+    assert decode.decode_jpeg_box(bytes(garbage), 0, 0, 375, 500) is None  # libjpeg's warning is refused
+    with pytest.raises(ValueError, match="not inside"):
+        decode._jpeg.decode_crop(data, 300, 0, 100, 10)
