@@ -98,3 +98,35 @@ def test_truncated_or_corrupt_jpeg_is_bad_whichever_box(tmp_path):
     assert decode.decode_jpeg_box(bytes(garbage), 0, 0, 375, 500) is None  # libjpeg's warning is refused
     with pytest.raises(ValueError, match="not inside"):
         decode._jpeg.decode_crop(data, 300, 0, 100, 10)
+
+
+def test_recycled_float_buffers_are_never_handed_out_while_held():
+    """The CPU normalize's output buffers: one is reused only once no tensor, view or autograd graph holds it."""
+    from fasttrain.data.torchvision_backend import RecycledBuffers
+    pool, shape, fmt = RecycledBuffers(keep=3), torch.Size([2, 3, 8, 8]), torch.contiguous_format
+    assert pool.use_count is not None  # else nothing is ever recycled (torch without the private call)
+
+    def storage(t):
+        return t.untyped_storage().data_ptr()
+    a = pool.empty(shape, fmt)
+    held = {storage(a)}
+    view = pool.empty(shape, fmt)[1:]  # the batch itself dropped, a view kept
+    held.add(storage(view))
+    conv = torch.nn.Conv2d(3, 1, 3)
+    x = pool.empty(shape, fmt).normal_()
+    loss = conv(x).sum()  # the graph saves x for backward
+    held.add(storage(x))
+    del x
+    assert len(held) == 3
+    fresh = pool.empty(shape, fmt)
+    assert storage(fresh) not in held and len(pool.buffers) == 3
+    del fresh
+    assert storage(pool.empty(shape, fmt)) not in held  # the fresh one, free again, is the one reused
+    loss.backward()
+    del loss  # graph gone: x's buffer is free, if still in the pool
+    del a, view
+    before = {storage(b) for b in pool.buffers}
+    kept = [pool.empty(shape, fmt) for _ in range(3)]  # all three held at once: each one reused, none new
+    assert {storage(b) for b in kept} == before
+    assert pool.empty(torch.Size([1, 3, 8, 8]), fmt).shape == (1, 3, 8, 8)  # another shape: a new buffer
+    assert pool.empty(shape, torch.channels_last).is_contiguous(memory_format=torch.channels_last)
