@@ -55,6 +55,18 @@ if ! "$PY" -c 'import nvidia.dali' 2>/dev/null; then
   fi
 fi
 
+# The crop-box JPEG decoder of the torchvision loader is a C module that pip builds here; the tree is not
+# pip-installed there, so build it directly where a compiler and libjpeg-turbo's headers exist.
+if ! "$PY" -c 'from fasttrain.data import _jpeg' 2>/dev/null; then
+  ext=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+  inc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  if gcc -O2 -shared -fPIC -I"$inc" fasttrain/data/_jpeg.c -ljpeg -o "fasttrain/data/_jpeg$ext" 2>/dev/null; then
+    echo "gpu_run: built the crop-box JPEG decoder"
+  else
+    echo "gpu_run: no crop-box JPEG decoder (no compiler or libjpeg headers): the torchvision loader decodes whole images" >&2
+  fi
+fi
+
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: ${FASTTRAIN_GIT_COMMIT:-unknown (set FASTTRAIN_GIT_COMMIT)}"

@@ -4,7 +4,8 @@
 
 `fasttrain bench` times whole loaders side by side; this times their parts, on one thread, so a change to
 one stage shows up as that stage's number. Per image unless the name says batch:
-- decode: torchvision.io / libjpeg-turbo (fasttrain) against PIL (the reference's ImageFolder loader);
+- decode: torchvision.io / libjpeg-turbo, whole image and crop box only (fasttrain's train path), against
+  PIL (the reference's ImageFolder loader);
 - augment: fasttrain's TrainTransform on uint8 tensors, torchvision's v2 RandomResizedCrop + flip on the
   same tensors, and the reference's PIL RandomResizedCrop + flip + ToTensor + Normalize;
 - normalize_batch: 128 uint8 images to normalized float32, as the torchvision loader does it on a CPU device
@@ -60,12 +61,28 @@ def test_decode_torchvision(benchmark, files):
     benchmark(lambda: decode_image(torch.frombuffer(bytearray(next(data)), dtype=torch.uint8), mode=ImageReadMode.RGB))
 
 
+def test_decode_box_fasttrain(benchmark, files):
+    """Only the RandomResizedCrop box (what the torchvision loader decodes of a train JPEG), boxes drawn by
+    TrainTransform: same pixels as the full decode above, cropped."""
+    from fasttrain.data.decode import crop_decoder_available, decode_jpeg_box, jpeg_size
+    if not crop_decoder_available():
+        pytest.skip("the crop decoder module was not built")
+    tf, seeds = TrainTransform(SIZE), itertools.count()
+    jobs = itertools.cycle([read_bytes(p) for p in files])
+
+    def decode_box():
+        data = next(jobs)
+        return decode_jpeg_box(data, *tf.box(*jpeg_size(data), random.Random(next(seeds))))
+    benchmark(decode_box)
+
+
 def test_decode_pil_reference(benchmark, files):
     data = itertools.cycle([read_bytes(p) for p in files])
     benchmark(lambda: Image.open(io.BytesIO(next(data))).convert("RGB"))
 
 
 def test_augment_fasttrain(benchmark, decoded):
+    """Crop + resize + flip of a whole decoded image (with the box decoder the crop is already done)."""
     images, tf, seeds = itertools.cycle(decoded), TrainTransform(SIZE), itertools.count()
     benchmark(lambda: tf(next(images), random.Random(next(seeds))))
 

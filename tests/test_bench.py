@@ -70,8 +70,10 @@ def test_quick_bench_has_every_section_with_sane_numbers(quick):
 def test_quick_bench_records_environment_and_writes_png(quick):
     out, doc = quick
     env = doc["environment"]
-    for key in ("torch", "torchvision", "dali", "cuda", "gpu", "cpu_count", "git_commit", "date"):
+    for key in ("torch", "torchvision", "dali", "cuda", "gpu", "cpu_count", "git_commit", "date", "jpeg_box_decode"):
         assert key in env
+    from fasttrain.data.decode import crop_decoder_available
+    assert env["jpeg_box_decode"] is crop_decoder_available()
     assert env["torch"] == torch.__version__ and env["cpu_count"] == os.cpu_count()
     if os.path.isdir(os.path.join(REPO, ".git")):
         assert env["git_commit"]
