@@ -130,3 +130,14 @@ def test_recycled_float_buffers_are_never_handed_out_while_held():
     assert {storage(b) for b in kept} == before
     assert pool.empty(torch.Size([1, 3, 8, 8]), fmt).shape == (1, 3, 8, 8)  # another shape: a new buffer
     assert pool.empty(shape, torch.channels_last).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_without_the_module_whole_images_are_decoded(tmp_path, monkeypatch):
+    """A machine where _jpeg.c could not be built: same crops from full decodes, and the loader says so."""
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg(200, 260, quality=90))
+    tf = TrainTransform(32)
+    want = [tf.load(str(path), random.Random(seed)) for seed in range(4)]
+    monkeypatch.setattr(decode, "_jpeg", None)
+    assert not decode.crop_decoder_available() and decode.jpeg_size(path.read_bytes()) is None
+    assert all(torch.equal(tf.load(str(path), random.Random(seed)), w) for seed, w in enumerate(want))

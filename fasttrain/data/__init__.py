@@ -53,7 +53,9 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int) ->
         from . import torchvision_backend
         train, val = torchvision_backend.build(train_split, val_split, batch, workers, cfg.image_size, layout,
                                                dist.rank, dist.world_size, seed, steps, cfg.max_bad_files)
-        name = "torchvision"
+        from .decode import crop_decoder_available
+        name = "torchvision" + ("" if crop_decoder_available() else
+                                " (whole-image JPEG decode: fasttrain/data/_jpeg.c was not built, see README)")
     else:  # pragma: no cover - config choices stop this earlier
         raise UserError(f"unknown loader {backend}")
     if dist.rank == 0:

@@ -93,8 +93,8 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
     }
     open_source(&cinfo, &data);
     jpeg_read_header(&cinfo, TRUE);
-    if (top < 0 || left < 0 || height <= 0 || width <= 0 || (JDIMENSION)(top + height) > cinfo.image_height ||
-        (JDIMENSION)(left + width) > cinfo.image_width) {
+    if (top < 0 || left < 0 || height <= 0 || width <= 0 || (long long)top + height > (long long)cinfo.image_height ||
+        (long long)left + width > (long long)cinfo.image_width) {
         jpeg_destroy_decompress(&cinfo);
         PyBuffer_Release(&data);
         PyErr_Format(PyExc_ValueError, "box (%d, %d, %d, %d) is not inside the %ux%u image", top, left, height,

@@ -1,7 +1,8 @@
 """The fallback that works everywhere: CPU decode in DataLoader workers, uint8 until on the device.
 
 Workers decode with torchvision.io (libjpeg-turbo) and crop/flip/resize uint8 tensors with transforms.v2.functional;
-a train JPEG has only its crop box decoded (decode.decode_jpeg_box, same pixels). No float tensor is built on the CPU (4x less memory traffic, and the float work runs on the device).
+of a train JPEG only the crop box is decoded (decode.decode_jpeg_box, same pixels). No float tensor is built
+on the CPU (4x less memory traffic, and the float work runs on the device).
 Batches are pinned, copied non-blocking and normalized on the device; on CUDA the next batch's copy runs
 on a side stream while the current step computes.
 """
@@ -72,7 +73,7 @@ class TrainTransform:
         region = decode_jpeg_box(data, top, left, h, w)
         if region is None:  # libjpeg refused the fast path: the full decode decides whether the file is bad
             image = decode_bytes(path, data)
-            if tuple(image.shape[-2:]) != size:
+            if tuple(image.shape[-2:]) != size:  # a header the decoders disagree with: draw a box that fits
                 return self(image, rng)
             region = image[:, top:top + h, left:left + w]
         return self._finish(region, rng)
@@ -184,7 +185,7 @@ def one_cpu_thread():
 
 
 class RecycledBuffers:
-    """Output buffers for float batches on a CPU device, each handed out again once nothing else holds it.
+    """float32 buffers for normalized batches on a CPU device, each handed out again once nothing holds it.
     A fresh 77 MB batch (128 x 224 px) costs the kernel ~19k page faults and zeroing before normalize writes a
     byte: 0.06 of the 0.14 CPU ms an image that normalizing costs here. CUDA's caching allocator needs none
     of this. A buffer is reused only when its storage has no other reference (no tensor, view or autograd
@@ -220,8 +221,7 @@ class DeviceBatches:
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(IMAGENET_MEAN, device=layout.device).view(shape) * 255
         self.inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=layout.device).view(shape) * 255)
-        cpu_float = layout.device.type == "cpu" and layout.dtype == torch.float32
-        self.buffers = RecycledBuffers() if cpu_float else None
+        self.buffers = RecycledBuffers() if layout.device.type == "cpu" else None  # float32, before any .to(dtype)
 
     def __len__(self):
         return self._steps if self._steps is not None else len(self.loader)
