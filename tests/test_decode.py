@@ -141,3 +141,19 @@ def test_without_the_module_whole_images_are_decoded(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "_jpeg", None)
     assert not decode.crop_decoder_available() and decode.jpeg_size(path.read_bytes()) is None
     assert all(torch.equal(tf.load(str(path), random.Random(seed)), w) for seed, w in enumerate(want))
+
+
+@needs_module
+def test_train_samples_decode_only_their_box(tmp_path, monkeypatch):
+    """The DataLoader's train dataset takes the box path for every whole JPEG (val decodes whole images)."""
+    from fasttrain.data import torchvision_backend as tvb
+    from fasttrain.data.scan import Split
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(120, 150, seed=i, quality=90))
+    split = Split(str(tmp_path), ("c",), tuple((str(tmp_path / f"{i}.jpg"), 0) for i in range(3)))
+    calls = []
+    monkeypatch.setattr(tvb, "decode_jpeg_box", lambda *a: calls.append(a[1:]) or decode.decode_jpeg_box(*a))
+    items = [tvb.ImageFiles(split, TrainTransform(32))[(i, i)] for i in range(3)]
+    assert len(calls) == 3 and all(img.shape == (3, 32, 32) and bad is None for img, _, bad in items)
+    tvb.ImageFiles(split, tvb.ValTransform(32))[0]
+    assert len(calls) == 3
