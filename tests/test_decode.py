@@ -104,7 +104,8 @@ def test_recycled_float_buffers_are_never_handed_out_while_held():
     """The CPU normalize's output buffers: one is reused only once no tensor, view or autograd graph holds it."""
     from fasttrain.data.torchvision_backend import RecycledBuffers
     pool, shape, fmt = RecycledBuffers(keep=3), torch.Size([2, 3, 8, 8]), torch.contiguous_format
-    assert pool.use_count is not None  # else nothing is ever recycled (torch without the private call)
+    if pool.use_count is None:
+        pytest.skip("this torch build has no torch._C._storage_Use_Count: nothing is recycled")
 
     def storage(t):
         return t.untyped_storage().data_ptr()

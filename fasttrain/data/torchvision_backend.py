@@ -194,11 +194,17 @@ class RecycledBuffers:
 
     def __init__(self, keep: int = 3):
         self.keep, self.buffers = keep, []
+        # Private, and only in CUDA builds of torch: without it nothing is recycled.
         self.use_count = getattr(torch._C, "_storage_Use_Count", None)
+        # What the count reads for a storage only its own tensor holds (on torch 2.14: 2, that tensor and the
+        # storage object made to ask), measured rather than assumed.
+        self.alone = self._count(torch.empty(1)) if self.use_count is not None else None
+
+    def _count(self, t: torch.Tensor) -> int:
+        return self.use_count(t.untyped_storage()._cdata)
 
     def _free(self, buf: torch.Tensor) -> bool:
-        # 2: the buffer here, and the storage object made for the question.
-        return self.use_count is not None and self.use_count(buf.untyped_storage()._cdata) == 2
+        return self.use_count is not None and self._count(buf) == self.alone
 
     def empty(self, shape: torch.Size, memory_format: torch.memory_format) -> torch.Tensor:
         """A float32 tensor of that shape and memory format. What is handed out is another tensor on the
