@@ -3,9 +3,9 @@
  * A train crop covers 8-100% of the image (about half on average), so most of a full decode is thrown away.
  * libjpeg-turbo (>= 1.5) can skip it: jpeg_skip_scanlines() passes the rows above the box without inverse
  * DCT, upsampling or colour conversion, jpeg_crop_scanline() limits those to the box's columns, and the rows
- * below it are never decoded. On the benchmark's JPEGs that is 0.60 against 0.82 ms an image (1 core).
+ * below it are never decoded. On the benchmark's JPEGs: 0.61 against 0.82 ms an image, 1 core (make bench-stages).
  *
- * The pixels equal a full decode's, cropped (tests/test_train.py checks it): the region asked of libjpeg is
+ * The pixels equal a full decode's, cropped (tests/test_decode.py checks it): the region asked of libjpeg is
  * widened by a pixel on each side, so chroma upsampling at the box's edges sees the same neighbours as in
  * a full decode (libjpeg widens it further, to an iMCU boundary, on the left), and to at least 32 pixels
  * (a 1-pixel-wide region of a 4:2:0 image came out different).
