@@ -18,6 +18,7 @@ import torch
 from ..config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig
 from ..data import build_loaders
 from ..data.base import Layout
+from ..data.torchvision_backend import PREFETCH_FACTOR
 from ..dist import DistInfo
 from ..metrics import DeviceMeter
 from ..train import AMP_DTYPES, build_trainer, wrap_model
@@ -76,8 +77,8 @@ def loader_section(plan: Plan, data: BenchData) -> list[dict]:
     """Images/s of each data path alone: same files, batch and worker (or DALI thread) count."""
     layout = Layout(plan.device, channels_last=False)
     # Warm up past every batch a loader can have queued before the clock starts (DataLoader workers x
-    # prefetch_factor: 4 in fasttrain's, 2 in the reference's), or a window of N batches times fewer than N.
-    steps = (max(plan.loader_steps[0], plan.workers * 4 + 2), plan.loader_steps[1])
+    # prefetch_factor; the reference's is 2, less), or a window of N batches times fewer than N.
+    steps = (max(plan.loader_steps[0], plan.workers * PREFETCH_FACTOR + 2), plan.loader_steps[1])
     runs: dict[str, list[Timing]] = {k: [] for k in plan.loaders}
     for _ in range(plan.repeats):  # interleaved, so a busy neighbour hurts every loader alike
         for kind in plan.loaders:

@@ -42,6 +42,7 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int) ->
     if cfg.steps_per_epoch:
         steps = min(steps, cfg.steps_per_epoch)
     workers = dist.per_rank_workers(cfg.workers)
+    detail = ""
     if backend == "dali":
         from . import dali_backend
         if not dali_backend.available():
@@ -53,13 +54,14 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int) ->
         from . import torchvision_backend
         train, val = torchvision_backend.build(train_split, val_split, batch, workers, cfg.image_size, layout,
                                                dist.rank, dist.world_size, seed, steps, cfg.max_bad_files)
+        name = "torchvision"
         from .decode import crop_decoder_available
-        name = "torchvision" + ("" if crop_decoder_available() else
-                                " (whole-image JPEG decode: fasttrain/data/_jpeg.c was not built, see README)")
+        if not crop_decoder_available():
+            detail = "; whole-image JPEG decode (fasttrain/data/_jpeg.c was not built, see README)"
     else:  # pragma: no cover - config choices stop this earlier
         raise UserError(f"unknown loader {backend}")
     if dist.rank == 0:
         print(f"fasttrain: loader {name}: {len(train_split)} train / {len(val_split)} val images, "
               f"{len(train_split.classes)} classes, {batch} per process x {dist.world_size} process(es), "
-              f"{workers} worker(s) each", file=sys.stderr, flush=True)
+              f"{workers} worker(s) each{detail}", file=sys.stderr, flush=True)
     return Loaders(train, val, train_split.classes, name, len(train_split), len(val_split))

@@ -22,6 +22,8 @@ from .base import IMAGENET_MEAN, IMAGENET_STD, BadFileBudget, Layout, val_resize
 from .decode import BadImage, decode_bytes, decode_file, decode_jpeg_box, jpeg_size, read_bytes
 from .scan import Split
 
+PREFETCH_FACTOR = 4  # batches each DataLoader worker prepares ahead
+
 
 class TrainTransform:
     """The reference's augmentation, RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal
@@ -213,7 +215,7 @@ class RecycledBuffers:
             if buf.shape == shape and buf.is_contiguous(memory_format=memory_format) and self._free(buf):
                 return buf.detach()
         buf = torch.empty(shape, dtype=torch.float32, memory_format=memory_format)
-        self.buffers = self.buffers[-(self.keep - 1):] + [buf] if self.keep > 1 else []
+        self.buffers = (self.buffers + [buf])[-self.keep:]
         return buf.detach()
 
 
@@ -288,7 +290,7 @@ def build(train: Split, val: Split, per_rank_batch: int, workers: int, image_siz
     # Its own generator: starting an epoch's iterator draws worker seeds from it, not from the training
     # process's RNG, which a mid-epoch resume restores to the exact state of the run it continues.
     common = dict(batch_size=per_rank_batch, num_workers=workers, collate_fn=collate, pin_memory=pin,
-                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                  persistent_workers=workers > 0, prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
                   generator=torch.Generator().manual_seed(seed + rank))
     train_sampler = ResumableSampler(len(train), rank, world_size, seed, per_rank_batch, steps)
     train_dl = DataLoader(ImageFiles(train, TrainTransform(image_size)), sampler=train_sampler, drop_last=True,
