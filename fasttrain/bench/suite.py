@@ -73,12 +73,22 @@ def log(msg: str) -> None:
     print(f"fasttrain bench: {msg}", flush=True)
 
 
+def queued_batches(kind: str, workers: int) -> int:
+    """Batches a loader can have ready before the clock starts: DataLoader workers x prefetch_factor (the
+    reference's DataLoader keeps torch's default 2; fasttrain's PREFETCH_FACTOR), plus the one in hand and
+    the pinned one. A warm-up shorter than this times batches made before the window opened."""
+    return workers * (2 if kind == "reference" else PREFETCH_FACTOR) + 2
+
+
+def warmed(steps: tuple[int, int], kind: str, workers: int) -> tuple[int, int]:
+    return max(steps[0], queued_batches(kind, workers)), steps[1]
+
+
 def loader_section(plan: Plan, data: BenchData) -> list[dict]:
     """Images/s of each data path alone: same files, batch and worker (or DALI thread) count."""
     layout = Layout(plan.device, channels_last=False)
-    # Warm up past every batch a loader can have queued before the clock starts (DataLoader workers x
-    # prefetch_factor; the reference's is 2, less), or a window of N batches times fewer than N.
-    steps = (max(plan.loader_steps[0], plan.workers * PREFETCH_FACTOR + 2), plan.loader_steps[1])
+    # Every loader gets the longest queue's warm-up, so all entries time the same window length.
+    steps = (max(warmed(plan.loader_steps, k, plan.workers)[0] for k in plan.loaders), plan.loader_steps[1])
     runs: dict[str, list[Timing]] = {k: [] for k in plan.loaders}
     for _ in range(plan.repeats):  # interleaved, so a busy neighbour hurts every loader alike
         for kind in plan.loaders:
@@ -153,18 +163,20 @@ def e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict
     # One step on a synthetic batch before its workers start: CUDA/cuDNN set-up done now would otherwise let
     # the workers pile up batches that the timed window then drains at model speed.
     ref(torch.randn(b, 3, size, size), torch.randint(0, plan.num_classes, (b,)))
-    with open_loader("reference", data, b, plan.workers, size, Layout(plan.device, False), sum(steps),
+    ref_steps = warmed(steps, "reference", plan.workers)
+    with open_loader("reference", data, b, plan.workers, size, Layout(plan.device, False), sum(ref_steps),
                      raw_reference=True) as batches:
-        t = time_loop(batches, ref, plan.device, *steps)
+        t = time_loop(batches, ref, plan.device, *ref_steps)
     del ref
-    out = [entry("e2e", f"e2e/{arch}/reference", "reference", arch, Toggles(), b, plan.workers, t, steps,
+    out = [entry("e2e", f"e2e/{arch}/reference", "reference", arch, Toggles(), b, plan.workers, t, ref_steps,
                  reference=True)]
     log(f"e2e {arch} reference loop: {t.images_per_sec:.1f} img/s")
     torch.backends.cudnn.benchmark = tg.cudnn_benchmark  # the reference step above set the reference's
     for kind in e2e_loaders(plan):
-        with open_loader(kind, data, b, plan.workers, size, layout, sum(steps)) as batches:
-            t = time_loop(batches, step, plan.device, *steps)
-        out.append(entry("e2e", f"e2e/{arch}/{kind}+{tg.label}", kind, arch, tg, b, plan.workers, t, steps,
+        kind_steps = warmed(steps, kind, plan.workers)
+        with open_loader(kind, data, b, plan.workers, size, layout, sum(kind_steps)) as batches:
+            t = time_loop(batches, step, plan.device, *kind_steps)
+        out.append(entry("e2e", f"e2e/{arch}/{kind}+{tg.label}", kind, arch, tg, b, plan.workers, t, kind_steps,
                          of_ceiling=t.images_per_sec / ceiling["images_per_sec"]))
         log(f"e2e {arch} {kind} {tg.label}: {t.images_per_sec:.1f} img/s, data wait {100 * t.data_wait_fraction:.0f}%")
     return out
