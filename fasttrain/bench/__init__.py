@@ -39,7 +39,7 @@ def toggle_combos(device: torch.device, with_compile: bool, compile_mode: str = 
     combos = [Toggles("none", False, False, cudnn), Toggles("none", True, False, cudnn),
               Toggles("bf16", False, False, cudnn), Toggles("bf16", True, False, cudnn)]
     if with_compile:
-        combos.append(Toggles("bf16", True, True, cudnn, compile_mode))
+        combos.append(Toggles("bf16", True, True, compile_mode=compile_mode, cudnn_benchmark=cudnn))
     return combos
 
 
