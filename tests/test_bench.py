@@ -152,3 +152,15 @@ def test_stage_benchmarks_run(tmp_path):
                          text=True, timeout=240, env={**os.environ, "FASTTRAIN_STAGE_IMAGES": "8"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert " passed" in res.stdout
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_toggles_keep_each_field_in_its_place(mode):
+    """The GPU matrix's compiled entry: a mix-up of positional fields (cudnn_benchmark <-> compile_mode) crashed
+    the first GPU run at `torch.backends.cudnn.benchmark = "default"`; CPU runs never built that entry."""
+    from fasttrain.bench import toggle_combos
+    combos = toggle_combos(torch.device("cuda"), with_compile=True, compile_mode=mode)
+    compiled = [tg for tg in combos if tg.compile]
+    assert len(compiled) == 1 and compiled[0].compile_mode == mode
+    assert all(tg.cudnn_benchmark is True for tg in combos)
+    assert all(tg.compile_mode in ("default", "reduce-overhead", "max-autotune") for tg in combos)

@@ -36,10 +36,11 @@ def toggle_combos(device: torch.device, with_compile: bool, compile_mode: str = 
     """fp32; channels_last; bf16; bf16 + channels_last; + compile. cuDNN autotuning on for every fasttrain
     entry on a GPU (the fastest correct setting; the reference entries keep the reference's False)."""
     cudnn = device.type == "cuda"
-    combos = [Toggles("none", False, False, cudnn), Toggles("none", True, False, cudnn),
-              Toggles("bf16", False, False, cudnn), Toggles("bf16", True, False, cudnn)]
+    combos = [Toggles(amp=amp, channels_last=cl, cudnn_benchmark=cudnn) for amp, cl in
+              (("none", False), ("none", True), ("bf16", False), ("bf16", True))]
     if with_compile:
-        combos.append(Toggles("bf16", True, True, compile_mode=compile_mode, cudnn_benchmark=cudnn))
+        combos.append(Toggles(amp="bf16", channels_last=True, compile=True, compile_mode=compile_mode,
+                              cudnn_benchmark=cudnn))
     return combos
 
 

@@ -27,7 +27,7 @@ from .measure import Timing, time_loop
 from .reference import ReferenceStep
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Toggles:
     amp: str = "none"              # none | bf16 | fp16
     channels_last: bool = False
