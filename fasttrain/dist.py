@@ -89,13 +89,15 @@ def setup(cfg: DistConfig, device: str, spawned_local_rank: int | None = None, n
     """Join the process group if the launch asks for one; return where this process stands."""
     rank, local_rank, world, local_world, init = _launch_env(cfg, spawned_local_rank, nproc)
     dev = pick_device(device, local_rank, cfg.gpu if world == 1 else None)
+    if dev.type == "cuda":
+        # Also with one process (`--gpu N`): streams made without a device (side streams, DALI's, cuDNN's
+        # handles) go to the current device, which is GPU 0 until this is set.
+        torch.cuda.set_device(dev)
     if world == 1 and spawned_local_rank is None:
         return DistInfo(device=dev)
     backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
     if backend == "nccl" and dev.type != "cuda":
         raise UserError("--dist-backend nccl needs CUDA GPUs; on CPU use gloo (or leave it on auto)")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
     kwargs = {"device_id": dev} if backend == "nccl" else {}
     tdist.init_process_group(backend, init_method=init, world_size=world, rank=rank,
                              timeout=datetime.timedelta(seconds=cfg.timeout_s), **kwargs)
