@@ -230,6 +230,9 @@ class DeviceBatches:
         self.mean = torch.tensor(IMAGENET_MEAN, device=layout.device).view(shape) * 255
         self.inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=layout.device).view(shape) * 255)
         self.buffers = RecycledBuffers() if layout.device.type == "cpu" else None  # float32, before any .to(dtype)
+        # One side stream for the loader's life: the caching allocator keeps blocks per stream, so a new
+        # stream per epoch or validation pass would strand the previous ones' blocks.
+        self.stream = torch.cuda.Stream(device=layout.device) if self.cuda else None
 
     def __len__(self):
         return self._steps if self._steps is not None else len(self.loader)
@@ -254,8 +257,7 @@ class DeviceBatches:
         return images, labels
 
     def __iter__(self):
-        stream = torch.cuda.Stream() if self.cuda else None
-        pending = None
+        stream, pending = self.stream, None
         for images, labels, bad in self.loader:
             for path, reason in bad:
                 self.budget.report(path, reason)
