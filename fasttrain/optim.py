@@ -1,7 +1,7 @@
 """SGD as the reference (momentum, weight decay on every parameter) and a per-step LR schedule.
 
 The fused CUDA kernel is used where available (one launch for all parameters; ~6% faster than foreach
-for ResNet-50 on an H100 per ../shared/ANCHORS.md), foreach elsewhere.
+for ResNet-50 on an H100 per benchmarks/ANCHORS.md), foreach elsewhere.
 """
 
 from __future__ import annotations

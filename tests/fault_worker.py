@@ -10,12 +10,17 @@ injected through environment variables, so fault tests are exact and determinist
                                  touches OUTPUT_DIR/hanging and sleeps, for the test to kill -9 it there
     FT_TEST_STEP_LOG=PATH        append one line to PATH after each finished train step (rank 0): what a
                                  kill -9 test counts as work done
+    FT_TEST_BATCH_LOG=PATH       append one line per train step to PATH (rank 0): a CRC of the batch's labels
+                                 and the float64 sum of its images (a host sync per step), so a stopped and
+                                 resumed run's batches can be compared with an uninterrupted run's
+                                 (benchmarks/resume_check.py)
 """
 
 import os
 import signal
 import sys
 import time
+import zlib
 
 import torch
 
@@ -44,15 +49,22 @@ def _patch_steps():
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     rank = int(os.environ.get("RANK", "0"))
     log = os.environ.get("FT_TEST_STEP_LOG") if rank == 0 else None
+    batch_log = os.environ.get("FT_TEST_BATCH_LOG") if rank == 0 else None
     original = Trainer.train_step
     count = [0]
 
+    def append(path, line):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, line.encode())
+        os.close(fd)
+
     def logged(self, images, labels, meter):
+        if batch_log:
+            crc = zlib.crc32(labels.cpu().numpy().tobytes())
+            append(batch_log, f"labels {crc:08x} n {labels.shape[0]} sum {images.double().sum().item()!r}\n")
         out = original(self, images, labels, meter)
         if log:
-            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-            os.write(fd, b"step\n")
-            os.close(fd)
+            append(log, "step\n")
         return out
 
     def train_step(self, images, labels, meter):

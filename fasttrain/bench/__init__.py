@@ -124,6 +124,7 @@ def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan)
                 "sections": list(sections)}
 
     def save(entries: list[dict]) -> None:
+        plan_doc["skipped"] = dict(plan.skipped)  # a peer that failed during the run is left out from then on
         add_ratios(entries)
         env["load_average_at_end"] = load_average()
         write_json(os.path.join(out, "bench.json"), entries, env, plan_doc)

@@ -90,17 +90,43 @@ def warmed(steps: tuple[int, int], kind: str, workers: int) -> tuple[int, int]:
     return max(steps[0], queued_batches(kind, workers)), steps[1]
 
 
+# What a peer's library may raise where its API or its GPU support differs from what peers.py expects.
+PEER_ERRORS = (ImportError, AttributeError, TypeError, ValueError, RuntimeError, OSError)
+
+
+def timed(plan: Plan, kind: str, run: Callable[[], Timing]) -> Timing | None:
+    """run(); for a peer, an error leaves the peer out of the rest of the run, with the reason in
+    plan.skipped, instead of ending the benchmark: another version of timm or torchvision than the one
+    peers.py was written against must not cost fasttrain's own numbers."""
+    if not is_peer(kind):
+        return run()
+    try:
+        return run()
+    except PEER_ERRORS as e:
+        last = (str(e).strip().splitlines() or [""])[-1]  # the line that says what went wrong
+        plan.skipped[kind] = f"failed: {type(e).__name__}: {last}"
+        plan.loaders.remove(kind)
+        log(f"left out peer {kind}: {plan.skipped[kind]}")
+        return None
+
+
 def loader_section(plan: Plan, data: BenchData) -> list[dict]:
     """Images/s of each data path alone: same files, batch and worker (or DALI thread) count."""
     layout = Layout(plan.device, channels_last=False)
     # Every loader gets the longest queue's warm-up, so all entries time the same window length.
     steps = (max(warmed(plan.loader_steps, k, plan.workers)[0] for k in plan.loaders), plan.loader_steps[1])
     runs: dict[str, list[Timing]] = {k: [] for k in plan.loaders}
+
+    def measure(kind: str) -> Timing:
+        with open_loader(kind, data, plan.loader_batch, plan.workers, plan.image_size, layout, sum(steps)) as batches:
+            return time_loop(batches, None, plan.device, *steps)
+
     for _ in range(plan.repeats):  # interleaved, so a busy neighbour hurts every loader alike
-        for kind in plan.loaders:
-            with open_loader(kind, data, plan.loader_batch, plan.workers, plan.image_size, layout,
-                             sum(steps)) as batches:
-                t = time_loop(batches, None, plan.device, *steps)
+        for kind in list(plan.loaders):
+            t = timed(plan, kind, lambda: measure(kind))
+            if t is None:
+                runs.pop(kind)
+                continue
             log(f"loader {kind}{' (peer)' * is_peer(kind)}: {t.images_per_sec:.0f} img/s, "
                 f"{t.summary()['cpu_ms_per_image'] or 0:.2f} CPU ms/img")
             runs[kind].append(t)
@@ -184,8 +210,13 @@ def e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict
     torch.backends.cudnn.benchmark = tg.cudnn_benchmark  # the reference step above set the reference's
     for kind in e2e_loaders(plan):
         kind_steps = warmed(steps, kind, plan.workers)
-        with open_loader(kind, data, b, plan.workers, size, layout, sum(kind_steps)) as batches:
-            t = time_loop(batches, step, plan.device, *kind_steps)
+
+        def measure() -> Timing:
+            with open_loader(kind, data, b, plan.workers, size, layout, sum(kind_steps)) as batches:
+                return time_loop(batches, step, plan.device, *kind_steps)
+        t = timed(plan, kind, measure)
+        if t is None:
+            continue
         out.append(entry("e2e", f"e2e/{arch}/{kind}+{tg.label}", kind, arch, tg, b, plan.workers, t, kind_steps,
                          peer=is_peer(kind), of_ceiling=t.images_per_sec / ceiling["images_per_sec"]))
         log(f"e2e {arch} {kind}{' (peer)' * is_peer(kind)} {tg.label}: {t.images_per_sec:.1f} img/s, "
