@@ -5,7 +5,7 @@ that was never stopped (issue 12: "resumes from DALI's own checkpoint, no replay
         train DATA --loader dali -j 16 -b 256 --image-size 64 --epochs 1 -p 2 --seed 0 --no-compile
 
 Three runs of `tests/fault_worker.py` (fasttrain's CLI with test hooks), each logging a CRC of every
-batch's labels and the sum of its images (FT_TEST_BATCH_LOG):
+batch's labels and sums of its images (FT_TEST_BATCH_LOG):
 1. stopped: SIGTERM at step --stop-at; expects exit 143 and a checkpoint (the stop lands on the next
    print step, -p);
 2. resumed: the same command with `--resume auto`; expects exit 0, "resumed from", and no "replaying"
@@ -29,7 +29,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUM_TOLERANCE = 1e-6  # relative, on a batch's float64 image sum
+# Of a batch's image sums, relative to its sum of absolute values: a different crop or flip moves them by
+# percents; two GPU decodes of the same file may differ in a few pixel values, far below this.
+SUM_TOLERANCE = 1e-5
 
 
 def run(args: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
@@ -53,12 +55,13 @@ def read_lines(path: str) -> list[str]:
 
 
 def same_batch(a: str, b: str) -> bool:
-    """Lines `labels CRC n N sum S`: labels and count exactly equal, sums within SUM_TOLERANCE."""
+    """Lines `labels CRC n N sum S wsum W abs A` (tests/fault_worker.py): the same labels in the same order,
+    and image sums (plain, and weighted by column, which a flip changes) within SUM_TOLERANCE x A."""
     fa, fb = a.split(), b.split()
     if fa[:4] != fb[:4]:
         return False
-    sa, sb = float(fa[5]), float(fb[5])
-    return abs(sa - sb) <= SUM_TOLERANCE * max(abs(sa), abs(sb), 1.0)
+    scale = SUM_TOLERANCE * max(float(fa[9]), float(fb[9]), 1.0)
+    return all(abs(float(fa[i]) - float(fb[i])) <= scale for i in (5, 7))
 
 
 def last_metrics(folder: str) -> dict | None:
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"batches of the stopped + resumed runs against the uninterrupted run's: {len(got)} and "
                        f"{len(want)} batches, " + (f"different at steps {differ[:5]}" if differ else
                                                    "the same one for one (labels exact, image sums within "
-                                                   f"{SUM_TOLERANCE:g})")))
+                                                   f"{SUM_TOLERANCE:g} of their absolute sum)")))
         m2, m3 = last_metrics(stopped), last_metrics(straight)
         if m2 and m3:
             keys = [k for k in ("train_loss", "train_top1", "val_loss", "val_top1") if k in m2 and k in m3]

@@ -10,10 +10,11 @@ injected through environment variables, so fault tests are exact and determinist
                                  touches OUTPUT_DIR/hanging and sleeps, for the test to kill -9 it there
     FT_TEST_STEP_LOG=PATH        append one line to PATH after each finished train step (rank 0): what a
                                  kill -9 test counts as work done
-    FT_TEST_BATCH_LOG=PATH       append one line per train step to PATH (rank 0): a CRC of the batch's labels
-                                 and the float64 sum of its images (a host sync per step), so a stopped and
-                                 resumed run's batches can be compared with an uninterrupted run's
-                                 (benchmarks/resume_check.py)
+    FT_TEST_BATCH_LOG=PATH       append one line per train step to PATH (rank 0): a CRC of the batch's labels,
+                                 the float64 sum of its images, the same weighted by column (a flip changes
+                                 it) and the sum of absolute values (the scale for a tolerance); a host sync
+                                 per step. So a stopped and resumed run's batches can be compared with an
+                                 uninterrupted run's (benchmarks/resume_check.py)
 """
 
 import os
@@ -61,7 +62,11 @@ def _patch_steps():
     def logged(self, images, labels, meter):
         if batch_log:
             crc = zlib.crc32(labels.cpu().numpy().tobytes())
-            append(batch_log, f"labels {crc:08x} n {labels.shape[0]} sum {images.double().sum().item()!r}\n")
+            x = images.double()
+            column = torch.arange(x.shape[-1], dtype=torch.float64, device=x.device)
+            sums = torch.stack([x.sum(), (x * column).sum(), x.abs().sum()]).tolist()
+            append(batch_log, f"labels {crc:08x} n {labels.shape[0]} sum {sums[0]!r} wsum {sums[1]!r} "
+                              f"abs {sums[2]!r}\n")
         out = original(self, images, labels, meter)
         if log:
             append(log, "step\n")

@@ -219,10 +219,11 @@ def test_resume_check_tells_batches_apart():
         from resume_check import same_batch
     finally:
         sys.path.pop(0)
-    a = "labels 0badcafe n 8 sum 1234.5"
-    assert same_batch(a, "labels 0badcafe n 8 sum 1234.5000001")
-    assert not same_batch(a, "labels 0badcafe n 8 sum 1240.0")  # same labels, other crops
-    assert not same_batch(a, "labels 0badcaff n 8 sum 1234.5")  # other files
+    a = "labels 0badcafe n 8 sum 1234.5 wsum 40000.0 abs 9000.0"
+    assert same_batch(a, "labels 0badcafe n 8 sum 1234.52 wsum 40000.05 abs 9000.1")  # a few pixels differ
+    assert not same_batch(a, "labels 0badcafe n 8 sum 1240.0 wsum 40000.0 abs 9000.0")  # other crops
+    assert not same_batch(a, "labels 0badcafe n 8 sum 1234.5 wsum 41000.0 abs 9000.0")  # flipped
+    assert not same_batch(a, "labels 0badcaff n 8 sum 1234.5 wsum 40000.0 abs 9000.0")  # other files
 
 
 def test_stage_benchmarks_run(tmp_path):
