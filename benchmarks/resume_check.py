@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,25 @@ def last_metrics(folder: str) -> dict | None:
     return rows[-1] if rows else None
 
 
+def compare(resumed_log: str, straight_log: str, stop_at: int) -> tuple[bool, str]:
+    """(ok, line): the stopped + resumed runs' batches against the uninterrupted run's, one for one."""
+    got, want = read_lines(resumed_log), read_lines(straight_log)
+    differ = [i + 1 for i, (x, y) in enumerate(zip(got, want)) if not same_batch(x, y)]
+    ok = len(got) == len(want) and not differ and len(want) > stop_at
+    how = (f"different at steps {differ[:5]}" if differ else
+           f"the same one for one (labels exact, image sums within {SUM_TOLERANCE:g} of their absolute sum)")
+    return ok, (f"batches of the stopped + resumed runs against the uninterrupted run's: {len(got)} and "
+                f"{len(want)} batches, {how}")
+
+
+def print_last_metrics(resumed: str, straight: str) -> None:
+    m2, m3 = last_metrics(resumed), last_metrics(straight)
+    if m2 and m3:
+        keys = [k for k in ("train_loss", "train_top1", "val_loss", "val_top1") if k in m2 and k in m3]
+        print("resume_check: last metrics row, resumed vs uninterrupted: " +
+              ", ".join(f"{k} {m2[k]!r} vs {m3[k]!r}" for k in keys), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for the runs' checkpoints and logs")
@@ -82,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give the training command after --: -- train DATA ...")
     deadline = time.perf_counter() + a.time_limit
     stopped, straight = os.path.join(a.out, "stopped"), os.path.join(a.out, "straight")
+    for folder in (stopped, straight):  # a checkpoint left by an earlier check must not be resumed from
+        shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(a.out, exist_ok=True)
     logs = {name: os.path.join(a.out, f"{name}.batches") for name in ("stopped", "straight")}
     for path in logs.values():
@@ -110,18 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         code3, _, _ = step("straight", [*train, "--output-dir", straight], {"FT_TEST_BATCH_LOG": logs["straight"]})
         checks.append((code3 == 0, f"uninterrupted run: exit {code3} (expected 0)"))
-        got, want = read_lines(logs["stopped"]), read_lines(logs["straight"])
-        differ = [i + 1 for i, (x, y) in enumerate(zip(got, want)) if not same_batch(x, y)]
-        checks.append((len(got) == len(want) and not differ and len(want) > a.stop_at,
-                       f"batches of the stopped + resumed runs against the uninterrupted run's: {len(got)} and "
-                       f"{len(want)} batches, " + (f"different at steps {differ[:5]}" if differ else
-                                                   "the same one for one (labels exact, image sums within "
-                                                   f"{SUM_TOLERANCE:g} of their absolute sum)")))
-        m2, m3 = last_metrics(stopped), last_metrics(straight)
-        if m2 and m3:
-            keys = [k for k in ("train_loss", "train_top1", "val_loss", "val_top1") if k in m2 and k in m3]
-            print("resume_check: last metrics row, resumed vs uninterrupted: " +
-                  ", ".join(f"{k} {m2[k]!r} vs {m3[k]!r}" for k in keys), flush=True)
+        checks.append(compare(logs["stopped"], logs["straight"], a.stop_at))
+        print_last_metrics(stopped, straight)
     for ok, line in checks:
         print(f"resume_check: {'ok  ' if ok else 'FAIL'} {line}", flush=True)
     passed = all(ok for ok, _ in checks)
