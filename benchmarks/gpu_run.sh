@@ -25,13 +25,15 @@
 #   4. benchmarks/check_goals.py on bench.json (goals.txt; its SHORT lines do not stop this script);
 #   5. benchmarks/resume_check.py, also after a bench cut short: SIGTERM at step 6 of 16, --resume auto
 #      from DALI's own checkpoint (no replay), and the batches against an uninterrupted run's.
-# Time (first H200 run, without peers): matrix 217 s, of which torch.compile warm-up 46 s (ResNet-50) and
-# 23 s (ResNet-18); the peers add about 50 s; the resume check about 75 s.
+# Time plan: the first H200 run's matrix, without peers, took 217 s, of which torch.compile warm-up 46 s
+# (ResNet-50) and 23 s (ResNet-18); the peers add about 50 s (2 loader-only entries, 4 end-to-end ones);
+# drawing the JPEGs ~15 s: about 290 s expected on an H100, cut at LIMIT_S=350. The resume check's three
+# short runs take about 60-75 s, set-up ~10 s: about 370-435 s in all, and TOTAL_S=470 bounds it.
 # Results, the only files under OUT: env.txt, bench/{bench.json,bench.log,goals.txt,bench.png}, resume.txt.
 # Checkpoints and the generated JPEGs go under SCRATCH and FASTTRAIN_CACHE, outside OUT. No matplotlib
 # there? Then render the PNG elsewhere: fasttrain bench --from-json DIR/bench.json --out DIR.
 # Knobs (environment): OUT (default runs/gpu), SCRATCH (/tmp/fasttrain-gpu-run), WORKERS (16), BATCH (256),
-# IMAGES (4096), ARCHS ("resnet50 resnet18"), LIMIT_S (330: the bench is stopped after this long), TOTAL_S
+# IMAGES (4096), ARCHS ("resnet50 resnet18"), LIMIT_S (350: the bench is stopped after this long), TOTAL_S
 # (470: the resume check gets what is left of it), PYTHON (python3), COMPILE_MODE (torch.compile mode of
 # the compiled entries: default, reduce-overhead = + CUDA graphs, max-autotune).
 set -euo pipefail
@@ -41,7 +43,7 @@ dry=0
 OUT=${OUT:-runs/gpu}
 SCRATCH=${SCRATCH:-/tmp/fasttrain-gpu-run}
 PY=${PYTHON:-python3}
-LIMIT_S=${LIMIT_S:-330}
+LIMIT_S=${LIMIT_S:-350}
 TOTAL_S=${TOTAL_S:-470}
 WORKERS=${WORKERS:-16}
 IMAGES=${IMAGES:-4096}
