@@ -26,6 +26,7 @@ channels_last copy itself; its autocast casts to bf16 in the first layer, the sa
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 
 import torch
@@ -71,11 +72,21 @@ def timm_loader(root: str, batch: int, workers: int, image_size: int, device: to
     labels) on `device`, normalized."""
     from timm.data import ImageDataset, create_loader
     dataset = _Repeated(ImageDataset(os.path.join(root, "train")), repeat)
-    return create_loader(dataset, input_size=(3, image_size, image_size), batch_size=batch, is_training=True,
-                         use_prefetcher=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
-                         color_jitter=None, auto_augment=None, interpolation="bilinear", mean=IMAGENET_MEAN,
-                         std=IMAGENET_STD, num_workers=workers, distributed=False, pin_memory=False,
-                         device=device, persistent_workers=True)
+    kwargs = dict(input_size=(3, image_size, image_size), batch_size=batch, is_training=True, use_prefetcher=True,
+                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=None, auto_augment=None,
+                  interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=workers,
+                  distributed=False, pin_memory=False, device=device, persistent_workers=True)
+    if "device" not in inspect.signature(create_loader).parameters:
+        # timm before 0.9: no `device`; its prefetcher then always uses the current CUDA device.
+        if device.type != "cuda":
+            raise TypeError(f"timm {_timm_version()}'s create_loader has no device argument: CUDA only")
+        del kwargs["device"]
+    return create_loader(dataset, **kwargs)
+
+
+def _timm_version() -> str:
+    import timm
+    return timm.__version__
 
 
 class _FileBytes(Dataset):
