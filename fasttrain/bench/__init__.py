@@ -7,10 +7,12 @@
     make bench                                        # = fasttrain bench --out runs/bench
 
 Sections: loader only (reference ImageFolder+PIL loader, fasttrain's torchvision path, DALI CPU and DALI
-GPU when present, same files, batch and worker count); model only (synthetic on-device batches for each
-toggle combination); end to end (each loader feeding the model). Writes DIR/bench.json, DIR/bench.png and
-prints a table. The pieces: images.py (data), reference.py (the reference loop), loaders.py, measure.py
-(the one timing loop), suite.py (the matrix), report.py (outputs).
+GPU when present, and the peers a user would pick instead: timm's loader when timm imports, torchvision's
+GPU decode on a GPU; same files, batch and worker count, every batch delivered to the training device);
+model only (synthetic on-device batches for each toggle combination); end to end (each loader feeding the
+model). Writes DIR/bench.json, DIR/bench.png and prints a table. The pieces: images.py (data), reference.py
+(the reference loop), peers.py (the peers), loaders.py, measure.py (the one timing loop), suite.py (the
+matrix), report.py (outputs).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def make_plan(ns: argparse.Namespace, device: torch.device) -> Plan:
     if ns.quick and gpu:
         plan.loader_steps, plan.model_steps, plan.e2e_steps = (2, 5), (2, 5), (2, 5)
     plan.combos = toggle_combos(device, with_compile=gpu or ns.full, compile_mode=ns.compile_mode)
-    plan.loaders = available_loaders(device)
+    plan.loaders, plan.skipped = available_loaders(device)
     plan.repeats = ns.repeats or (1 if ns.quick or gpu else 3)
     return plan
 
@@ -115,11 +117,14 @@ def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan)
     plan.num_classes = len(data.train.classes)  # the models' heads must fit the labels of the files read
     print(f"fasttrain bench: {device}, data {root} ({len(data.train)} images), loaders {', '.join(plan.loaders)}, "
           f"{plan.workers} workers, archs {', '.join(plan.archs)}", flush=True)
+    for kind, why in plan.skipped.items():
+        print(f"fasttrain bench: left out {kind}: {why}", flush=True)
     env = environment(device, dict(vars(ns)))
     plan_doc = {**asdict(plan), "device": str(device), "data": root, "train_images": len(data.train),
                 "sections": list(sections)}
 
     def save(entries: list[dict]) -> None:
+        plan_doc["skipped"] = dict(plan.skipped)  # a peer that failed during the run is left out from then on
         add_ratios(entries)
         env["load_average_at_end"] = load_average()
         write_json(os.path.join(out, "bench.json"), entries, env, plan_doc)
