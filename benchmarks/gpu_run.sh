@@ -35,7 +35,11 @@
 # Knobs (environment): OUT (default runs/gpu), SCRATCH (/tmp/fasttrain-gpu-run), WORKERS (16), BATCH (256),
 # IMAGES (4096), ARCHS ("resnet50 resnet18"), LIMIT_S (350: the bench is stopped after this long), TOTAL_S
 # (470: the resume check gets what is left of it), PYTHON (python3), COMPILE_MODE (torch.compile mode of
-# the compiled entries: default, reduce-overhead = + CUDA graphs, max-autotune).
+# the compiled entries: default, reduce-overhead = + CUDA graphs, max-autotune), SECTIONS (the bench's
+# --sections), RESUME_CHECK (1; 0 leaves the resume check out).
+# A session that raises the ceiling instead (issue 12: compile modes, fp16, batch 384/512, foreach SGD; each
+# variant compiles anew, ~50 s each, max-autotune last):
+#   SECTIONS=ceiling ARCHS=resnet50 RESUME_CHECK=0 LIMIT_S=540 bash benchmarks/gpu_run.sh
 set -euo pipefail
 
 dry=0
@@ -54,6 +58,7 @@ export FASTTRAIN_CACHE=${FASTTRAIN_CACHE:-/tmp/fasttrain-cache}
 args=(bench --out "$OUT/bench" -j "$WORKERS" -b "${BATCH:-256}" --images "$IMAGES")
 for a in ${ARCHS:-resnet50 resnet18}; do args+=(-a "$a"); done
 [[ -n "${COMPILE_MODE:-}" ]] && args+=(--compile-mode "$COMPILE_MODE")
+[[ -n "${SECTIONS:-}" ]] && args+=(--sections "$SECTIONS")
 # ResNet-18 at 64 px for 16 steps of 256: the check is about positions, not speed.
 resume=(--out "$SCRATCH/resume" --stop-at 6)
 train=(--loader dali -j "$WORKERS" -b 256 --image-size 64 --epochs 1 -p 2 --seed 0 --no-compile)
@@ -120,7 +125,7 @@ if [[ -f "$OUT/bench/bench.json" ]]; then
 fi
 
 # Also after a bench cut short by LIMIT_S: the resume check gets what is left of TOTAL_S (at least 60 s).
-if (( dali )); then
+if (( dali )) && [[ "${RESUME_CHECK:-1}" == 1 ]]; then
   data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES))")
   left=$(( TOTAL_S - SECONDS - 5 ))
   (( left < 60 )) && left=60

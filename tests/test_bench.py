@@ -415,3 +415,27 @@ def test_a_failing_peer_is_left_out_and_a_failing_fasttrain_loader_is_not():
     assert plan.loaders == ["reference", "torchvision"] and "unexpected keyword" in plan.skipped["timm"]
     with pytest.raises(TypeError):
         timed(plan, "torchvision", broken)
+
+
+def test_ceiling_section_runs_each_variant_with_its_own_batch_and_sgd(tmp_path, monkeypatch):
+    """`--sections ceiling`: one entry per variant (amp, SGD implementation, batch), each a trainer of its
+    own, and the plan a GPU gets lists issue 12's variants (compile modes, fp16, batches 384/512, foreach)."""
+    from fasttrain.bench import ceiling_variants
+    from fasttrain.bench import suite
+    built = []
+    real = suite.build_optimizer
+    monkeypatch.setattr(suite, "build_optimizer", lambda *a, **k: built.append(k.get("fused")) or real(*a, **k))
+    assert cli.main(["bench", "--quick", "--sections", "ceiling", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    rows = [e for e in doc["entries"] if e["section"] == "ceiling"]
+    assert [e["reference"] for e in rows] == [True, False, False, False]
+    assert [(e["toggles"]["amp"], e["toggles"]["sgd"]) for e in rows[1:]] == \
+        [("bf16", "auto"), ("fp16", "auto"), ("bf16", "fused")]
+    assert built == [True]  # only the sgd-fused variant replaced the default optimizer (foreach on CPU)
+    assert all(finite_positive(e["images_per_sec"]) and e["batch_size"] == 4 for e in rows)
+    gpu = ceiling_variants(torch.device("cuda"), 256)
+    assert {(tg.amp, tg.compile_mode, tg.sgd, b) for tg, b in gpu} >= {
+        ("bf16", "default", "auto", 256), ("fp16", "default", "auto", 256), ("bf16", "default", "foreach", 256),
+        ("bf16", "default", "auto", 384), ("bf16", "default", "auto", 512), ("bf16", "reduce-overhead", "auto", 256),
+        ("bf16", "max-autotune", "auto", 256)}
+    assert all(tg.compile and tg.channels_last and tg.cudnn_benchmark for tg, _ in gpu)

@@ -24,6 +24,7 @@ from ..data.base import Layout
 from ..data.torchvision_backend import PREFETCH_FACTOR
 from ..dist import DistInfo
 from ..metrics import DeviceMeter
+from ..optim import build_optimizer, build_scheduler
 from ..train import AMP_DTYPES, build_trainer, wrap_model
 from .loaders import FASTTRAIN_LOADERS, BenchData, is_peer, open_loader
 from .measure import Timing, time_loop
@@ -37,12 +38,14 @@ class Toggles:
     compile: bool = False
     compile_mode: str = "default"
     cudnn_benchmark: bool = False
+    sgd: str = "auto"              # auto (fasttrain's: fused on CUDA, foreach elsewhere) | fused | foreach
 
     @property
     def label(self) -> str:
         parts = [self.amp if self.amp != "none" else "fp32"]
         mode = "" if self.compile_mode == "default" else f"({self.compile_mode})"
-        return "+".join(parts + ["channels_last"] * self.channels_last + [f"compile{mode}"] * self.compile)
+        return "+".join(parts + ["channels_last"] * self.channels_last + [f"compile{mode}"] * self.compile
+                        + [f"sgd-{self.sgd}"] * (self.sgd != "auto"))
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Plan:
     loaders: list[str] = field(default_factory=list)  # reference, fasttrain's and the peers' that run here
     skipped: dict[str, str] = field(default_factory=dict)  # loaders left out on this machine, and why
     repeats: int = 1  # loader-only: run each loader this many times, interleaved; keep the best
+    ceiling: list[tuple[Toggles, int]] = field(default_factory=list)  # section "ceiling": (toggles, batch)
 
 
 def entry(section: str, name: str, loader: str, arch: str | None, toggles: Toggles | None, batch: int,
@@ -136,10 +140,12 @@ def loader_section(plan: Plan, data: BenchData) -> list[dict]:
                   all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]) for k, ts in runs.items()]
 
 
-def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int) -> tuple[Callable, Layout, Config]:
+def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int,
+                   batch: int | None = None) -> tuple[Callable, Layout, Config]:
     """fasttrain's trainer for these toggles, wrapped as `fasttrain train` wraps it.
     Returns (step function, the input Layout it wants, its Config)."""
-    cfg = Config(data=DataConfig(loader="synthetic", batch_size=plan.model_batch, image_size=plan.model_image_size,
+    cfg = Config(data=DataConfig(loader="synthetic", batch_size=batch or plan.model_batch,
+                                 image_size=plan.model_image_size,
                                  num_classes=plan.num_classes, steps_per_epoch=steps_per_epoch, workers=plan.workers),
                  model=ModelConfig(arch=arch), optim=OptimConfig(),
                  run=RunConfig(amp=tg.amp, channels_last=tg.channels_last, compile=tg.compile,
@@ -149,6 +155,9 @@ def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int) -> 
     torch.backends.cudnn.benchmark = tg.cudnn_benchmark  # as train.run() sets it
     torch.manual_seed(0)
     tr = build_trainer(cfg, dist, plan.num_classes, steps_per_epoch)
+    if tg.sgd != "auto":  # the other SGD implementation than fasttrain's default for this device
+        tr.optimizer = build_optimizer(tr.model.parameters(), cfg.optim, plan.device, fused=tg.sgd == "fused")
+        tr.scheduler = build_scheduler(tr.optimizer, cfg.optim, steps_per_epoch)
     tr.forward, _ = wrap_model(tr.model, cfg.run, dist)
     tr.forward.train()
     meter = DeviceMeter(plan.device)
@@ -178,6 +187,31 @@ def model_section(plan: Plan, arch: str) -> tuple[list[dict], tuple[Toggles, Cal
             best, best_ips = (tg, step, layout), t.images_per_sec
         del step, loaders
     return out, best
+
+
+def ceiling_section(plan: Plan, arch: str) -> list[dict]:
+    """Model only, the variants that might raise the compiled ceiling (compile modes, fp16 against bf16,
+    larger batches, SGD implementation): each a fresh trainer, compiled anew, on synthetic device batches.
+    The reference loop at the plan's batch is this section's reference."""
+    steps, size = plan.model_steps, plan.model_image_size
+    ref = ReferenceStep(arch, plan.num_classes, plan.device)
+    x = torch.randn(plan.model_batch, 3, size, size, device=plan.device)
+    y = torch.randint(0, plan.num_classes, (plan.model_batch,), device=plan.device)
+    t = time_loop(iter(lambda: (x, y), None), ref, plan.device, *steps)
+    out = [entry("ceiling", f"ceiling/{arch}/reference", "synthetic", arch, Toggles(), plan.model_batch, None, t,
+                 steps, reference=True)]
+    del ref, x, y
+    for tg, b in plan.ceiling:
+        step, layout, cfg = fasttrain_step(plan, arch, tg, sum(steps), batch=b)
+        loaders = build_loaders(cfg.data, DistInfo(device=plan.device), layout, seed=0)  # loader "synthetic"
+        t = time_loop(loaders.train, step, plan.device, *steps)
+        out.append(entry("ceiling", f"ceiling/{arch}/{tg.label}@{b}", "synthetic", arch, tg, b, None, t, steps))
+        log(f"ceiling {arch} {tg.label} batch {b}: {t.images_per_sec:.1f} img/s (warm-up {t.warmup_s:.1f}s)")
+        del step, loaders
+        gc.collect()
+        if plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
 
 
 def e2e_loaders(plan: Plan) -> list[str]:
@@ -233,8 +267,11 @@ def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
     entries = loader_section(plan, data) if "loader" in sections else []
     save(entries)
     for arch in plan.archs:
+        if "ceiling" in sections:
+            entries += ceiling_section(plan, arch)
+            save(ordered(entries))
         if "model" not in sections and "e2e" not in sections:
-            break
+            continue
         model, fastest = model_section(plan, arch)
         entries += model if "model" in sections else []
         if "e2e" in sections:
@@ -249,6 +286,6 @@ def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
 
 
 def ordered(entries: list[dict]) -> list[dict]:
-    """Sections in the order loader, model, e2e; within one, the order measured (sort is stable)."""
-    order = {"loader": 0, "model": 1, "e2e": 2}
+    """Sections in the order loader, model, e2e, ceiling; within one, the order measured (sort is stable)."""
+    order = {"loader": 0, "model": 1, "e2e": 2, "ceiling": 3}
     return sorted(entries, key=lambda e: order[e["section"]])
