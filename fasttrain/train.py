@@ -186,7 +186,7 @@ class RunContext:
         self.window = profile_window(cfg.run.profile) if cfg.run.profile and not cfg.run.evaluate else None
         if self.window and self.window[1] > self.steps:
             raise UserError(f"--profile {cfg.run.profile} goes past the {self.steps} train steps of an epoch: "
-                            f"pick steps below {self.steps}")
+                            f"END can be at most {self.steps}")
         self.profiled: ProfiledBatches | None = None
 
     def progress(self, total: int, desc: str, initial: int = 0, epoch: int | None = None) -> Progress:
@@ -245,7 +245,7 @@ class RunContext:
         """This epoch's seconds in this process, the run's wall time so far (across resumes), rank 0's host
         memory with its loader workers, and on CUDA the epoch's peak of allocated GPU memory."""
         out = {"epoch_seconds": self.clock.end_epoch(val_seconds), "wall_seconds": self.clock.wall_seconds(),
-               "host_rss_mb": monitor.host_memory_mb()}
+               "host_rss_mb": monitor.host_memory_mb() if self.dist.is_main else None}
         if self.dist.device.type == "cuda":
             out["gpu_max_mem_mb"] = monitor.gpu_peak_mb(self.dist.device)
         return out
