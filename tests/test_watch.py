@@ -171,9 +171,8 @@ def test_host_memory_counts_child_processes():
 # growth). Images large enough (256 px, 128 px crops, batch 32) that keeping a few batches or a pipeline per
 # epoch adds tens of MiB, and a 2-conv model so an epoch takes about a second. Before each reading the worker
 # calls glibc's malloc_trim(0), so host_rss_mb is memory in use rather than memory glibc keeps for reuse:
-# without it DALI CPU's reading climbs by 25-165 MiB over 8 epochs here and levels off after ~12 (every epoch
-# builds a new DALI pipeline with new threads, each leaving freed memory in glibc's arenas; trimmed, a bare
-# loop that rebuilds its pipeline each epoch stays flat), which would make the bound below a coin toss.
+# without it DALI CPU's reading climbs for ~12 epochs and then levels off (a new pipeline with new threads
+# every epoch; measured in benchmarks/RESULTS.md, 2026-11-27 08:00), which would make any small bound a coin toss.
 # A leak grows for good, so the last epoch is compared with epoch 1 (epoch 0 fills caches and pools).
 EPOCHS, BOUND_MB = 8, 48
 MEM = ["--device", "cpu", "-j", "2", "-b", "32", "--image-size", "128", "--seed", "0", "-p", "2", "--lr", "0.05",
