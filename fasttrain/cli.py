@@ -1,9 +1,10 @@
-"""Command line: `fasttrain train|eval|demo-data|check-data|bench`.
+"""Command line: `fasttrain train|eval|plot|demo-data|check-data|bench`.
 
     fasttrain train                                   # embedded demo dataset, small model
     fasttrain train /data/imagenet -a resnet50 -b 256 --amp bf16 --channels-last --compile
     fasttrain train /data/imagenet --resume auto --output-dir runs/r50
     fasttrain eval /data/imagenet --checkpoint runs/r50/model_best.pth.tar
+    fasttrain plot runs/r50 runs/r18 --out curves.png   # val top-1 by epoch and by time, loss, lr, img/s
     torchrun --nproc-per-node 8 -m fasttrain train /data/imagenet -a resnet50 -b 2048 --lr 0.8
 
 Every flag of the reference script (pytorch/examples imagenet/main.py) is accepted with its meaning, so
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint on DATA/val")
     _add_config_flags(ev)
     ev.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint to evaluate")
+    pl = sub.add_parser("plot", help="draw training curves of one or more runs (from their metrics.jsonl)")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (OUTPUT_DIR of fasttrain train)")
+    pl.add_argument("--out", required=True, metavar="FILE.png", help="where to write the figure")
     dd = sub.add_parser("demo-data", help="write the embedded demo dataset (JPEGs, ImageFolder layout)")
     dd.add_argument("out", metavar="OUT")
     cd = sub.add_parser("check-data", help="decode every file of DATA and report the bad ones")
@@ -114,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = parse_config(ns)
             from .launch import launch
             return launch(cfg, eval_checkpoint=getattr(ns, "checkpoint", None))
+        if ns.command == "plot":
+            from .plot import plot_command
+            return plot_command(ns)
         if ns.command == "demo-data":
             from .data.demo import write_demo_dataset
             write_demo_dataset(ns.out)

@@ -102,6 +102,12 @@ class RunConfig:
                                    help="also checkpoint every STEPS train steps (0 = only at epoch ends)")
     on_nan: str = opt("abort", "--on-nan", choices=("abort", "skip"),
                       help="on a non-finite loss: stop the run, or skip that step's update")
+    tensorboard: bool | None = opt(None, "--tensorboard", tristate=True,
+                                   help="write TensorBoard events to OUTPUT_DIR/tb/ (auto: on when the tensorboard "
+                                   "package imports)")
+    profile: str | None = opt(None, "--profile", metavar="A:B",
+                              help="torch.profiler over steps A..B-1 (0-based) of the first epoch on rank 0: a "
+                              "Chrome/Perfetto trace in OUTPUT_DIR/profile/ and a top-10 ops table")
 
 
 @dataclass
@@ -243,8 +249,19 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--hw-decoder-load must be between 0 and 1, got {cfg.data.hw_decoder_load}")
     if cfg.run.print_freq < 1:
         raise UserError(f"--print-freq must be at least 1, got {cfg.run.print_freq}")
+    if cfg.run.profile is not None:
+        profile_window(cfg.run.profile)  # a malformed window is an error now, not after the data is scanned
     if cfg.data.dummy:
         cfg.data.loader = "synthetic"
     if cfg.model.pretrained and not cfg.model.weights:
         raise UserError("--pretrained would download weights, and fasttrain downloads nothing: "
                         "pass the weights file with --weights PATH")
+
+
+def profile_window(spec: str) -> tuple[int, int]:
+    """--profile A:B -> (A, B): the steps with 0-based index A..B-1 of an epoch, as a Python slice."""
+    a, sep, b = spec.partition(":")
+    if sep and a.strip().isdigit() and b.strip().isdigit() and int(a) < int(b):
+        return int(a), int(b)
+    raise UserError(f"--profile must be START:END train steps of the first epoch with START < END, e.g. 20:30 "
+                    f"(steps 20..29, counted from 0), got {spec!r}")

@@ -111,7 +111,9 @@ def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq
         if step % print_freq == 0 or step == total:
             tr.check_finite()  # host sync: reads the device-side flag
             stats = meter.read()
-            progress.update(step, stats, (stats["samples"] - n0) * tr.dist.world_size / (time.perf_counter() - t0))
+            now = time.perf_counter()
+            progress.update(step, stats, (stats["samples"] - n0) * tr.dist.world_size / (now - t0),
+                            data_time / (now - t0))
             stopped = at_sync(step, meter)
             if stopped:
                 break

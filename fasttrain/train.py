@@ -15,13 +15,17 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import dist as D
-from .config import Config, RunConfig, resolve_toggles
+from . import monitor
+from . import tb
+from .config import Config, RunConfig, profile_window, resolve_toggles
 from .data import build_loaders
 from .data.base import Layout
 from .engine import Trainer, evaluate, train_one_epoch
-from .metrics import JsonlWriter, Progress
+from .errors import UserError
+from .metrics import JsonlWriter, Progress, read_jsonl
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
+from .profiling import ProfiledBatches
 from . import signals
 from .signals import stop_requested
 
@@ -112,7 +116,7 @@ def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str, loaders) -> int:
                f"compile {cfg.run.compile and cfg.run.compile_mode}, cudnn.benchmark {cfg.run.cudnn_benchmark}")
     tr = build_trainer(cfg, dist, len(loaders.classes), len(loaders.train))  # same init on every rank
     seed_everything(seed + 1000 * dist.rank)  # ranks differ (e.g. dropout masks) from here on
-    state = {"epoch": cfg.optim.start_epoch, "step": 0, "best_acc1": 0.0}
+    state = {"epoch": cfg.optim.start_epoch, "step": 0, "best_acc1": 0.0, "wall_seconds": 0.0}
     path = resume_path(cfg.run, out)
     if path:
         state = restore(tr, path, cfg, dist, loaders)  # also puts every RNG back where the checkpoint left it
@@ -128,21 +132,23 @@ def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str, loaders) -> int:
                f"outputs in {out}")
     for epoch in range(state["epoch"], cfg.optim.epochs):
         start_step = state["step"] if epoch == state["epoch"] else 0
-        progress = ctx.progress(len(loaders.train), f"Epoch: [{epoch}]", start_step)
-        stats = train_one_epoch(tr, loaders.train, epoch, start_step, cfg.run.print_freq, progress,
+        progress = ctx.progress(len(loaders.train), f"Epoch: [{epoch}]", start_step, epoch)
+        stats = train_one_epoch(tr, ctx.train_batches(epoch == state["epoch"]), epoch, start_step,
+                                cfg.run.print_freq, progress,
                                 lambda step, meter: ctx.at_sync(epoch, step, meter),
                                 state.get("meter") if epoch == state["epoch"] else None)
         progress.close()
         if epoch == state["epoch"] and cfg.run.compile:
             log0(dist, f"first epoch incl. torch.compile took {time.perf_counter() - t_compile:.1f}s")
         if stats.stopped:
+            ctx.tb.close()
             log0(dist, f"stopped by signal at epoch {epoch} step {stats.steps_done}; checkpoint saved in {out}; "
                        "continue with --resume auto")
             return 143
+        t_val = time.perf_counter()
         val = evaluate(eval_fwd, loaders.val, tr.criterion, tr.amp_dtype, dist)
-        ctx.end_epoch(epoch, stats, val)
-    log0(dist, f"done: best val Acc@1 {ctx.best_acc1:.3f}; metrics {os.path.join(out, 'metrics.jsonl')}, "
-               f"checkpoints {os.path.join(out, ckpt_io.LATEST)} and {ckpt_io.BEST}")
+        ctx.end_epoch(epoch, stats, val, time.perf_counter() - t_val)
+    ctx.finish()
     return 0
 
 
@@ -168,20 +174,46 @@ def restore(tr: Trainer, path: str, cfg: Config, dist: D.DistInfo, loaders) -> d
     meters = ck.get("meters") or []  # each rank's train meter of the epoch so far (mid-epoch checkpoints)
     log0(dist, f"resumed from {path} at epoch {ck['epoch']} step {ck.get('step', 0)}")
     return {"epoch": ck["epoch"], "step": ck.get("step", 0), "best_acc1": float(ck.get("best_acc1", 0.0)),
-            "meter": meters[dist.rank] if len(meters) == dist.world_size else None}
+            "meter": meters[dist.rank] if len(meters) == dist.world_size else None,
+            "wall_seconds": float(ck.get("wall_seconds", 0.0))}
 
 
 class RunContext:
-    """What the epoch loop needs besides the Trainer: where to write, what is best, when to save."""
+    """What the epoch loop needs besides the Trainer: where to write, what is best, when to save, and what
+    a person watching sees (progress, TensorBoard, the profiler, time and memory)."""
 
     def __init__(self, cfg: Config, dist: D.DistInfo, out: str, tr: Trainer, loaders, state: dict):
         self.cfg, self.dist, self.out, self.tr, self.loaders = cfg, dist, out, tr, loaders
         self.best_acc1 = state["best_acc1"]
-        self.metrics = JsonlWriter(os.path.join(out, "metrics.jsonl"), dist.is_main and not cfg.run.evaluate,
-                                   keep_before_epoch=state["epoch"])
+        writes = dist.is_main and not cfg.run.evaluate
+        self.metrics = JsonlWriter(os.path.join(out, "metrics.jsonl"), writes, keep_before_epoch=state["epoch"])
+        self.steps = len(loaders.train)
+        self.clock = monitor.RunClock(state["wall_seconds"], cfg.optim.epochs, self.steps)
+        self.tb = tb.TensorBoard(os.path.join(out, "tb"), writes and tb.wanted(cfg.run.tensorboard),
+                                 tb.purge_step(state["epoch"], state["step"], self.steps), cfg.to_dict())
+        self.window = profile_window(cfg.run.profile) if cfg.run.profile and not cfg.run.evaluate else None
+        if self.window and self.window[1] > self.steps:
+            raise UserError(f"--profile {cfg.run.profile} goes past the {self.steps} train steps of an epoch: "
+                            f"END can be at most {self.steps}")
+        self.profiled: ProfiledBatches | None = None
 
-    def progress(self, total: int, desc: str, initial: int = 0) -> Progress:
-        return Progress(total, desc, self.dist.is_main, initial)
+    def progress(self, total: int, desc: str, initial: int = 0, epoch: int | None = None) -> Progress:
+        """A train epoch's progress (epoch given) shows the run's ETA and feeds TensorBoard at print steps."""
+        if epoch is None:
+            return Progress(total, desc, self.dist.is_main, initial)
+        self.clock.start_epoch(epoch, initial)
+        monitor.reset_gpu_peak(self.dist.device)
+        group = self.tr.optimizer.param_groups[0]  # its lr is a Python float: reading it is no device sync
+        return Progress(total, desc, self.dist.is_main, initial, eta=self.clock.eta,
+                        on_update=lambda step, v: self.tb.step(epoch * self.steps + step, {**v, "lr": group["lr"]}))
+
+    def train_batches(self, first_epoch: bool):
+        """The train batches, under the profiler in the run's first epoch with --profile (rank 0 only)."""
+        if not (first_epoch and self.window and self.dist.is_main):
+            return self.loaders.train
+        self.profiled = ProfiledBatches(self.loaders.train, self.window, os.path.join(self.out, "profile"),
+                                        self.dist.device)
+        return self.profiled
 
     def at_sync(self, epoch: int, step: int, meter=None) -> bool:
         """Called at the same steps on every rank. Saves mid-epoch on schedule or on a stop request, with
@@ -193,7 +225,7 @@ class RunContext:
             self.save(epoch, step, val_top1=None, is_best=False, meter=meter)
         return stop
 
-    def end_epoch(self, epoch: int, stats, val: dict) -> None:
+    def end_epoch(self, epoch: int, stats, val: dict, val_seconds: float) -> None:
         """Metrics row first, then the checkpoint: a crash between the two redoes the epoch on resume, and
         the resumed run drops the rows of epochs it redoes, so no epoch is missing or doubled."""
         is_best = val["val_top1"] > self.best_acc1
@@ -202,13 +234,50 @@ class RunContext:
                   "train_top1": stats.top1, "train_top5": stats.top5, **val,
                   "train_samples": stats.samples,
                   "train_images_per_sec": stats.images_per_sec, "data_time_fraction": stats.data_time_fraction,
-                  "skipped_steps": self.tr.skipped_steps, "best_acc1": self.best_acc1, "time": time.time()}
+                  "skipped_steps": self.tr.skipped_steps, "best_acc1": self.best_acc1, "time": time.time(),
+                  **self.time_and_memory(val_seconds)}
         self.metrics.write(record)
+        self.tb.epoch((epoch + 1) * self.steps, record)
         self.save(epoch + 1, 0, val_top1=val["val_top1"], is_best=is_best)
+        gpu = f", GPU peak {record['gpu_max_mem_mb']:.0f} MiB" if "gpu_max_mem_mb" in record else ""
+        host = f"host {record['host_rss_mb']:.0f} MiB" if record["host_rss_mb"] is not None else "host ?"
         log0(self.dist, f"epoch {epoch}: train loss {stats.loss:.4f} top1 {stats.top1:.2f} | val loss "
                         f"{val['val_loss']:.4f} top1 {val['val_top1']:.2f} top5 {val['val_top5']:.2f} "
                         f"({val['val_samples']} images) | {stats.images_per_sec:.0f} img/s, "
-                        f"data wait {100 * stats.data_time_fraction:.0f}%")
+                        f"data wait {100 * stats.data_time_fraction:.0f}% | {record['epoch_seconds']:.1f} s, "
+                        f"run {monitor.fmt_seconds(record['wall_seconds'])}, ETA "
+                        f"{monitor.fmt_seconds(self.clock.eta_after(epoch))}"
+                        f" | {host}{gpu}")
+
+    def time_and_memory(self, val_seconds: float) -> dict:
+        """This epoch's seconds in this process, the run's wall time so far (across resumes), rank 0's host
+        memory with its loader workers, and on CUDA the epoch's peak of allocated GPU memory."""
+        out = {"epoch_seconds": self.clock.end_epoch(val_seconds), "wall_seconds": self.clock.wall_seconds(),
+               "host_rss_mb": monitor.host_memory_mb() if self.dist.is_main else None}
+        if self.dist.device.type == "cuda":
+            out["gpu_max_mem_mb"] = monitor.gpu_peak_mb(self.dist.device)
+        return out
+
+    def finish(self) -> None:
+        """End of the run (rank 0): close TensorBoard, draw curves.png, print the summary line."""
+        wrote_tb = self.tb.enabled
+        self.tb.close()
+        if not self.dist.is_main:
+            return
+        path = os.path.join(self.out, "metrics.jsonl")
+        rows = read_jsonl(path)
+        files = [path, os.path.join(self.out, ckpt_io.LATEST), os.path.join(self.out, ckpt_io.BEST)]
+        if wrote_tb:
+            files.append(os.path.join(self.out, "tb") + "/")
+        if self.profiled is not None and self.profiled.trace_path:
+            files.append(self.profiled.trace_path)
+        from .plot import matplotlib_missing, plot_runs
+        why = matplotlib_missing()
+        if why:
+            log0(self.dist, f"no curves.png: {why}")
+        elif rows:
+            files.append(plot_runs([self.out], os.path.join(self.out, "curves.png")))
+        log0(self.dist, monitor.summary(rows, self.clock.wall_seconds(), files))
 
     def save(self, epoch: int, step: int, val_top1: float | None, is_best: bool, meter=None) -> None:
         """Collective (RNG states, data positions and mid-epoch train meters are gathered from every rank);
@@ -230,6 +299,7 @@ class RunContext:
                 "scaler": tr.scaler.state_dict(), "rng": rng, "data": data if data_state else None,
                 "meters": meters if meter is not None else None, "skipped_steps": tr.skipped_steps,
                 "classes": list(self.loaders.classes), "config": self.cfg.to_dict(), "val_top1": val_top1,
+                "wall_seconds": self.clock.wall_seconds(),
             }, os.path.join(self.out, ckpt_io.LATEST))
             if is_best:
                 ckpt_io.atomic_copy(os.path.join(self.out, ckpt_io.LATEST), os.path.join(self.out, ckpt_io.BEST))

@@ -15,6 +15,9 @@ injected through environment variables, so fault tests are exact and determinist
                                  it) and the sum of absolute values (the scale for a tolerance); a host sync
                                  per step. So a stopped and resumed run's batches can be compared with an
                                  uninterrupted run's (benchmarks/resume_check.py)
+    FT_TEST_LEAK_MB=N            every validation keeps N MiB more (resident): a leak the memory test must see
+    FT_TEST_MALLOC_TRIM=1        before each host memory reading, glibc's malloc_trim(0) hands freed heap memory
+                                 back to the OS: the reading is then memory in use, not memory glibc keeps
 """
 
 import os
@@ -104,10 +107,35 @@ def _patch_save():
     C.atomic_save = atomic_save
 
 
+def _patch_leak():
+    mb, kept, original = int(os.environ["FT_TEST_LEAK_MB"]), [], T.evaluate
+
+    def evaluate(*args, **kw):
+        kept.append(torch.ones(mb << 18))  # float32, written: resident
+        return original(*args, **kw)
+    T.evaluate = evaluate
+
+
+def _patch_trim():
+    import ctypes
+
+    import fasttrain.monitor as M
+    libc, original = ctypes.CDLL("libc.so.6"), M.host_memory_mb
+
+    def host_memory_mb(pid=None):
+        libc.malloc_trim(0)
+        return original(pid)
+    M.host_memory_mb = host_memory_mb
+
+
 if __name__ == "__main__":
     if os.environ.get("FT_TEST_TINY_MODEL"):
         T.build_model = tiny_model
     _patch_steps()
     if "FT_TEST_HANG_IN_SAVE" in os.environ:
         _patch_save()
+    if "FT_TEST_LEAK_MB" in os.environ:
+        _patch_leak()
+    if os.environ.get("FT_TEST_MALLOC_TRIM"):
+        _patch_trim()
     sys.exit(main(sys.argv[1:]))
