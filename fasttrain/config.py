@@ -202,12 +202,14 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         kind = bool
     else:
         kind = type(f.default) if f.default is not None else (int if "int" in str(f.type) else str)
-    if kind is bool and not isinstance(value, bool):
-        raise UserError(f"{flag} must be true or false, got {value!r}")
-    try:
-        value = kind(value) if kind in (int, float, str) else value
-    except (TypeError, ValueError):
-        raise UserError(f"{flag} must be a {kind.__name__}, got {value!r}") from None
+    # Values arrive typed (argparse converted flags; TOML has its own types): check, never convert, so that
+    # `batch-size = 1.5` is an error rather than 1. An integer is a fine float (`lr = 1`); a bool is no number.
+    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(kind, (object,))
+    if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
+        names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        raise UserError(f"{flag} must be {names.get(kind, kind.__name__)}, got {value!r}")
+    if kind is float:
+        value = float(value)
     if f.metadata["choices"] and value not in f.metadata["choices"]:
         raise UserError(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
     return value
@@ -243,6 +245,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--hw-decoder-load must be between 0 and 1, got {cfg.data.hw_decoder_load}")
     if cfg.run.print_freq < 1:
         raise UserError(f"--print-freq must be at least 1, got {cfg.run.print_freq}")
+    if cfg.run.resume == "auto" and not cfg.run.output_dir:
+        raise UserError("--resume auto continues the run in --output-dir, and without it each run gets a new "
+                        "folder (runs/<arch>-<timestamp>): pass the same --output-dir DIR on every (re)start")
     if cfg.data.dummy:
         cfg.data.loader = "synthetic"
     if cfg.model.pretrained and not cfg.model.weights:

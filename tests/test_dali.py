@@ -26,7 +26,7 @@ CPU = torch.device("cpu")
 
 def loaders(train: Split, val: Split, backend=dali_backend, batch=8, world=1, rank=0, channels_last=False,
             dtype=torch.float32, size=32, max_bad=10, seed=3):
-    steps = check_shard_sizes(len(train), world, batch, len(val))
+    steps, batch = check_shard_sizes(len(train), world, batch, len(val))
     layout = Layout(CPU, channels_last, dtype)
     if backend is dali_backend:
         cfg = DataConfig(image_size=size, max_bad_files=max_bad, prefetch=2)
@@ -445,12 +445,12 @@ def test_stop_mid_epoch_then_resume_equals_straight_run_through_the_cli(tiny_dat
             "--seed", "3", "-p", "2", "--lr", "0.05", "--epochs", "2"]
     assert cli.main([*args, "--output-dir", str(tmp_path / "straight")]) == 0
     calls = iter([False, True])  # at_sync runs at steps 2, 4, ...: stop at step 4
-    monkeypatch.setattr("fasttrain.train.stop_requested", lambda: next(calls, False))
+    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: next(calls, False))
     assert cli.main([*args, "--output-dir", str(tmp_path / "stopped")]) == 143
-    load = lambda d: torch.load(tmp_path / d / "checkpoint.pth.tar", map_location="cpu", weights_only=False)  # noqa: E731
+    load = lambda d: torch.load(tmp_path / d / "checkpoint.pth.tar", map_location="cpu", weights_only=True)  # noqa: E731
     (pos,) = load("stopped")["data"]  # one rank: its DALI checkpoint, 4 batches of 16 into epoch 0
     assert (pos["epoch"], pos["pos"]) == (0, 64) and pos["dali"]
-    monkeypatch.setattr("fasttrain.train.stop_requested", lambda: False)
+    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: False)
     assert cli.main([*args, "--output-dir", str(tmp_path / "stopped"), "--resume", "auto"]) == 0
     a, b = load("straight")["state_dict"], load("stopped")["state_dict"]
     for k in a:

@@ -35,7 +35,7 @@ def torchrun(nproc, *args, env=None, timeout=240, extra=()):
 
 
 def state(out):
-    return torch.load(os.path.join(out, "checkpoint.pth.tar"), map_location="cpu", weights_only=False)
+    return torch.load(os.path.join(out, "checkpoint.pth.tar"), map_location="cpu", weights_only=True)
 
 
 def test_torchrun_two_ranks_scores_every_val_image_once(odd_data, tmp_path):

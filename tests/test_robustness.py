@@ -55,7 +55,7 @@ def run_worker(*args, env=None, timeout=240):
 
 
 def weights(out):
-    return torch.load(os.path.join(out, "checkpoint.pth.tar"), map_location="cpu", weights_only=False)
+    return torch.load(os.path.join(out, "checkpoint.pth.tar"), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture()
@@ -138,7 +138,7 @@ def test_check_data_pixel_limit_and_class_mismatch(data, capsys):
 def test_world_size_larger_than_dataset():
     with pytest.raises(UserError, match="world size 8 is larger than the dataset"):
         check_shard_sizes(train_size=6, world_size=8, per_rank_batch=1, val_size=6)
-    assert check_shard_sizes(train_size=100, world_size=2, per_rank_batch=8, val_size=5) == 6
+    assert check_shard_sizes(train_size=100, world_size=2, per_rank_batch=8, val_size=5) == (6, 8)
 
 
 def _wait_for(path, proc, timeout=120):

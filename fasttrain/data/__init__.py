@@ -38,7 +38,12 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int) ->
     if cfg.data is None:
         raise UserError("no DATA given (and no embedded dataset for this command)")
     train_split, val_split = scan_dataset(cfg.data, cfg.file_list)
-    steps = check_shard_sizes(len(train_split), dist.world_size, batch, len(val_split))
+    steps, fits = check_shard_sizes(len(train_split), dist.world_size, batch, len(val_split))
+    if fits < batch and dist.rank == 0:
+        print(f"fasttrain: warning: {len(train_split)} training images make less than one batch of {batch} for "
+              f"each of the {dist.world_size} process(es): training on batches of {fits}, 1 step per epoch",
+              file=sys.stderr, flush=True)
+    batch = fits
     if cfg.steps_per_epoch:
         steps = min(steps, cfg.steps_per_epoch)
     workers = dist.per_rank_workers(cfg.workers)
