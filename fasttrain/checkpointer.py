@@ -131,9 +131,7 @@ class Checkpointer:
         data_state = getattr(self.loaders.train, "state_dict", None)  # loaders that keep a position (DALI)
         mine = (ckpt_io.rng_state(self.dist.device), data_state() if data_state else None,
                 meter.state_dict() if meter is not None else None)
-        every = [mine] * self.dist.world_size
-        if self.dist.distributed:
-            torch.distributed.all_gather_object(every, mine)
+        every = D.all_gather_object(mine, self.dist)
         rng, data, meters = ([e[i] for e in every] for i in range(3))
         finite = all(bool(torch.isfinite(p).all()) for p in self.tr.model.parameters())
         if self.dist.is_main and finite:

@@ -164,6 +164,15 @@ def barrier(info: DistInfo) -> None:
         tdist.barrier(device_ids=[info.device.index]) if info.backend == "nccl" else tdist.barrier()
 
 
+def all_gather_object(obj, info: DistInfo) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, info: DistInfo):
     """Rank 0's `obj` on every rank (pickled in memory between our own processes: a checkpoint read once)."""
     if not info.distributed:
