@@ -86,6 +86,7 @@ class Checkpointer:
         self.cfg, self.dist, self.out, self.tr, self.loaders, self.seed = cfg, dist, out, tr, loaders, seed
         self.every = cfg.run.checkpoint_interval
         self.best_acc1 = 0.0
+        self.stopped_by = 0  # the signal that stopped the run, agreed by all ranks
 
     def restore(self, ck: dict) -> Start:
         """Put every component back as the checkpoint left it (RNGs, loader positions and meters per rank,
@@ -112,8 +113,9 @@ class Checkpointer:
     def at_sync(self, epoch: int, step: int, meter=None) -> bool:
         """Called at the same steps on every rank. Saves mid-epoch on schedule or on a stop request, with
         each rank's train meter of the epoch so far (a resumed epoch's metrics then cover all of it).
-        Returns True to stop the run."""
-        stop = D.any_rank(signals.stop_requested(), self.dist)
+        Returns True to stop the run (then `stopped_by` is the signal, the same on every rank)."""
+        self.stopped_by = D.max_over_ranks(signals.stop_requested(), self.dist)  # SIGTERM over Ctrl-C
+        stop = bool(self.stopped_by)
         due = self.every and step % self.every == 0 and step < len(self.loaders.train)  # the end saves anyway
         if stop or due:
             self.save(epoch, step, val_top1=None, is_best=False, meter=meter)

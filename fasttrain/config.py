@@ -195,7 +195,7 @@ def build_config(values: dict[tuple[str, str], Any]) -> Config:
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    flag = (f.metadata["flags"] or (f.name,))[-1]
+    flag = next((fl for fl in f.metadata["flags"] if fl.startswith("--")), f.name)
     if value is None:
         return None
     if f.metadata["tristate"]:

@@ -159,6 +159,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(value: int, info: DistInfo) -> int:
+    """The largest of every rank's `value`, on every rank (a collective, as any_rank)."""
+    if not info.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=info.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         tdist.barrier(device_ids=[info.device.index]) if info.backend == "nccl" else tdist.barrier()

@@ -54,14 +54,11 @@ def uninstall() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def stop_requested() -> bool:
-    return _first is not None
+def stop_requested() -> int:
+    """The signal that asked to stop (SIGINT or SIGTERM), 0 if none did."""
+    return _first[0] if _first else 0
 
 
-def stop_signal_name() -> str:
-    return signal.Signals(_first[0]).name if _first else ""
-
-
-def exit_status() -> int:
-    """128 + the signal that asked to stop (what a shell and torchrun expect), 143 if none did."""
-    return 128 + (_first[0] if _first else signal.SIGTERM)
+def exit_status(signum: int) -> int:
+    """128 + the signal, what a shell and torchrun expect (130 for Ctrl-C, 143 for SIGTERM)."""
+    return 128 + signum

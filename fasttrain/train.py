@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 
 import numpy as np
@@ -111,9 +112,9 @@ def run(cfg: Config, dist: D.DistInfo) -> int:
             log0(dist, f"first epoch incl. torch.compile took {time.perf_counter() - t_compile:.1f}s")
         if stats.stopped:
             again = "--resume auto" + ("" if cfg.run.output_dir else f" --output-dir {out}")
-            log0(dist, f"stopped by {signals.stop_signal_name()} at epoch {epoch} step {stats.steps_done}; "
-                       f"checkpoint saved in {out}; continue with {again}")
-            return signals.exit_status()
+            log0(dist, f"stopped by {signal.Signals(saver.stopped_by).name} at epoch {epoch} step "
+                       f"{stats.steps_done}; checkpoint saved in {out}; continue with {again}")
+            return signals.exit_status(saver.stopped_by)
         D.broadcast_buffers(tr.model, dist)  # validate (and save) rank 0's BatchNorm statistics on every rank
         val = evaluate(eval_fwd, loaders.val, tr.criterion, tr.amp_dtype, dist)
         # Metrics row first, then the checkpoint: a crash between the two redoes the epoch on resume, and the

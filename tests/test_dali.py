@@ -4,6 +4,7 @@ augmentation and learning the same as the torchvision backend. Skipped only wher
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -444,13 +445,13 @@ def test_stop_mid_epoch_then_resume_equals_straight_run_through_the_cli(tiny_dat
     args = ["train", tiny_data, "--loader", "dali", "--device", "cpu", "-j", "1", "-b", "16", "--image-size", "32",
             "--seed", "3", "-p", "2", "--lr", "0.05", "--epochs", "2"]
     assert cli.main([*args, "--output-dir", str(tmp_path / "straight")]) == 0
-    calls = iter([False, True])  # at_sync runs at steps 2, 4, ...: stop at step 4
-    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: next(calls, False))
+    calls = iter([0, signal.SIGTERM])  # at_sync runs at steps 2, 4, ...: stop at step 4
+    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: next(calls, 0))
     assert cli.main([*args, "--output-dir", str(tmp_path / "stopped")]) == 143
     load = lambda d: torch.load(tmp_path / d / "checkpoint.pth.tar", map_location="cpu", weights_only=True)  # noqa: E731
     (pos,) = load("stopped")["data"]  # one rank: its DALI checkpoint, 4 batches of 16 into epoch 0
     assert (pos["epoch"], pos["pos"]) == (0, 64) and pos["dali"]
-    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: False)
+    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: 0)
     assert cli.main([*args, "--output-dir", str(tmp_path / "stopped"), "--resume", "auto"]) == 0
     a, b = load("straight")["state_dict"], load("stopped")["state_dict"]
     for k in a:

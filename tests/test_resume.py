@@ -5,6 +5,7 @@ eval next to a live run, a training set smaller than one batch."""
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 
 import pytest
@@ -56,10 +57,10 @@ def test_resume_without_seed_is_exact_and_keeps_the_runs_seed(tiny_data, tmp_pat
     no --seed, or another one, which is ignored with a warning) ends as a straight run with that seed."""
     monkeypatch.setattr("fasttrain.train.build_model", small_model)
     stopped = tmp_path / "stopped"
-    calls = iter([False, True])  # sync points at steps 2, 4: stop at step 4 of 6
-    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: next(calls, False))
+    calls = iter([0, signal.SIGTERM])  # sync points at steps 2, 4: stop at step 4 of 6
+    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: next(calls, 0))
     train(tiny_data, stopped, "--epochs", "2", code=143)
-    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: False)
+    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: 0)
     ck = load(stopped)
     assert (ck["epoch"], ck["step"]) == (0, 4) and isinstance(ck["seed"], int)
     shutil.copytree(stopped, tmp_path / "stopped2")

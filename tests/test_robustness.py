@@ -124,6 +124,19 @@ def test_startup_errors(case, needle, data, tmp_path, capsys):
     assert err[-1].startswith("fasttrain: error:") and needle in err[-1], err[-1]
 
 
+def test_hidden_files_count_as_imagefolder_counts_them(tmp_path):
+    """`.x.jpg` and files in hidden subfolders are samples for ImageFolder, so labels and counts agree."""
+    import torchvision
+
+    from fasttrain.data.scan import scan_split
+    for rel in ("a/0.jpg", "a/.hidden.jpg", "a/.sub/1.jpg", "b/._2.jpg", "b/3.jpg"):
+        os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
+        _img().save(tmp_path / rel, "JPEG")
+    folder = torchvision.datasets.ImageFolder(str(tmp_path))
+    assert list(scan_split(str(tmp_path)).samples) == [(os.path.abspath(p), t) for p, t in folder.samples]
+    assert len(folder.samples) == 5
+
+
 def test_check_data_pixel_limit_and_class_mismatch(data, capsys):
     assert cli.main(["check-data", str(data), "--max-pixels", "1000"]) == 1  # the tree's images are 40x48
     out = capsys.readouterr().out.splitlines()
@@ -259,10 +272,12 @@ def test_nan_on_one_of_two_ranks_stops_both(tiny_data, tmp_path):
 
 
 def test_nan_skip_count_survives_a_resume(tiny_data, tmp_path):
-    """A step skipped before a stop is still counted in metrics.jsonl after --resume auto."""
+    """A step skipped before a stop (here Ctrl-C: exit 130, no traceback) is still counted in metrics.jsonl
+    after --resume auto."""
     args = [*ARGS, "--epochs", "1", "--on-nan", "skip", "--output-dir", tmp_path]
-    r = run_worker(tiny_data, *args, env={"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "0:3", "FT_TEST_SIGTERM": "0:4"})
-    assert r.returncode == 143 and weights(tmp_path)["step"] == 4, r.stderr[-2000:]
+    r = run_worker(tiny_data, *args, env={"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "0:3", "FT_TEST_CTRL_C": "0:3"})
+    assert r.returncode == 130 and weights(tmp_path)["step"] == 4, r.stderr[-2000:]
+    assert "stopped by SIGINT at epoch 0 step 4" in r.stderr and "Traceback" not in r.stderr
     r = run_worker(tiny_data, *args, "--resume", "auto", env={"FT_TEST_TINY_MODEL": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["skipped_steps"] == 1
