@@ -1,8 +1,8 @@
 """A structural check of every JPEG before DALI reads it, because DALI's JPEG parser can kill the process.
 
-DALI 2.4's CPU decoders crash (SIGSEGV, exit 139) now and then on a JPEG cut off inside its header ("[jpeg_parser]
-Invalid marker" first; one of two encounters on the 2-core machine, batch 64, 4 threads), and the same parser
-runs in front of the GPU decoder. No error handling can catch a crash, so such files must never reach DALI.
+DALI 2.4's CPU decoders can crash (SIGSEGV, exit 139) on a JPEG cut off inside its header ("[jpeg_parser]
+Invalid marker" first; how often: benchmarks/RESULTS.md), and the same parser runs in front of the GPU
+decoder. No error handling can catch a crash, so such files must never reach DALI.
 The check reads what the parser reads, without decoding: the marker segments from SOI up to the first SOS
 (each segment whole, a frame header before the scan), then an end-of-image marker after the scan (entropy-
 coded data cannot hold FF D9: its FF bytes are stuffed). A file that fails is reported like any bad file
