@@ -126,13 +126,15 @@ def setup(cfg: DistConfig, device: str, spawned_local_rank: int | None = None, n
     """Join the process group if the launch asks for one; return where this process stands."""
     at = read_launch(cfg, spawned_local_rank, nproc)
     dev = pick_device(device, at.gpu_index, cfg.gpu if at.world_size == 1 else None)
+    if dev.type == "cuda":
+        # Also with one process (`--gpu N`): streams made without a device (side streams, DALI's, cuDNN's
+        # handles) go to the current device, which is GPU 0 until this is set.
+        torch.cuda.set_device(dev)
     if at.world_size == 1 and spawned_local_rank is None:
         return DistInfo(device=dev)
     backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
     if backend == "nccl" and dev.type != "cuda":
         raise UserError("--dist-backend nccl needs CUDA GPUs; on CPU use gloo (or leave it on auto)")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
     kwargs = {"device_id": dev} if backend == "nccl" else {}
     tdist.init_process_group(backend, init_method=at.init_method, world_size=at.world_size, rank=at.rank,
                              timeout=datetime.timedelta(seconds=cfg.timeout_s), **kwargs)

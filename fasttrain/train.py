@@ -82,6 +82,14 @@ def run(cfg: Config, dist: D.DistInfo) -> int:
     torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
     layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
     loaders = build_loaders(cfg.data, dist, layout, seed)
+    try:
+        return _run(cfg, dist, seed, out, loaders, ck)
+    finally:  # DALI pipelines live for the run: free them (threads, GPU buffers) before the process ends
+        loaders.train.close()
+        loaders.val.close()
+
+
+def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str | None, loaders, ck: dict | None) -> int:
     log0(dist, f"device {dist.device}: amp {cfg.run.amp}, channels_last {cfg.run.channels_last}, "
                f"compile {cfg.run.compile and cfg.run.compile_mode}, cudnn.benchmark {cfg.run.cudnn_benchmark}")
     tr = build_trainer(cfg, dist, len(loaders.classes), len(loaders.train))  # same init on every rank

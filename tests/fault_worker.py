@@ -13,12 +13,18 @@ injected through environment variables, so fault tests are exact and determinist
                                  touches OUTPUT_DIR/hanging and sleeps, for the test to kill -9 it there
     FT_TEST_STEP_LOG=PATH        append one line to PATH after each finished train step (rank 0): what a
                                  kill -9 test counts as work done
+    FT_TEST_BATCH_LOG=PATH       append one line per train step to PATH (rank 0): a CRC of the batch's labels,
+                                 the float64 sum of its images, the same weighted by column (a flip changes
+                                 it) and the sum of absolute values (the scale for a tolerance); a host sync
+                                 per step. So a stopped and resumed run's batches can be compared with an
+                                 uninterrupted run's (benchmarks/resume_check.py)
 """
 
 import os
 import signal
 import sys
 import time
+import zlib
 
 import torch
 
@@ -55,15 +61,26 @@ def _patch_steps():
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     rank = int(os.environ.get("RANK", "0"))
     log = os.environ.get("FT_TEST_STEP_LOG") if rank == 0 else None
+    batch_log = os.environ.get("FT_TEST_BATCH_LOG") if rank == 0 else None
     original = Trainer.train_step
     count = [0]
 
+    def append(path, line):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, line.encode())
+        os.close(fd)
+
     def logged(self, images, labels, meter):
+        if batch_log:
+            crc = zlib.crc32(labels.cpu().numpy().tobytes())
+            x = images.double()
+            column = torch.arange(x.shape[-1], dtype=torch.float64, device=x.device)
+            sums = torch.stack([x.sum(), (x * column).sum(), x.abs().sum()]).tolist()
+            append(batch_log, f"labels {crc:08x} n {labels.shape[0]} sum {sums[0]!r} wsum {sums[1]!r} "
+                              f"abs {sums[2]!r}\n")
         out = original(self, images, labels, meter)
         if log:
-            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-            os.write(fd, b"step\n")
-            os.close(fd)
+            append(log, "step\n")
         return out
 
     def train_step(self, images, labels, meter):

@@ -171,23 +171,40 @@ def test_val_scores_every_image_exactly_once(tiny_data, world):
     assert sorted(seen) == list(range(36))
 
 
-def test_resume_mid_epoch_gives_the_same_batches(tiny_data):
-    train, val = scan_dataset(tiny_data)
+def test_one_pipeline_per_split_per_run(tiny_data, monkeypatch):
+    """Epochs and validation passes follow each other in the pipelines built for the first of each: nvJPEG
+    and its buffers are set up once per run, not once per epoch (the old design built 2 per epoch)."""
+    builds = _builds(monkeypatch)
+    train, val = (tagged(s) for s in scan_dataset(tiny_data))
+    tr, va = loaders(train, val, batch=5)  # 36 val images: the last batch of each pass is partial
+    tv, tva = loaders(train, val, batch=5, backend=torchvision_backend)
+    for e in range(3):
+        assert tags(epoch(tr, e)) == tags(epoch(tv, e))  # each epoch its own order, as torchvision's
+        assert tags(va) == tags(tva) == list(range(36))
+    assert builds == [("train", (0, 0), False), ("val", (0, 0), False)]
+    tr.close()
+    va.close()
+
+
+def test_a_pass_started_mid_epoch_without_state_reads_the_same_files(tiny_data):
+    """Without a DALI checkpoint (e.g. another number of ranks) a resumed epoch starts at its step with the
+    same files as an uninterrupted run; only the random crops and flips may differ."""
+    train, val = (tagged(s) for s in scan_dataset(tiny_data))
     tr, _ = loaders(train, val)
-    whole, rest = epoch(tr, 1), epoch(tr, 1, start_step=5)
-    assert len(whole) == 12 and len(rest) == 7
-    for (a, la), (b, lb) in zip(whole[5:], rest):
-        assert torch.equal(a, b) and torch.equal(la, lb)  # same crops and flips, not only the same files
+    whole = tags(epoch(tr, 1))
+    fresh, _ = loaders(train, val)
+    rest = epoch(fresh, 1, start_step=5)
+    assert len(rest) == 7 and tags(rest) == whole[5 * 8:]
 
 
-def _opens(monkeypatch) -> list[tuple[int, bool]]:
-    """Record each pipeline the DALI backend builds: (files in its list, restored from a checkpoint)."""
-    calls, real = [], dali_backend.DaliBatches._open
+def _builds(monkeypatch) -> list[tuple[str, tuple[int, int], bool]]:
+    """Record each pipeline the DALI backend builds: (split, (epoch, step) of its first batch, restored)."""
+    calls, real = [], dali_backend.DaliBatches._build
 
-    def spy(self, items, seed, checkpoint=None):
-        calls.append((len(items), checkpoint is not None))
-        return real(self, items, seed, checkpoint)
-    monkeypatch.setattr(dali_backend.DaliBatches, "_open", spy)
+    def spy(self, base, seed, checkpoint=None):
+        calls.append(("train" if self.train else "val", tuple(base), checkpoint is not None))
+        return real(self, base, seed, checkpoint)
+    monkeypatch.setattr(dali_backend.DaliBatches, "_build", spy)
     return calls
 
 
@@ -201,40 +218,61 @@ def _stop_at(batches, epoch_: int, step: int):
     return done, state
 
 
+def _same(a, b):
+    assert len(a) == len(b)
+    for (x, lx), (y, ly) in zip(a, b):
+        assert torch.equal(x, y) and torch.equal(lx, ly)  # same crops and flips, not only the same files
+
+
 def test_resume_from_dali_checkpoint_without_decoding_the_done_part(tiny_data, monkeypatch):
     """The position saved with DALI's own checkpointing: a new loader (a new process, after a crash)
     continues with the same batches, same crops and flips, and its only pipeline starts at the saved point."""
     train, val = scan_dataset(tiny_data)
     tr, _ = loaders(train, val)
-    whole = epoch(tr, 1)
+    straight = [epoch(tr, e) for e in range(3)]
+    tr, _ = loaders(train, val)
+    epoch(tr, 0)
     _, state = _stop_at(tr, 1, 5)
-    assert state["epoch"] == 1 and state["pos"] == 40 and isinstance(state["dali"], bytes)
-    opens = _opens(monkeypatch)
+    assert state["next"] == [1, 5] and isinstance(state["dali"], bytes)
+    builds = _builds(monkeypatch)
     fresh, _ = loaders(train, val)
     fresh.load_state_dict(state)
-    rest = epoch(fresh, 1, start_step=5)
-    assert opens == [(96, True)]  # restored, nothing replayed (a replay would open without a checkpoint)
-    assert len(rest) == 7
-    for (a, la), (b, lb) in zip(whole[5:], rest):
-        assert torch.equal(a, b) and torch.equal(la, lb)
-    # A state saved elsewhere than where the pass starts is not used: that pass replays instead.
-    opens.clear()
+    _same(epoch(fresh, 1, start_step=5), straight[1][5:])
+    _same(epoch(fresh, 2), straight[2])  # and the epochs after it, in the same pipeline
+    assert builds == [("train", (0, 0), True)]  # restored, nothing replayed: base (0, 0) is the saved pipeline's
+
+
+def test_resume_at_an_epoch_boundary_from_dali_checkpoint(tiny_data):
+    """A checkpoint taken after an epoch's last batch (what the end-of-epoch save holds) continues with the
+    next epoch's batches, crops and flips as if never stopped."""
+    train, val = scan_dataset(tiny_data)
+    tr, _ = loaders(train, val)
+    straight = [epoch(tr, e) for e in range(2)]
+    tr, _ = loaders(train, val)
+    epoch(tr, 0)
+    state = tr.state_dict()
+    tr.close()
+    assert state["next"] == [1, 0]
+    fresh, _ = loaders(train, val)
     fresh.load_state_dict(state)
-    again = epoch(fresh, 1, start_step=6)
-    assert opens == [(96, False)] and all(torch.equal(a, b) for (a, _), (b, _) in zip(whole[6:], again))
-    assert fresh.state_dict() is None  # a finished pass: nothing to continue (the next epoch starts afresh)
+    _same(epoch(fresh, 1), straight[1])
+    # A state saved elsewhere than where the pass starts is not used: that pass starts a fresh pipeline.
+    other, _ = loaders(train, val)
+    other.load_state_dict(state)
+    assert [int(t) for _, lb in epoch(other, 1, start_step=1) for t in lb] == \
+        [int(t) for _, lb in straight[1][1:] for t in lb]
 
 
-def test_a_dali_that_cannot_checkpoint_still_trains_and_resumes_by_replay(tiny_data, monkeypatch, capsys):
+def test_a_dali_that_cannot_checkpoint_still_trains_and_resumes(tiny_data, monkeypatch, capsys):
     """Some DALI versions refuse to checkpoint some operators at pipeline build: train on without DALI
-    checkpoints (one warning), save no DALI state, and resume by replaying the done part."""
+    checkpoints (one warning), save no DALI state, and resume with the same files from the saved step."""
     real = dali_backend._pipeline
 
-    def refusing(source, train, spec, seed, checkpoint=None, checkpointing=True):
+    def refusing(feed, train, spec, seed, checkpoint=None, checkpointing=True):
         if train and checkpointing:
             raise RuntimeError("[operator.h:214] Checkpointing is not implemented for this operator: Decoder")
-        return real(source, train, spec, seed, checkpoint, checkpointing)
-    train, val = scan_dataset(tiny_data)
+        return real(feed, train, spec, seed, checkpoint, checkpointing)
+    train, val = (tagged(s) for s in scan_dataset(tiny_data))
     tr, _ = loaders(train, val)
     whole = epoch(tr, 1)
     monkeypatch.setattr(dali_backend, "_pipeline", refusing)
@@ -243,36 +281,35 @@ def test_a_dali_that_cannot_checkpoint_still_trains_and_resumes_by_replay(tiny_d
     assert state is None and capsys.readouterr().err.count("DALI cannot checkpoint this pipeline") == 1
     fresh.load_state_dict(state)
     rest = epoch(fresh, 1, start_step=5)
-    assert len(rest) == 7 and all(torch.equal(a, b) for (a, _), (b, _) in zip(whole[5:], rest))
+    assert len(rest) == 7 and tags(rest) == tags(whole[5:])
 
 
 def test_resume_from_dali_checkpoint_after_bad_files(tiny_data, tmp_path, monkeypatch, capsys):
-    """Bad files found before the checkpoint: the resumed loader rebuilds the list as the first run patched
-    it, restores the pipeline of that point, and still yields exactly the batches of a run never stopped."""
+    """Bad files found before the checkpoint: the resumed loader knows them (no second warning), restores the
+    pipeline of that point, and still yields exactly the batches of a run never stopped."""
     import shutil
     root = tmp_path / "bad"
     shutil.copytree(tiny_data, root)
     train0, val0 = scan_dataset(str(root))
     order, _ = loaders(train0, val0)
-    early = [train0.samples[i][0] for i in order._items()[:20:18]]  # in the 1st and 3rd batch of epoch 0
+    early = [train0.samples[i][0] for i in order.items(0)[:20:18]]  # in the 1st and 3rd batch of epoch 0
     for path in early:
         open(path, "wb").write(b"not an image\n" * 20)
     train, val = scan_dataset(str(root))
     tr, _ = loaders(train, val)
     whole = epoch(tr, 0)
-    assert capsys.readouterr().err.count("skipped bad file") == 2
+    assert capsys.readouterr().err.count("skipped bad file") == 2 and tr.builds == 3  # one more per bad file
+    assert not {p for p in early} & {train.samples[i][0] for i in tr._batch(0, 0) + tr._batch(0, 2)}
     tr, _ = loaders(train, val)
     _, state = _stop_at(tr, 0, 4)
-    assert [p for _, p in state["recoveries"]] == early
+    assert state["bad"] == sorted(early) and state["next"] == [0, 4]
     capsys.readouterr()
-    opens = _opens(monkeypatch)
+    builds = _builds(monkeypatch)
     fresh, _ = loaders(train, val)
     fresh.load_state_dict(state)
-    rest = epoch(fresh, 0, start_step=4)
-    assert opens == [(96 - state["recoveries"][-1][0], True)] and len(rest) == 8
-    for (a, la), (b, lb) in zip(whole[4:], rest):
-        assert torch.equal(a, b) and torch.equal(la, lb)
-    assert "skipped bad file" not in capsys.readouterr().err and fresh.budget.seen == early
+    _same(epoch(fresh, 0, start_step=4), whole[4:])
+    assert builds == [("train", (0, 2), True)]  # the pipeline built after the 2nd bad file, restored
+    assert "skipped bad file" not in capsys.readouterr().err and fresh.budget.seen == sorted(early)
 
 
 def test_odd_images_come_out_rgb_like_torchvision(tmp_path):
@@ -390,16 +427,28 @@ def test_short_training_learns_like_torchvision(tiny_data, tmp_path):
     assert min(top1.values()) >= 90 and abs(top1["dali"] - top1["torchvision"]) <= 6, top1  # 6: two images
 
 
-def test_passes_do_not_leak_pipelines(tiny_data):
+def test_closing_drops_the_pipelines(tiny_data):
+    """close() frees each split's pipeline at once (GPU memory, threads), also mid-pass, without waiting
+    for the garbage collector."""
+    import gc
     from nvidia.dali.pipeline import Pipeline
+    gc.collect()  # other tests' loaders
+    live = lambda: sum(ref() is not None for ref in Pipeline._pipes)  # noqa: E731
+    before = live()
     train, val = scan_dataset(tiny_data)
     tr, va = loaders(train, val)
     for e in range(3):
         epoch(tr, e)
         list(va)
     next(iter(tr))  # a pass left unfinished, as a stop request leaves it
-    tr.close()
-    assert sum(ref() is not None for ref in Pipeline._pipes) == 0
+    assert live() == before + 2
+    gc.disable()  # what is freed must be freed by close(), not by a collection
+    try:
+        tr.close()
+        va.close()
+        assert live() == before
+    finally:
+        gc.enable()
 
 
 def test_two_gloo_ranks_train_and_score_every_val_image_once(tiny_data, tmp_path):
@@ -450,7 +499,7 @@ def test_stop_mid_epoch_then_resume_equals_straight_run_through_the_cli(tiny_dat
     assert cli.main([*args, "--output-dir", str(tmp_path / "stopped")]) == 143
     load = lambda d: torch.load(tmp_path / d / "checkpoint.pth.tar", map_location="cpu", weights_only=True)  # noqa: E731
     (pos,) = load("stopped")["data"]  # one rank: its DALI checkpoint, 4 batches of 16 into epoch 0
-    assert (pos["epoch"], pos["pos"]) == (0, 64) and pos["dali"]
+    assert pos["next"] == [0, 4] and pos["dali"]
     monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: 0)
     assert cli.main([*args, "--output-dir", str(tmp_path / "stopped"), "--resume", "auto"]) == 0
     a, b = load("straight")["state_dict"], load("stopped")["state_dict"]

@@ -101,31 +101,28 @@ def test_truncated_or_corrupt_jpeg_is_bad_whichever_box(tmp_path):
 
 
 def test_recycled_float_buffers_are_never_handed_out_while_held():
-    """The CPU normalize's output buffers: one is reused only once no tensor, view or autograd graph holds it."""
+    """The CPU normalize's output buffers: one is reused only once nothing holds it (a name, a list, the
+    result of in-place ops on it), and a buffer no one holds is reused rather than a new one made."""
     from fasttrain.data.torchvision_backend import RecycledBuffers
     pool, shape, fmt = RecycledBuffers(keep=3), torch.Size([2, 3, 8, 8]), torch.contiguous_format
-    if pool.use_count is None:
-        pytest.skip("this torch build has no torch._C._storage_Use_Count: nothing is recycled")
 
     def storage(t):
         return t.untyped_storage().data_ptr()
     a = pool.empty(shape, fmt)
     held = {storage(a)}
-    view = pool.empty(shape, fmt)[1:]  # the batch itself dropped, a view kept
-    held.add(storage(view))
+    batches = [(pool.empty(shape, fmt).normal_().sub_(1.0), None)]  # in a list, as list(loader) keeps them
+    held.add(storage(batches[0][0]))
     conv = torch.nn.Conv2d(3, 1, 3)
     x = pool.empty(shape, fmt).normal_()
-    loss = conv(x).sum()  # the graph saves x for backward
+    loss = conv(x).sum()  # the step that uses it
     held.add(storage(x))
-    del x
     assert len(held) == 3
     fresh = pool.empty(shape, fmt)
     assert storage(fresh) not in held and len(pool.buffers) == 3
     del fresh
     assert storage(pool.empty(shape, fmt)) not in held  # the fresh one, free again, is the one reused
     loss.backward()
-    del loss  # graph gone: x's buffer is free, if still in the pool
-    del a, view
+    del loss, x, a, batches
     before = {storage(b) for b in pool.buffers}
     kept = [pool.empty(shape, fmt) for _ in range(3)]  # all three held at once: each one reused, none new
     assert {storage(b) for b in kept} == before

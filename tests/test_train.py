@@ -150,3 +150,36 @@ def test_train_crop_box_is_torchvisions_random_resized_crop():
     for h, w in ((10, 1000), (1000, 10)):  # no try fits: the whole image cut to the nearest allowed ratio
         assert tf.box(h, w, random.Random(0)) == T.RandomResizedCrop.get_params(
             torch.empty(3, h, w), [0.08, 1.0], [3 / 4, 4 / 3])
+
+
+def _sgd_run(fused: bool, inf_steps: set[int], steps: int = 5):
+    """Parameters and momentum buffers after `steps` fp16-style steps (GradScaler on) of a small model,
+    with the loss made infinite at `inf_steps` (what the scaler meets on the first steps of an fp16 run)."""
+    from fasttrain.config import OptimConfig
+    from fasttrain.optim import build_optimizer
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = build_optimizer(model.parameters(), OptimConfig(lr=0.1), torch.device("cpu"), fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        x, y = torch.randn(8, 32, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        if step in inf_steps:
+            loss = loss * float("inf")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return [p.detach().clone() for p in model.parameters()], [opt.state[p]["momentum_buffer"] for p in model.parameters()]
+
+
+@pytest.mark.parametrize("inf_steps", [{0}, {0, 1}, {2}, set()])
+def test_fused_sgd_matches_foreach_when_the_grad_scaler_skips_steps(inf_steps):
+    """fused SGD (fasttrain's CUDA default; the same kernel logic runs on the CPU) left garbage momentum buffers
+    when the GradScaler skipped the first step: params then diverged from foreach's (measured: buffers ~1e36)."""
+    p_fused, b_fused = _sgd_run(True, inf_steps)
+    p_ref, b_ref = _sgd_run(False, inf_steps)
+    for a, b in zip(p_fused + b_fused, p_ref + b_ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -14,33 +14,35 @@ transpose kernel).
     train.set_epoch(epoch, start_step)
     for images, labels in train: ...
 
-The same samples as the torchvision backend, by construction: each epoch this rank reads exactly the files
-the torchvision backend's sampler gives it (DistributedSampler's permutation for seed + epoch at the
-GLOBAL rank, truncated to `steps` whole batches), so every rank runs the same number of steps; val rank r
-reads samples r, r+W, r+2W, ... so every val image is scored once. Each pass (one train epoch, one val
-run) gets a fresh pipeline on that list in that order (the reader's num_shards=1: the sharding by global
-rank is in the list). Why not DALI's own shuffling and sharding: `random_shuffle` is a 1024-sample shuffle
-buffer whose state, like the shard rotation between epochs, depends on every earlier epoch, so a resumed run
-could not get its epoch back without replaying them all, and an epoch cut short by --steps-per-epoch cannot
-be reset without decoding the rest of it. Starting a pass (list, file_list, pipeline build) took 0.8 s for
-ImageNet's 1.28M files on one rank on the 2-core machine, about 0.1 s per rank on 8.
+One pipeline per split per run. Which files a batch holds is decided here, not by a DALI reader: the
+pipeline's input is an `external_source` that asks, for its g-th batch, for file names and labels
+(Stream.feed), and `fn.io.file.read` reads the files in DALI's own threads. The names come from a plan
+that runs across epochs: iteration g of a pipeline built at (epoch e0, step s0) is step s0 + g of epoch e0,
+continuing into e0 + 1, ... So epochs follow each other without a new pipeline (nvJPEG and the hardware
+decoder are set up once per run), and the prefetch queue runs on into the next epoch's first batches.
 
-Resume: train pipelines run with DALI's checkpointing on. state_dict() is this rank's position in the pass
-plus DALI's checkpoint of its pipeline (reader position, the state of every random op; a few hundred
-bytes), which the run's checkpoint stores per rank; after load_state_dict(), the pass that starts at that
-point restores the pipeline from it and continues with the same batches, crops and flips, decoding nothing
-twice. Without a usable state (another number of ranks, a DALI that refuses the checkpoint or cannot
-checkpoint an operator) the pass decodes and drops its first `start_step` batches instead, which gives the
-same batches too: DALI's random ops depend only on the pipeline seed, not on thread timing.
+The same samples as the torchvision backend, by construction: epoch e on this rank reads exactly the files
+the torchvision backend's sampler gives it (DistributedSampler's permutation for seed + epoch at the GLOBAL
+rank, truncated to `steps` whole batches), so every rank runs the same number of steps; val rank r reads
+samples r, r+W, r+2W, ... so every val image is scored once, every pass. Why not DALI's own shuffling and
+sharding: `random_shuffle` is a 1024-sample shuffle buffer whose state, like the shard rotation between
+epochs, depends on every earlier epoch, and an epoch cut short by --steps-per-epoch could not be reset.
+
+Resume: the train pipeline runs with DALI's checkpointing on. state_dict() is where the stream is (the next
+batch's epoch and step, and what the pipeline was built from) plus DALI's checkpoint of it: the state of
+every random op and the external source's iteration, a few hundred bytes. A run that loads it builds its
+pipeline from that checkpoint, and the stream continues with the same files, crops and flips, decoding
+nothing twice, mid-epoch or at an epoch boundary. Crops and flips depend on everything the pipeline drew
+since it was built, so without a usable checkpoint (another number of ranks, a DALI that cannot checkpoint
+an operator) a resumed run reads the same files from the same step on, with other random crops and flips.
 
 Bad files: DALI 2.4 stops the whole pipeline on a file it cannot read, sometimes naming it ("Failed to
-decode sample #1 : PATH" for a truncated JPEG, "File mapping failed: PATH" for an empty one) and
-sometimes not ("nvImageCodec failure: '#4'" for a text file named .jpg). Here the failing batch is
-searched (the name in DALI's message, else decode.decode_file on each file), the file is reported through
-BadFileBudget like the torchvision backend does (warning naming it, at most --max-bad-files), and the pass
-goes on from the same batch in a new pipeline: val drops the file, train puts another image of the epoch in
-its place so every rank still runs the same number of steps. Known bad files are left out of later epochs
-without a new warning.
+decode sample #1 : PATH") and sometimes not ("nvImageCodec failure: '#4'" for a text file named .jpg). Here
+the failing batch and those fed after it are searched (the name in DALI's message, else decode.decode_file
+on each file), the file is reported through BadFileBudget like the torchvision backend does (a warning
+naming it, at most --max-bad-files), and a new pipeline continues from that batch. From then on the plan
+leaves the file out: val drops it, train puts the next good file of the epoch in its place so every rank
+still runs the same number of steps. Known bad files are left out of later epochs without a new warning.
 
 This is the only module that imports nvidia.dali, and only inside functions: importing it loads CUDA
 libraries, and the package is an optional extra (`pip install 'fasttrain[dali]'`).
@@ -50,10 +52,9 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import sys
-import tempfile
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -64,7 +65,6 @@ from .base import IMAGENET_MEAN, IMAGENET_STD, BadFileBudget, Layout, val_resize
 from .decode import BadImage, decode_file
 from .scan import Split
 
-READER = "Reader"
 _import_error: str | None = None
 
 
@@ -87,7 +87,7 @@ def import_error() -> str:
 
 @dataclass(frozen=True)
 class Spec:
-    """Everything a pipeline is built from, besides its file list and seed."""
+    """Everything a pipeline is built from, besides its input and seed."""
     batch: int
     image_size: int
     threads: int
@@ -96,22 +96,27 @@ class Spec:
     hw_decoder_load: float
     channels_last: bool
     half: bool                 # fp16 out of DALI (DALI has no bfloat16: bf16 is one cast on the torch side)
+    padding: int = 0           # nvJPEG's host and device buffer padding, bytes (see decoder_padding)
 
 
-def _pipeline(source: dict, train: bool, spec: Spec, seed: int, checkpoint: bytes | None = None,
+def _pipeline(feed, train: bool, spec: Spec, seed: int, checkpoint: bytes | None = None,
               checkpointing: bool = True):
-    """`source`: the reader's file_list= or files=/labels= (see DaliBatches._source). Order and sharding are ours.
-    Train pipelines keep DALI checkpoints (reader position, every random op's state) unless `checkpointing` is
-    off; `checkpoint` restores one."""
+    """`feed(batch_info)` -> (file names as uint8 arrays, labels): see Stream.feed. Train pipelines keep DALI
+    checkpoints (the source's iteration, every random op's state) unless `checkpointing` is off;
+    `checkpoint` restores one."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = spec.device_id is not None
 
     def graph():
-        jpegs, labels = fn.readers.file(**source, random_shuffle=False, pad_last_batch=True, name=READER)
-        # NVIDIA's ResNet-50 example pads nvJPEG's buffers so the first epochs do not keep reallocating them.
-        dec = (dict(device="mixed", hw_decoder_load=spec.hw_decoder_load, device_memory_padding=211025920,
-                    host_memory_padding=140544512) if gpu else dict(device="cpu"))
+        names, labels = fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True,
+                                           dtype=[types.UINT8, types.INT32])
+        jpegs = fn.io.file.read(names)  # in DALI's threads, not the training process's Python thread
+        dec = dict(device="cpu")
+        if gpu:
+            dec = dict(device="mixed", hw_decoder_load=spec.hw_decoder_load)
+            if spec.padding:
+                dec.update(device_memory_padding=spec.padding, host_memory_padding=spec.padding)
         size = spec.image_size
         if train:  # the torchvision backend's RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + flip
             images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=[0.08, 1.0],
@@ -138,6 +143,22 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p % 2**63 for p in parts]).generate_state(1)[0]) % 2**31
 
 
+def decoder_padding(samples, n: int = 256, seed: int = 0) -> int:
+    """nvJPEG's buffer padding: the decoded size (H x W x 3 bytes) of the largest of `n` files drawn at random,
+    read from their headers, plus 10%. nvJPEG grows a buffer when an image does not fit; padding sized to the
+    data's large images spares most regrowths without pinning memory no image needs (NVIDIA's examples pin
+    140 MB of host memory per decoder thread: 2.2 GB with 16 threads). 0 (DALI's default) if none can be read."""
+    from PIL import Image
+    largest = 0
+    for path, _ in random.Random(seed).sample(list(samples), min(n, len(samples))):
+        try:
+            with Image.open(path) as im:  # the header only: no pixels are decoded
+                largest = max(largest, im.width * im.height * 3)
+        except Exception:
+            continue  # a bad file is the decoder's business, and reported there
+    return int(largest * 1.1)
+
+
 def _find_bad(message: str, paths: list[str]) -> tuple[str, str] | None:
     """(path, reason) of the file DALI failed on: the one its message names, else the first of `paths`
     that decode_file cannot decode either."""
@@ -154,142 +175,117 @@ def _find_bad(message: str, paths: list[str]) -> tuple[str, str] | None:
     return None
 
 
-def _patch(idx: list[int], samples, bad: set[str], keep_length: bool) -> list[int]:
-    """Sample indices `idx` without bad files; with keep_length (train) each is replaced by the next good one
-    instead, since every rank must run the same number of steps."""
-    if not bad:
-        return idx
-    good = [i for i in idx if samples[i][0] not in bad]
-    if not keep_length or len(good) == len(idx):
-        return good
-    if not good:
-        raise UserError(f"no file of this epoch's {len(idx)} could be decoded (first: {samples[idx[0]][0]})")
-    out, g = [], 0
-    for i in idx:
-        if samples[i][0] in bad:
-            out.append(good[g % len(good)])
-        else:
-            out.append(i)
-            g += 1
-    return out
-
-
 class DaliBatches:
-    """One split's batches through DALI pipelines; subclasses say which samples a pass reads, in what order
-    (as indices into split.samples)."""
+    """One split's batches from one DALI pipeline, fed by a plan. Subclasses say which samples step k of
+    epoch e holds (`_batch`) and how many steps an epoch has (`__len__`)."""
     train = False
 
     def __init__(self, split: Split, spec: Spec, layout: Layout, budget: BadFileBudget, bad: set[str], seed: int,
                  rank: int):
         self.samples, self.spec, self.layout, self.budget, self.bad = split.samples, spec, layout, budget, bad
         self.seed, self.rank, self.epoch, self.start_step = seed, rank, 0, 0
-        self._live: Iterator | None = None
-        self._lines: list[str] | None = None
-        self._pass: dict | None = None     # where the live pass is: what state_dict() saves
-        self._resume: dict | None = None   # a saved position for the next pass (load_state_dict)
+        self._it = None                    # DALI iterator over the live pipeline
+        self._base = (0, 0)                # (epoch, step) of the live pipeline's iteration 0
+        self._pipe_seed = 0
+        self._next: tuple[int, int] | None = None  # (epoch, step) of the batch the live pipeline hands out next
+        self._fed: dict[int, list[int]] = {}       # iteration -> sample indices, for batches not yet handed out
+        self._resume: dict | None = None   # a saved state for the next pass (load_state_dict)
         self._checkpointing = self.train   # off if this DALI cannot checkpoint an operator of the pipeline
+        self.builds = 0                    # pipelines built so far (one per run unless a bad file or a jump)
 
-    def _items(self) -> list[int]:
+    # -- the plan -----------------------------------------------------------------------------------------
+    def _batch(self, epoch: int, step: int) -> list[int]:
         raise NotImplementedError
+
+    def _locate(self, g: int) -> tuple[int, int]:
+        """(epoch, step) of iteration g of the live pipeline."""
+        e, s = divmod(self._base[1] + g, len(self))
+        return self._base[0] + e, s
+
+    def _iteration(self, at: tuple[int, int]) -> int:
+        return (at[0] - self._base[0]) * len(self) + at[1] - self._base[1]
+
+    def feed(self, info):
+        """external_source's callback: file names and labels of the pipeline's batch `info.iteration`."""
+        idx = self._batch(*self._locate(info.iteration))
+        self._fed[info.iteration] = idx
+        names = [np.frombuffer(os.fsencode(self.samples[i][0]), dtype=np.uint8) for i in idx]
+        return names, np.array([self.samples[i][1] for i in idx], dtype=np.int32).reshape(-1, 1)
+
+    # -- passes -------------------------------------------------------------------------------------------
+    def _start(self) -> tuple[int, int]:
+        return self.epoch, self.start_step
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self):
-        self.close()  # a pass left unfinished (a stop, an exception) must not keep its pipeline and threads
-        saved, self._resume = self._resume, None
-        skip = self.start_step * self.spec.batch
-        if saved is not None and (saved["epoch"], saved["pos"]) != (self.epoch, skip):
-            saved = None  # saved at another point than this pass starts from: replay instead
-        if saved is not None:
-            self.bad.update(saved["bad_at_start"])
-        self._pass = {"epoch": self.epoch, "pos": 0, "bad_at_start": sorted(self.bad), "recoveries": [], "it": None}
-        items = _patch(self._items(), self.samples, self.bad, self.train)
-        self._live = self._walk(items, _seed(self.seed, self.epoch, self.rank, self.train), skip, saved)
-        return self._live
+        start = self._start()
+        if self._it is None or self._next != start:
+            self._open_at(start)
+        return self._pass(start)
 
-    def close(self) -> None:
-        if self._live is not None:
-            self._live.close()
-            self._live = None
-
-    def _walk(self, items: list[int], seed: int, skip: int, saved: dict | None = None):
-        """Yield `items` in batches, in order, from item `skip` on: from a saved DALI checkpoint when there is
-        one for this point, else by decoding and dropping the first `skip` (so the random crops and flips
-        after them are the same as in a pass that did not skip)."""
-        pos, it = 0, None  # items before `pos` are done: yielded, or skipped
-        if saved is not None:
-            it, pos = self._restore(items, seed, saved)
-            items = self._pass["items"]
-        if it is None:
-            pos, it = 0, self._open(items, seed)
-        try:
-            while it is not None:
-                self._pass["it"] = it
-                try:
-                    out = next(it, None)
-                except RuntimeError as e:  # DALI: after any error the pipeline object is dead
-                    it = self._pass["it"] = None
-                    items = self._recover(e, items, pos)
-                    it = self._open(items[pos:], _seed(seed, pos))
-                    continue
-                if out is None:
-                    break
-                images, labels = out[0]["images"], out[0]["labels"]
-                pos += labels.shape[0]
-                self._pass["pos"] = pos
-                # PARTIAL + pad_last_batch may hand back an EMPTY last batch: nothing to yield.
-                if pos > skip and labels.shape[0]:
-                    yield self._to_layout(images, labels)
-        finally:  # a finished or closed pass holds no pipeline (and has no position to save)
-            self._pass["it"] = None
-
-    def _source(self, items: list[int]) -> tuple[dict, str | None]:
-        """(reader arguments, temporary file to delete once the pipeline is built). A file_list builds ~3x
-        faster than files=/labels= (DALI parses it in C++: 0.7 s against 1.9 s for 300k files here), and a
-        pass pays it once per epoch. A name with a line break cannot be a line: then files=/labels=."""
-        if self._lines is None:  # formatted once, not every epoch: ~1 s for ImageNet's 1.28M
-            self._lines = [f"{p} {label}\n" for p, label in self.samples]  # DALI: the label is the last field
-            if "".join(self._lines).count("\n") != len(self._lines) or any("\r" in ln for ln in self._lines):
-                self._lines = []
-        if not self._lines:
-            return dict(files=[self.samples[i][0] for i in items], labels=[self.samples[i][1] for i in items]), None
-        with tempfile.NamedTemporaryFile("w", prefix="fasttrain-dali-", suffix=".txt", delete=False) as fh:
-            fh.write("".join([self._lines[i] for i in items]))
-        return dict(file_list=fh.name), fh.name
-
-    def _open(self, items: list[int], seed: int, checkpoint: bytes | None = None):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-        if not items:
-            return None
-        source, list_file = self._source(items)
-
-        def build():
-            # PARTIAL: the last batch holds only the real samples (the reader pads it with copies, then they
-            # are cut); reader_name lets the iterator stop at the end of the list. No first batch in the
-            # constructor, so a bad file in it fails in _walk, where it is handled.
-            pipe = _pipeline(source, self.train, self.spec, seed, checkpoint, self._checkpointing)
-            return DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
-                                       last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
-        try:
+    def _pass(self, start: tuple[int, int]):
+        epoch, step = start
+        while step < len(self):
             try:
-                return build()
-            except RuntimeError as e:  # "Checkpointing is not implemented for this operator: ..." (older DALI)
-                if not self._checkpointing or checkpoint is not None or "heckpointing" not in str(e):
-                    raise
-                self._checkpointing = False
-                print(f"fasttrain: warning: rank {self.rank}: DALI cannot checkpoint this pipeline "
-                      f"({str(e).strip().splitlines()[-1]}); a resumed epoch replays its done part instead",
-                      file=sys.stderr, flush=True)
-                return build()
-        finally:  # the constructor built the pipeline, which has read the list
-            if list_file:
-                os.unlink(list_file)
+                out = next(self._it)
+            except StopIteration:  # not expected: the plan has no end
+                raise RuntimeError("the DALI pipeline ended before the epoch did") from None
+            except RuntimeError as e:  # DALI: after any error the pipeline object is dead
+                self._recover(e, (epoch, step))
+                continue
+            fed = self._fed.pop(self._iteration((epoch, step)), None)
+            step += 1
+            self._next = (epoch, step) if step < len(self) else (epoch + 1, 0)
+            if fed != []:  # [] marks a batch whose files were all bad (ValBatches.feed)
+                yield self._to_layout(out[0]["images"], out[0]["labels"])
 
-    def _recover(self, err: RuntimeError, items: list[int], pos: int) -> list[int]:
-        """Name the file DALI failed on, report it, and return `items` without it from `pos` on."""
-        # Errors come back with the batch that failed (the next one), but prefetch runs ahead: look further.
-        window = [self.samples[i][0] for i in items[pos:pos + (self.spec.prefetch + 1) * self.spec.batch]]
+    def _open_at(self, at: tuple[int, int]) -> None:
+        """A pipeline whose next batch is `at`: restored from a saved state of that point if there is one."""
+        saved, self._resume = self._resume, None
+        if saved is not None and tuple(saved["next"]) == at:
+            self.bad.update(saved["bad"])
+            for path in saved["bad"]:
+                self.budget.count_known(path)
+            try:
+                self._build(tuple(saved["base"]), saved["seed"], saved["dali"])
+                self._next = at
+                return
+            except (RuntimeError, ValueError) as e:
+                print(f"fasttrain: warning: rank {self.rank}: DALI could not restore its checkpoint ({e}); the "
+                      "resumed epoch reads the same files with other random crops and flips",
+                      file=sys.stderr, flush=True)
+        self._build(at, _seed(self.seed, self.rank, self.train, *at))
+        self._next = at
+
+    def _build(self, base: tuple[int, int], seed: int, checkpoint: bytes | None = None) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        self.close()
+        self._base, self._pipe_seed, self._fed = base, seed, {}
+
+        def make():
+            pipe = _pipeline(self.feed, self.train, self.spec, seed, checkpoint, self._checkpointing)
+            # No first batch in the constructor, so a bad file in it fails in _pass, where it is handled.
+            return DALIGenericIterator(pipe, ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL,
+                                       prepare_first_batch=False, auto_reset=False)
+        try:
+            self._it = make()
+        except RuntimeError as e:  # "Checkpointing is not implemented for this operator: ..." (older DALI)
+            if not self._checkpointing or checkpoint is not None or "heckpointing" not in str(e):
+                raise
+            self._checkpointing = False
+            print(f"fasttrain: warning: rank {self.rank}: DALI cannot checkpoint this pipeline "
+                  f"({str(e).strip().splitlines()[-1]}); a resumed run reads the same files with other random "
+                  "crops and flips", file=sys.stderr, flush=True)
+            self._it = make()
+        self.builds += 1
+
+    def _recover(self, err: RuntimeError, at: tuple[int, int]) -> None:
+        """Name the file DALI failed on, report it, and continue from batch `at` in a new pipeline."""
+        # The error comes with the batch that failed; it is this one or one fed after it (prefetch).
+        first = self._iteration(at)
+        window = [self.samples[i][0] for g in sorted(self._fed) if g >= first for i in self._fed[g]]
         found = _find_bad(str(err), window)
         if found is None:
             raise RuntimeError(f"DALI failed on one of the {len(window)} files from {window[0] if window else '?'}"
@@ -297,42 +293,22 @@ class DaliBatches:
         path, reason = found
         self.bad.add(path)
         self.budget.report(path, reason)
-        self._pass["recoveries"].append((pos, path))
-        return items[:pos] + _patch(items[pos:], self.samples, self.bad, self.train)
+        self._build(at, _seed(self.seed, self.rank, self.train, *at, len(self.bad)))
+        self._next = at
 
-    def _restore(self, items: list[int], seed: int, saved: dict):
-        """(DALI iterator, position) continuing a saved pass exactly where it was, without decoding what it
-        had done; (None, 0) to fall back to replaying, with a warning, if DALI cannot take the checkpoint.
-        The pass's list is rebuilt as the saved pass changed it (each bad file found patched the rest of
-        the list from where it was found), and its last pipeline (built at the last such point, with the
-        seed it was built with) is restored from DALI's own checkpoint: reader position and random state."""
-        start, seg_seed = 0, seed
-        for pos, path in saved["recoveries"]:
-            self.bad.add(path)
-            self._pass["recoveries"].append((pos, path))
-            items = items[:pos] + _patch(items[pos:], self.samples, self.bad, self.train)
-            start, seg_seed = pos, _seed(seed, pos)
-        self._pass["items"] = items
-        for path in sorted(self.bad):
-            self.budget.count_known(path)
-        try:
-            it = self._open(items[start:], seg_seed, checkpoint=saved["dali"])
-        except (RuntimeError, ValueError) as e:
-            print(f"fasttrain: warning: rank {self.rank}: DALI could not restore its checkpoint ({e}); "
-                  f"replaying the epoch's first {saved['pos']} samples instead", file=sys.stderr, flush=True)
-            self._pass["recoveries"].clear()
-            return None, 0
-        self._pass["pos"] = saved["pos"]
-        return it, saved["pos"]
+    def close(self) -> None:
+        """Drop the pipeline (its threads, nvJPEG state and prefetched batches). A later pass builds a new one."""
+        if self._it is not None:
+            self._it = None  # the pipeline refers back to self.feed: drop our end so the cycle is gone now
+            self._next = None
 
     def state_dict(self) -> dict | None:
-        """This rank's position in the live pass, with DALI's checkpoint of it (a few hundred bytes): what
-        load_state_dict() + set_epoch(epoch, step) continue from. None when no pass is under way."""
-        p = self._pass
-        if p is None or p["it"] is None or not self._checkpointing:  # _walk clears "it" when a pass ends
+        """Where the stream is, with DALI's checkpoint of it: what load_state_dict() + set_epoch(epoch, step)
+        continue from. None before the first pass, after close(), or where DALI cannot checkpoint."""
+        if self._it is None or not self._checkpointing or self._next is None:
             return None
-        return {"epoch": p["epoch"], "pos": p["pos"], "bad_at_start": list(p["bad_at_start"]),
-                "recoveries": list(p["recoveries"]), "dali": p["it"].checkpoints()[0]}
+        return {"next": list(self._next), "base": list(self._base), "seed": self._pipe_seed,
+                "bad": sorted(self.bad), "dali": self._it.checkpoints()[0]}
 
     def load_state_dict(self, state: dict | None) -> None:
         """Take a state_dict() for the next pass; it is used if that pass starts where the state was saved."""
@@ -355,21 +331,46 @@ class TrainBatches(DaliBatches):
         self.steps = steps
         self.sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=self.rank,
                                           shuffle=True, seed=self.seed, drop_last=True)
+        self._order: tuple[int, list[int]] | None = None  # (epoch, its sample order): one epoch cached
 
     def __len__(self) -> int:
         return self.steps
 
-    def _items(self) -> list[int]:
-        self.sampler.set_epoch(self.epoch)
-        return list(self.sampler)[:self.steps * self.spec.batch]
+    def items(self, epoch: int) -> list[int]:
+        """This rank's samples of an epoch, in order, before bad files are replaced."""
+        if self._order is None or self._order[0] != epoch:
+            self.sampler.set_epoch(epoch)
+            self._order = (epoch, list(self.sampler)[:self.steps * self.spec.batch])
+        return self._order[1]
+
+    def _batch(self, epoch: int, step: int) -> list[int]:
+        items, b = self.items(epoch), self.spec.batch
+        idx = items[step * b:(step + 1) * b]
+        if not self.bad or all(self.samples[i][0] not in self.bad for i in idx):
+            return idx
+        # A bad file's place goes to the next good file of the epoch's order (the same on a resumed run).
+        out = []
+        for j, i in enumerate(idx):
+            k = step * b + j
+            for n in range(len(items)):
+                i = items[(k + n) % len(items)]
+                if self.samples[i][0] not in self.bad:
+                    break
+            else:
+                raise UserError(f"no file of this epoch's {len(items)} could be decoded (first: "
+                                f"{self.samples[items[0]][0]})")
+            out.append(i)
+        return out
 
 
 class ValBatches(DaliBatches):
-    """Samples rank, rank+W, ...: every val image scored exactly once across the ranks, no padding."""
+    """Samples rank, rank+W, ...: every val image scored exactly once across the ranks, no padding. Each
+    pass over them is one "epoch" of the plan."""
 
     def __init__(self, split: Split, world_size: int, **kw):
         super().__init__(split, **kw)
         self.items = list(range(self.rank, len(split), world_size))
+        self._passes = 0
 
     def __len__(self) -> int:
         return math.ceil(len(self.items) / self.spec.batch)
@@ -377,8 +378,29 @@ class ValBatches(DaliBatches):
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         pass  # the same images, in the same order, every time
 
-    def _items(self) -> list[int]:
-        return self.items
+    def _start(self) -> tuple[int, int]:
+        return self._passes, 0
+
+    def __iter__(self):
+        if not self.items:
+            return iter(())
+        it = super().__iter__()
+        self._passes += 1
+        return it
+
+    def _batch(self, epoch: int, step: int) -> list[int]:
+        idx = self.items[step * self.spec.batch:(step + 1) * self.spec.batch]
+        return [i for i in idx if self.samples[i][0] not in self.bad]
+
+    def feed(self, info):
+        if self._batch(*self._locate(info.iteration)):
+            return super().feed(info)
+        # Only bad files in this batch. DALI wants at least one sample: feed a good one, drop the batch.
+        good = next((i for i in self.items if self.samples[i][0] not in self.bad), None)
+        if good is None:
+            raise UserError(f"no val file of this process could be decoded (first: {self.samples[self.items[0]][0]})")
+        self._fed[info.iteration] = []
+        return [np.frombuffer(os.fsencode(self.samples[good][0]), dtype=np.uint8)], np.zeros((1, 1), np.int32)
 
 
 def build(train: Split, val: Split, per_rank_batch: int, workers: int, cfg, layout: Layout, dist, seed: int,
@@ -391,7 +413,8 @@ def build(train: Split, val: Split, per_rank_batch: int, workers: int, cfg, layo
                 device_id=(layout.device.index if layout.device.index is not None else torch.cuda.current_device())
                 if gpu else None,
                 hw_decoder_load=cfg.hw_decoder_load, channels_last=layout.channels_last,
-                half=layout.dtype in (torch.float16, torch.bfloat16))
+                half=layout.dtype in (torch.float16, torch.bfloat16),
+                padding=decoder_padding(train.samples, seed=seed) if gpu else 0)
     shared = dict(spec=spec, layout=layout, budget=BadFileBudget(cfg.max_bad_files, dist.rank), bad=set(),
                   seed=seed, rank=dist.rank)
     return (TrainBatches(train, steps, dist.world_size, **shared), ValBatches(val, dist.world_size, **shared))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -190,33 +191,24 @@ class RecycledBuffers:
     """float32 buffers for normalized batches on a CPU device, each handed out again once nothing holds it.
     A fresh 77 MB batch (128 x 224 px) costs the kernel ~19k page faults and zeroing before normalize writes a
     byte: 0.06 of the 0.14 CPU ms an image that normalizing costs here. CUDA's caching allocator needs none
-    of this. A buffer is reused only when its storage has no other reference (no tensor, view or autograd
-    graph of the training step), so a batch the caller still holds is never overwritten; where the storage
-    reference count cannot be read, every batch gets a fresh buffer."""
+    of this. What is handed out is the buffer tensor itself, and it is reused only when no Python name or
+    container other than this pool refers to it (sys.getrefcount), so a batch the caller still holds (the
+    training loop's variable, a list of batches, anything made from it in place) is never overwritten. A
+    view kept without the batch it came from does not count: the loaders' consumers never do that."""
 
     def __init__(self, keep: int = 3):
         self.keep, self.buffers = keep, []
-        # Private, and only in CUDA builds of torch: without it nothing is recycled.
-        self.use_count = getattr(torch._C, "_storage_Use_Count", None)
-        # What the count reads for a storage only its own tensor holds (on torch 2.14: 2, that tensor and the
-        # storage object made to ask), measured rather than assumed.
-        self.alone = self._count(torch.empty(1)) if self.use_count is not None else None
-
-    def _count(self, t: torch.Tensor) -> int:
-        return self.use_count(t.untyped_storage()._cdata)
-
-    def _free(self, buf: torch.Tensor) -> bool:
-        return self.use_count is not None and self._count(buf) == self.alone
 
     def empty(self, shape: torch.Size, memory_format: torch.memory_format) -> torch.Tensor:
-        """A float32 tensor of that shape and memory format. What is handed out is another tensor on the
-        buffer's storage (detach()), never the buffer object itself, so that whoever holds it counts."""
-        for buf in self.buffers:
-            if buf.shape == shape and buf.is_contiguous(memory_format=memory_format) and self._free(buf):
-                return buf.detach()
+        """A float32 tensor of that shape and memory format."""
+        for i in range(len(self.buffers)):
+            # References: the list, and getrefcount's own argument.
+            if (sys.getrefcount(self.buffers[i]) == 2 and self.buffers[i].shape == shape
+                    and self.buffers[i].is_contiguous(memory_format=memory_format)):
+                return self.buffers[i]
         buf = torch.empty(shape, dtype=torch.float32, memory_format=memory_format)
         self.buffers = (self.buffers + [buf])[-self.keep:]
-        return buf.detach()
+        return buf
 
 
 class DeviceBatches:
@@ -230,6 +222,9 @@ class DeviceBatches:
         self.mean = torch.tensor(IMAGENET_MEAN, device=layout.device).view(shape) * 255
         self.inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=layout.device).view(shape) * 255)
         self.buffers = RecycledBuffers() if layout.device.type == "cpu" else None  # float32, before any .to(dtype)
+        # One side stream for the loader's life: the caching allocator keeps blocks per stream, so a new
+        # stream per epoch or validation pass would strand the previous ones' blocks.
+        self.stream = torch.cuda.Stream(device=layout.device) if self.cuda else None
 
     def __len__(self):
         return self._steps if self._steps is not None else len(self.loader)
@@ -254,8 +249,7 @@ class DeviceBatches:
         return images, labels
 
     def __iter__(self):
-        stream = torch.cuda.Stream() if self.cuda else None
-        pending = None
+        stream, pending = self.stream, None
         for images, labels, bad in self.loader:
             for path, reason in bad:
                 self.budget.report(path, reason)
