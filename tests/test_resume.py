@@ -46,9 +46,9 @@ def small_model(cfg, num_classes):
 
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
-    """One epoch of resnet18 (with --seed 5): its folder, for the tests that only read it."""
+    """One short epoch of resnet18 (with --seed 5): its folder, for the tests that only read it."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    train(tiny_data, out, "--epochs", "1", "--seed", "5")
+    train(tiny_data, out, "--epochs", "1", "--seed", "5", "--steps-per-epoch", "2")
     return out
 
 
@@ -136,7 +136,8 @@ def test_reference_checkpoint_resumes_evaluates_and_loads_as_weights(tiny_data, 
     model = build_model(ModelConfig(arch="resnet18", weights=str(path)), 4)
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
     assert cli.main(["eval", tiny_data, "--checkpoint", str(path), "--device", "cpu", "-j", "0", "-b", "16"]) == 0
-    rows = train(tiny_data, tmp_path / "r", "--resume", str(path), "--epochs", "2", "--lr-schedule", "cosine")
+    rows = train(tiny_data, tmp_path / "r", "--resume", str(path), "--epochs", "2", "--lr-schedule", "cosine",
+                 "--steps-per-epoch", "2")
     assert "resumed from" in capsys.readouterr().err and [r["epoch"] for r in rows] == [1]
     # The schedule continues from the checkpoint's epoch, counted in our steps (its StepLR counted epochs):
     # the last step of a 2-epoch cosine schedule brings the LR to 0.
