@@ -91,15 +91,19 @@ class RunConfig:
                             help="torch.compile mode; reduce-overhead adds CUDA graphs (fewer launch gaps)")
     cudnn_benchmark: bool | None = opt(None, "--cudnn-benchmark", tristate=True,
                                        help="let cuDNN autotune convolution algorithms (auto: on for GPU)")
-    seed: int | None = opt(None, "--seed", metavar="N", help="seed for initializing training")
+    seed: int | None = opt(None, "--seed", metavar="N",
+                           help="seed for initializing training (default: a random one); kept in checkpoints, "
+                           "and a resumed run continues with its own")
     print_freq: int = opt(10, "-p", "--print-freq", metavar="N", help="print (and sync) every N steps")
     output_dir: str | None = opt(None, "--output-dir", metavar="DIR",
                                  help="where metrics and checkpoints go (default: runs/<arch>-<timestamp>)")
     resume: str = opt("", "--resume", metavar="PATH",
-                      help="checkpoint to resume from; 'auto' = OUTPUT_DIR/checkpoint.pth.tar if present")
+                      help="checkpoint to resume from (ours or the reference script's); 'auto' = "
+                      "OUTPUT_DIR/checkpoint.pth.tar if present (needs --output-dir)")
     evaluate: bool = opt(False, "-e", "--evaluate", help="evaluate the model on the validation set and exit")
     checkpoint_interval: int = opt(0, "--checkpoint-interval", metavar="STEPS",
-                                   help="also checkpoint every STEPS train steps (0 = only at epoch ends)")
+                                   help="also checkpoint every STEPS train steps, whatever -p is (0 = only at "
+                                   "epoch ends)")
     on_nan: str = opt("abort", "--on-nan", choices=("abort", "skip"),
                       help="on a non-finite loss: stop the run, or skip that step's update")
 
