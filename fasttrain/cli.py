@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from . import config as C
-from .errors import EXIT_USAGE, UserError
+from .errors import EXIT_SIGINT, EXIT_USAGE, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -136,3 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"fasttrain: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (there it saves first: signals.py)
+        print("fasttrain: interrupted", file=sys.stderr, flush=True)
+        return EXIT_SIGINT

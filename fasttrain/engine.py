@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -61,6 +62,33 @@ class Trainer:
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         meter.update(loss, logits.float(), labels)
 
+    def state_dict(self) -> dict:
+        """The reference's keys (state_dict, optimizer, scheduler) and ours (scaler, skipped_steps)."""
+        return {"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, ck: dict, global_step: int) -> None:
+        """From our checkpoint or the reference script's (its StepLR counts epochs, ours counts steps: its
+        schedule is not loaded, ours is set to `global_step`, the steps the checkpoint had done)."""
+        self.model.load_state_dict(ck["state_dict"])
+        if ck.get("optimizer"):
+            how = [{k: g[k] for k in ("foreach", "fused") if k in g} for g in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(ck["optimizer"])
+            for group, kept in zip(self.optimizer.param_groups, how):
+                group.update(kept)  # this machine's kernel choice, not the one of the run that saved it
+        sched = ck.get("scheduler") or {}
+        if "lr_lambdas" in sched:
+            self.scheduler.load_state_dict(sched)
+        else:  # where a LambdaLR stepped once per train step would be; step() sets the LR for it
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": meant here
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.last_epoch = global_step - 1
+                self.scheduler.step()
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        self.skipped_steps = int(ck.get("skipped_steps", 0))  # --on-nan skip: counted over the whole run
+
     def _grads_finite(self) -> bool:
         # A host sync per step, paid only with --on-nan skip (fp16's GradScaler skips non-finite steps itself).
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -89,12 +117,14 @@ class EpochStats:
     stopped: bool = False  # a stop was requested (SIGTERM): the run should save and exit
 
 
-def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq: int, progress: Progress,
-                    at_sync: Callable[[int, DeviceMeter], bool], meter_state: dict | None = None) -> EpochStats:
-    """One pass over this rank's shard from `start_step`. Every print_freq steps (the same steps on every
-    rank) the meters are read and `at_sync(step, meter)` may checkpoint; it returns True to stop the run.
-    `meter_state`: the meter of the steps before `start_step` (a resumed epoch), so the epoch's loss and
-    accuracy cover all of it; speeds count only the steps run here."""
+def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq: int, save_every: int,
+                    progress: Progress, at_sync: Callable[[int, DeviceMeter], bool],
+                    meter_state: dict | None = None) -> EpochStats:
+    """One pass over this rank's shard from `start_step`. Every print_freq steps and every save_every steps
+    (the same steps on every rank) `at_sync(step, meter)` runs: it may checkpoint, and returns True to stop
+    the run; at print steps the meters are also read. `meter_state`: the meter of the steps before
+    `start_step` (a resumed epoch), so the epoch's loss and accuracy cover all of it; speeds count only the
+    steps run here."""
     tr.forward.train()
     meter = DeviceMeter(tr.dist.device)
     if meter_state is not None:
@@ -108,12 +138,14 @@ def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq
         data_time += time.perf_counter() - t_data
         tr.train_step(images, labels, meter)
         step += 1
-        if step % print_freq == 0 or step == total:
+        show = step % print_freq == 0 or step == total
+        if show or (save_every and step % save_every == 0):
             tr.check_finite()  # host sync: reads the device-side flag
-            stats = meter.read()
-            now = time.perf_counter()
-            progress.update(step, stats, (stats["samples"] - n0) * tr.dist.world_size / (now - t0),
-                            data_time / (now - t0))
+            if show:
+                stats = meter.read()
+                now = time.perf_counter()
+                progress.update(step, stats, (stats["samples"] - n0) * tr.dist.world_size / (now - t0),
+                                data_time / (now - t0))
             stopped = at_sync(step, meter)
             if stopped:
                 break

@@ -33,11 +33,11 @@ def use_demo_data(cfg: Config) -> None:
 def prepare_eval(cfg: Config, checkpoint: str) -> None:
     """`fasttrain eval DATA --checkpoint PATH`: the checkpoint's arch and image size, validation only."""
     from .checkpoint import load
-    saved = load(checkpoint).get("config") or {}
-    cfg.model.arch = saved.get("model", {}).get("arch", cfg.model.arch)
+    ck = load(checkpoint)
+    saved = ck.get("config") or {}
+    cfg.model.arch = saved.get("model", {}).get("arch", ck.get("arch", cfg.model.arch))
     cfg.data.image_size = saved.get("data", {}).get("image_size", cfg.data.image_size)
-    cfg.run.resume, cfg.run.evaluate = checkpoint, True
-    cfg.run.output_dir = cfg.run.output_dir or os.path.dirname(os.path.abspath(checkpoint))
+    cfg.run.resume, cfg.run.evaluate = checkpoint, True  # nothing is written: no output folder
 
 
 def _free_port() -> int:
@@ -64,10 +64,18 @@ def launch(cfg: Config, eval_checkpoint: str | None = None) -> int:
 
 
 def spawn(cfg: Config, nproc: int) -> int:
-    """The reference's mp.spawn, with a SIGTERM to the parent passed on to every child."""
+    """The reference's mp.spawn, with a SIGTERM or Ctrl-C to the parent passed on to every child (each
+    child takes a repeat within a second as the same request: see signals.py), the parent waiting for them
+    to save and exit."""
     import torch.multiprocessing as mp
     ctx = mp.start_processes(_spawned, args=(cfg, nproc), nprocs=nproc, join=False, start_method="spawn")
-    signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in ctx.processes if p.is_alive()])
+
+    def pass_on(signum, frame):
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+    for sig in signals.STOP_SIGNALS:
+        signal.signal(sig, pass_on)
     try:
         while not ctx.join():
             pass

@@ -3,8 +3,11 @@ injected through environment variables, so fault tests are exact and determinist
 
     FT_TEST_TINY_MODEL=1         a small CNN without BatchNorm or dropout (per-rank batch statistics would
                                  otherwise make 2 ranks differ from 1 rank at the same global batch)
+    FT_TEST_TINY_MODEL=bn        the same with a BatchNorm layer (running statistics: per-rank buffers)
     FT_TEST_RAISE=RANK:STEP      that rank raises inside its STEP-th train step (1-based, counted per process)
     FT_TEST_SIGTERM=RANK:STEP    that rank sends itself SIGTERM at its STEP-th step (first torchrun attempt only)
+    FT_TEST_CTRL_C=RANK:STEP     that rank sends SIGINT to the job's process group, as Ctrl-C at a terminal does
+                                 (the test starts each job in a group of its own)
     FT_TEST_NAN=RANK:STEP        that rank's loss is NaN at its STEP-th step
     FT_TEST_HANG_IN_SAVE=N       the N-th checkpoint write stops half-way (partial temporary file written),
                                  touches OUTPUT_DIR/hanging and sleeps, for the test to kill -9 it there
@@ -41,6 +44,13 @@ def tiny_model(cfg, num_classes):
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, num_classes))
 
 
+def tiny_bn_model(cfg, num_classes):
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, num_classes))
+
+
 def _at(var):
     if var not in os.environ:
         return None
@@ -50,6 +60,7 @@ def _at(var):
 
 def _patch_steps():
     raise_at, term_at, nan_at = _at("FT_TEST_RAISE"), _at("FT_TEST_SIGTERM"), _at("FT_TEST_NAN")
+    ctrl_c_at = _at("FT_TEST_CTRL_C")
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     rank = int(os.environ.get("RANK", "0"))
     log = os.environ.get("FT_TEST_STEP_LOG") if rank == 0 else None
@@ -81,6 +92,11 @@ def _patch_steps():
             raise RuntimeError(f"injected failure on rank {rank} at step {count[0]}")
         if term_at == (rank, count[0]) and first_attempt:
             os.kill(os.getpid(), signal.SIGTERM)
+        if ctrl_c_at == (rank, count[0]) and first_attempt:
+            # torchrun starts each worker in a session of its own: a terminal's Ctrl-C reaches torchrun's group
+            # only, and torchrun passes it on. Without torchrun, this process's own group (the test's job).
+            os.killpg(os.getpgid(os.getppid()) if "TORCHELASTIC_RUN_ID" in os.environ else os.getpgrp(),
+                      signal.SIGINT)
         if nan_at == (rank, count[0]):
             crit = self.criterion
             self.criterion = lambda logits, y: crit(logits, y) * float("nan")
@@ -130,7 +146,7 @@ def _patch_trim():
 
 if __name__ == "__main__":
     if os.environ.get("FT_TEST_TINY_MODEL"):
-        T.build_model = tiny_model
+        T.build_model = tiny_bn_model if os.environ["FT_TEST_TINY_MODEL"] == "bn" else tiny_model
     _patch_steps()
     if "FT_TEST_HANG_IN_SAVE" in os.environ:
         _patch_save()
