@@ -107,3 +107,17 @@ print("not stopped", flush=True)
 def test_ctrl_c_is_a_stop_request_and_a_second_one_stops_at_once():
     r = subprocess.run([sys.executable, "-c", HANDLER], capture_output=True, text=True, timeout=60)
     assert r.stdout == "still running\n" and r.returncode == -signal.SIGINT, (r.returncode, r.stderr[-2000:])
+
+
+def test_one_process_with_gpu_n_makes_that_gpu_current(monkeypatch):
+    """`--gpu 1` without a process group: torch.cuda.set_device(cuda:1), so side streams, DALI and cuDNN
+    handles made without an explicit device land on GPU 1, not GPU 0 (was: set only under DDP)."""
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    info = D.setup(DistConfig(gpu=1), "cuda")
+    assert info.device == torch.device("cuda", 1) and not info.distributed
+    assert current == [torch.device("cuda", 1)]
