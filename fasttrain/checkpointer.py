@@ -31,8 +31,15 @@ from .errors import UserError
 
 
 def log0(dist: D.DistInfo, msg: str) -> None:
+    """A line of the run's story (rank 0), on stdout with the step lines: `> log` keeps the whole run."""
     if dist.is_main:
-        print(f"fasttrain: {msg}", file=sys.stderr, flush=True)
+        print(f"fasttrain: {msg}", flush=True)
+
+
+def warn0(dist: D.DistInfo, msg: str) -> None:
+    """A warning (rank 0), on stderr as errors are: seen on the terminal even when stdout goes to a file."""
+    if dist.is_main:
+        print(f"fasttrain: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def output_dir(cfg: Config, dist: D.DistInfo) -> str:
@@ -73,6 +80,21 @@ def read_resume(resume: str, out: str | None, dist: D.DistInfo) -> dict | None:
     return got[1] if got[0] == "ok" else None
 
 
+def check_same_steps(ck: dict, cfg: Config, step: int) -> None:
+    """A checkpoint's optimizer state fits only the optimizer that wrote it (the reference's: SGD), and its
+    step counts accumulation windows of the size it was saved with: mid-epoch, another --grad-accum-steps
+    would resume at another batch."""
+    optim = (ck.get("config") or {}).get("optim", {})
+    saved = optim.get("optimizer", "sgd")
+    if ck.get("optimizer") and saved != cfg.optim.optimizer:
+        raise UserError(f"checkpoint {ck['path']} was trained with --opt {saved}, not {cfg.optim.optimizer}: "
+                        f"resume with --opt {saved}, or start anew from its weights with --weights")
+    accum = int(optim.get("grad_accum_steps", 1))
+    if step and accum != cfg.optim.grad_accum_steps:
+        raise UserError(f"checkpoint {ck['path']} stopped mid-epoch (step {step}) with --grad-accum-steps {accum}: "
+                        f"resume with --grad-accum-steps {accum} (it may change at an epoch boundary)")
+
+
 @dataclass
 class Start:
     """Where the loop begins: an epoch, steps already done in it, and this rank's meter of those steps."""
@@ -95,7 +117,8 @@ class Checkpointer:
         when this run has as many ranks as the one that saved it)."""
         ckpt_io.check_compatible(ck, ck["path"], self.cfg.model.arch, tuple(self.loaders.classes))
         epoch, step = int(ck.get("epoch", 0)), int(ck.get("step", 0))
-        self.tr.load_state_dict(ck, global_step=epoch * len(self.loaders.train) + step)
+        check_same_steps(ck, self.cfg, step)
+        self.tr.load_state_dict(ck, global_step=epoch * self.loaders.steps + step)
         self.best_acc1 = float(ck.get("best_acc1", 0.0))  # the reference saves a tensor
         world, rank = self.dist.world_size, self.dist.rank
         rngs = ck.get("rng") or []
@@ -119,7 +142,7 @@ class Checkpointer:
         Returns True to stop the run (then `stopped_by` is the signal, the same on every rank)."""
         self.stopped_by = D.max_over_ranks(signals.stop_requested(), self.dist)  # SIGTERM over Ctrl-C
         stop = bool(self.stopped_by)
-        due = self.every and step % self.every == 0 and step < len(self.loaders.train)  # the end saves anyway
+        due = self.every and step % self.every == 0 and step < self.loaders.steps  # the end saves anyway
         if stop or due:
             self.save(epoch, step, val_top1=None, is_best=False, meter=meter)
         return stop
@@ -149,5 +172,5 @@ class Checkpointer:
             if is_best:
                 ckpt_io.atomic_copy(os.path.join(self.out, ckpt_io.LATEST), os.path.join(self.out, ckpt_io.BEST))
         elif self.dist.is_main:
-            log0(self.dist, "weights are not finite: checkpoint NOT written (the previous one is kept)")
+            warn0(self.dist, "weights are not finite: checkpoint NOT written (the previous one is kept)")
         D.barrier(self.dist)

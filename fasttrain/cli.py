@@ -1,9 +1,10 @@
-"""Command line: `fasttrain train|eval|plot|demo-data|check-data|bench`.
+"""Command line: `fasttrain train|eval|predict|plot|demo-data|check-data|bench`.
 
     fasttrain train                                   # embedded demo dataset, small model
     fasttrain train /data/imagenet -a resnet50 -b 256 --amp bf16 --channels-last --compile
     fasttrain train /data/imagenet --resume auto --output-dir runs/r50
     fasttrain eval /data/imagenet --checkpoint runs/r50/model_best.pth.tar
+    fasttrain predict runs/r50/model_best.pth.tar cat.jpg dog.jpg       # top-5 class names of each image
     fasttrain plot runs/r50 runs/r18 --out curves.png   # val top-1 by epoch and by time, loss, lr, img/s
     torchrun --nproc-per-node 8 -m fasttrain train /data/imagenet -a resnet50 -b 2048 --lr 0.8
 
@@ -25,14 +26,38 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _default_text(group: str, f, demo: bool) -> str:
+    """' (default: X)' for the help, unless the help says it already or the flag is off by default; with the
+    demo's own value where it has one (`demo`: train)."""
+    help_text = f.metadata["help"]
+    if "default" in help_text or "(auto" in help_text or f.default in (None, False, ""):
+        return ""
+    demo = DEMO_DEFAULTS.get((group, f.name)) if demo else None
+    return f" (default: {_fmt(f.default)}" + ("" if demo is None else f"; the demo without DATA: {_fmt(demo)}") + ")"
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _add_config_flags(p: argparse.ArgumentParser, only: dict[str, tuple[str, ...]] | None = None) -> None:
+    """The options of config.py as flags (`only`: {group: field names}, for eval); DATA optional for train
+    (the demo dataset), required otherwise."""
     p.add_argument("--config", metavar="TOML", default=None,
-                   help="TOML file of options (keys are the long flag names); flags given here win")
+                   help="TOML file of options (keys are the long flag names, as OUTPUT_DIR/config.toml of a run "
+                   "holds them); flags given here win")
     for group, f in C.all_fields():
+        if only is not None and f.name not in only.get(group, ()):
+            continue
         flags, dest = f.metadata["flags"], f"{group}.{f.name}"
-        kw = dict(help=f.metadata["help"], default=argparse.SUPPRESS)
+        kw = dict(help=f.metadata["help"] + _default_text(group, f, only is None), default=argparse.SUPPRESS)
         if not flags:  # the positional DATA
-            p.add_argument(dest, nargs="?", metavar=f.metadata["metavar"], **kw)
+            if only is None:
+                p.add_argument(dest, nargs="?", metavar=f.metadata["metavar"], **kw)
+            else:
+                p.add_argument(dest, metavar=f.metadata["metavar"],
+                               help="dataset root holding val/ in ImageFolder layout (the classes the checkpoint "
+                               "was trained on)")
             continue
         if f.metadata["tristate"]:
             p.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, **kw)
@@ -45,35 +70,79 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                            metavar=f.metadata["metavar"], **kw)
 
 
+def _version() -> str:
+    import platform
+
+    import torch
+    import torchvision
+
+    from . import __version__
+    return (f"fasttrain {__version__} (torch {torch.__version__}, torchvision {torchvision.__version__}, "
+            f"Python {platform.python_version()})")
+
+
+class _Version(argparse.Action):
+    """--version, imported only when asked for (torch's import costs a second)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fasttrain", description="Fast ImageNet-style image-classification training.")
+    p.add_argument("--version", action=_Version, help="print fasttrain's, torch's and torchvision's versions")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    _add_config_flags(sub.add_parser("train", help="train (and validate each epoch)"))
-    ev = sub.add_parser("eval", help="evaluate a checkpoint on DATA/val")
-    _add_config_flags(ev)
+    fmt = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_flags(sub.add_parser("train", help="train (and validate each epoch)", **fmt,
+                                     description="Train on DATA (without DATA: the embedded demo dataset, with "
+                                     "its own defaults), validating each epoch."))
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on DATA/val", **fmt,
+                        description="Score a checkpoint on DATA/val. Its arch and image size come from the "
+                        "checkpoint; nothing is written.")
+    _add_config_flags(ev, only=C.EVAL_OPTIONS)
     ev.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint to evaluate")
+    pr = sub.add_parser("predict", help="print the top-k classes of images under a checkpoint")
+    pr.add_argument("checkpoint", metavar="CHECKPOINT", help="a fasttrain checkpoint (or the reference's)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    pr.add_argument("-k", "--top", type=int, default=5, metavar="K", help="classes to print per image (default: 5)")
+    pr.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                    help="where to run the model (default: auto = a GPU if there is one)")
     pl = sub.add_parser("plot", help="draw training curves of one or more runs (from their metrics.jsonl)")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (OUTPUT_DIR of fasttrain train)")
     pl.add_argument("--out", required=True, metavar="FILE.png", help="where to write the figure")
     dd = sub.add_parser("demo-data", help="write the embedded demo dataset (JPEGs, ImageFolder layout)")
-    dd.add_argument("out", metavar="OUT")
+    dd.add_argument("out", metavar="OUT", help="folder to write train/ and val/ into")
     cd = sub.add_parser("check-data", help="decode every file of DATA and report the bad ones")
-    cd.add_argument("data", metavar="DATA")
-    cd.add_argument("-j", "--workers", type=int, default=2, metavar="N")
+    cd.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/ in ImageFolder layout")
+    cd.add_argument("-j", "--workers", type=int, default=2, metavar="N",
+                    help="processes decoding files in parallel (default: 2)")
     cd.add_argument("--report", default=None, metavar="PATH", help="where to write the JSON report")
     cd.add_argument("--write-clean-list", default=None, metavar="PATH",
                     help="write the list of good files, for train --file-list")
     cd.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N",
-                    help="images above this many pixels are reported (PIL's decompression-bomb limit)")
-    cd.add_argument("--min-side", type=int, default=8, metavar="PX", help="images below this side are reported")
+                    help="images above this many pixels are reported (default: PIL's decompression-bomb limit, "
+                    "89478485)")
+    cd.add_argument("--min-side", type=int, default=8, metavar="PX",
+                    help="images below this side are reported (default: 8)")
     bn = sub.add_parser("bench", help="measure img/s against the reference loop; writes bench.json/png")
-    bn.add_argument("data", nargs="?", default=None, metavar="DATA")
-    bn.add_argument("--out", default="runs/bench", metavar="DIR")
+    bn.add_argument("data", nargs="?", default=None, metavar="DATA",
+                    help="dataset root holding train/ in ImageFolder layout (default: generated JPEGs, see --images)")
+    bn.add_argument("--out", default="runs/bench", metavar="DIR",
+                    help="where bench.json and bench.png go (default: runs/bench)")
     bn.add_argument("--quick", action="store_true", help="fewer steps: checks that it runs, numbers are rough")
-    bn.add_argument("-j", "--workers", type=int, default=None, metavar="N")
-    bn.add_argument("-b", "--batch-size", type=int, default=None, metavar="N")
-    bn.add_argument("-a", "--arch", action="append", default=None, metavar="ARCH")
+    bn.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                    help="loader workers (DALI: threads) of every loader measured (default: the cores, at most 16)")
+    bn.add_argument("-b", "--batch-size", type=int, default=None, metavar="N",
+                    help="batch of every entry (default: 256 on GPU; on CPU 128 for loaders and 16 for models, "
+                    "with --quick 32 and 4)")
+    bn.add_argument("-a", "--arch", action="append", default=None, metavar="ARCH",
+                    help="model of the model and end-to-end sections; repeat for several (default: resnet18 on "
+                    "CPU, resnet50 and resnet18 on GPU)")
     bn.add_argument("--images", type=int, default=None, metavar="N",
                     help="JPEGs to generate when no DATA is given (default: 512 on CPU, 128 with --quick, 4096 on GPU)")
     bn.add_argument("--full", action="store_true", help="on CPU also time torch.compile (minutes)")
@@ -118,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = parse_config(ns)
             from .launch import launch
             return launch(cfg, eval_checkpoint=getattr(ns, "checkpoint", None))
+        if ns.command == "predict":
+            from .predict import predict_command
+            return predict_command(ns)
         if ns.command == "plot":
             from .plot import plot_command
             return plot_command(ns)

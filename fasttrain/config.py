@@ -34,8 +34,9 @@ class DataConfig:
                            "(omit it to use the embedded demo dataset)", metavar="DATA")
     loader: str = opt("auto", "--loader", choices=("auto", "torchvision", "dali", "synthetic"),
                       help="input pipeline; auto = DALI on a GPU when installed, else torchvision")
-    workers: int = opt(4, "-j", "--workers", metavar="N",
-                       help="data loading workers (DALI: CPU threads) per node, split across its processes")
+    workers: int | None = opt(None, "-j", "--workers", metavar="N",
+                              help="data loading workers (DALI: CPU threads) per node, split across its processes "
+                              "(default: 4 as the reference, capped at the cores each process has)")
     batch_size: int = opt(256, "-b", "--batch-size", metavar="N",
                           help="mini-batch size per node, split across the node's processes as in the reference")
     image_size: int = opt(224, "--image-size", metavar="PX",
@@ -43,7 +44,17 @@ class DataConfig:
     dummy: bool = opt(False, "--dummy", help="use synthetic data (same as --loader synthetic)")
     num_classes: int = opt(1000, "--num-classes", metavar="N", help="classes of the synthetic data")
     steps_per_epoch: int = opt(0, "--steps-per-epoch", metavar="N",
-                               help="stop each train epoch after N steps (0 = the whole epoch); for benchmarks")
+                               help="stop each train epoch after N steps (0 = the whole epoch); for benchmarks "
+                               "(validation is not cut: see --val-steps)")
+    val_steps: int = opt(0, "--val-steps", metavar="N",
+                         help="validate on N batches per process, spread over the val set (0 = all of it); for "
+                         "smoke tests")
+    auto_augment: str | None = opt(None, "--auto-augment", choices=("imagenet", "cifar10", "svhn"),
+                                   help="torchvision's AutoAugment with this policy on each train image, after the "
+                                   "crop and flip (torchvision loader)")
+    randaugment: int = opt(0, "--randaugment", metavar="M",
+                           help="torchvision's RandAugment on each train image: 2 ops of magnitude M (0-30, 9 is "
+                           "usual; 0 = off) after the crop and flip (torchvision loader)")
     hw_decoder_load: float = opt(0.9, "--hw-decoder-load", metavar="F",
                                  help="DALI: share of JPEG decoding sent to the hardware decoder (0..1)")
     prefetch: int = opt(2, "--prefetch", metavar="N", help="DALI prefetch queue depth (batches)")
@@ -74,6 +85,22 @@ class OptimConfig:
                            help="step = 0.1x every 30 epochs as the reference; cosine = to zero at the end")
     warmup_epochs: float = opt(0.0, "--warmup-epochs", metavar="E", help="linear LR warm-up, in epochs")
     label_smoothing: float = opt(0.0, "--label-smoothing", metavar="S", help="cross-entropy label smoothing")
+    # issue 14's knobs from timm (issue 16 adds "lars" to --opt's choices).
+    optimizer: str = opt("sgd", "--opt", choices=("sgd", "adamw", "lamb"),
+                         help="optimizer: SGD with momentum as the reference; AdamW or LAMB (betas 0.9, 0.999; "
+                         "--momentum unused; they want a far lower --lr, e.g. 0.001 x global batch / 512, and "
+                         "a larger --wd, e.g. 0.05)")
+    clip_grad: float = opt(0.0, "--clip-grad", metavar="NORM",
+                           help="clip the gradients' total L2 norm to NORM before each optimizer step (0 = off)")
+    grad_accum_steps: int = opt(1, "--grad-accum-steps", metavar="N",
+                                help="sum gradients over N batches per optimizer step: global batch = -b x nodes "
+                                "x N, memory of one -b; -p, --checkpoint-interval and --steps-per-epoch then count "
+                                "optimizer steps")
+    mixup: float = opt(0.0, "--mixup", metavar="ALPHA",
+                       help="torchvision's MixUp on each train batch, Beta(ALPHA, ALPHA) (0 = off; 0.2 or 0.8 are "
+                       "usual); with --cutmix, one of the two per batch")
+    cutmix: float = opt(0.0, "--cutmix", metavar="ALPHA",
+                        help="torchvision's CutMix on each train batch, Beta(ALPHA, ALPHA) (0 = off; 1.0 is usual)")
 
 
 @dataclass
@@ -133,6 +160,15 @@ class DistConfig:
 
 
 GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig, "dist": DistConfig}
+
+# The options `fasttrain eval` uses (its --help lists only these): where the val images are and how to read
+# them, how to run the model, and how to launch. Arch and image size come from the checkpoint.
+EVAL_OPTIONS = {
+    "data": ("data", "loader", "workers", "batch_size", "hw_decoder_load", "prefetch", "file_list", "max_bad_files",
+             "val_steps"),
+    "run": ("device", "amp", "channels_last", "compile", "compile_mode", "cudnn_benchmark", "print_freq"),
+    "dist": tuple(f.name for f in dataclasses.fields(DistConfig)),
+}
 
 
 @dataclass
@@ -243,7 +279,7 @@ def resolve_toggles(run: RunConfig, device_type: str) -> RunConfig:
 def validate(cfg: Config) -> None:
     if cfg.data.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {cfg.data.batch_size}")
-    if cfg.data.workers < 0:
+    if cfg.data.workers is not None and cfg.data.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {cfg.data.workers}")
     if cfg.data.image_size < 16:
         raise UserError(f"--image-size must be at least 16 pixels, got {cfg.data.image_size}")
@@ -265,6 +301,28 @@ def validate(cfg: Config) -> None:
     if cfg.model.pretrained and not cfg.model.weights:
         raise UserError("--pretrained would download weights, and fasttrain downloads nothing: "
                         "pass the weights file with --weights PATH")
+    if cfg.dist.gpu is not None and cfg.run.device == "cpu":
+        raise UserError(f"--gpu {cfg.dist.gpu} and --device cpu contradict each other: drop one")
+    validate_knobs(cfg)
+
+
+def validate_knobs(cfg: Config) -> None:
+    """The training knobs of issue 14 (timm's): ranges, and which loader can apply the per-image ones."""
+    for flag, value in (("--val-steps", cfg.data.val_steps), ("--clip-grad", cfg.optim.clip_grad),
+                        ("--mixup", cfg.optim.mixup), ("--cutmix", cfg.optim.cutmix)):
+        if value < 0:
+            raise UserError(f"{flag} must be 0 or more, got {value}")
+    if cfg.optim.grad_accum_steps < 1:
+        raise UserError(f"--grad-accum-steps must be at least 1, got {cfg.optim.grad_accum_steps}")
+    if not 0 <= cfg.data.randaugment <= 30:
+        raise UserError(f"--randaugment is RandAugment's magnitude, 0 to 30, got {cfg.data.randaugment}")
+    if cfg.data.auto_augment and cfg.data.randaugment:
+        raise UserError("--auto-augment and --randaugment are two policies for the same step: pick one")
+    if (cfg.data.auto_augment or cfg.data.randaugment) and cfg.data.loader in ("dali", "synthetic"):
+        what = "--dummy's synthetic batches have no images to augment" if cfg.data.loader == "synthetic" else \
+            "fasttrain's DALI pipeline has no AutoAugment/RandAugment"
+        raise UserError(f"--auto-augment and --randaugment are torchvision's, applied in the torchvision loader; "
+                        f"{what}: use --loader torchvision (or leave --loader auto)")
 
 
 def profile_window(spec: str) -> tuple[int, int]:

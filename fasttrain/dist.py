@@ -51,6 +51,8 @@ class DistInfo:
 
 
 def pick_device(want: str, index: int, gpu: int | None) -> torch.device:
+    if gpu is not None and not torch.cuda.is_available():  # the reference would train on the CPU, silently
+        raise UserError(f"--gpu {gpu} asked for, but no CUDA GPU is visible: drop --gpu to train on the CPU")
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

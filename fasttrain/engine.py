@@ -3,6 +3,11 @@
 Batches arrive as on-device `(images, labels)` from any backend. Nothing here reads a device value back
 to the host per step: loss and accuracy stay in DeviceMeter and are read at print frequency, which is
 also when non-finite losses are checked and a stop request is agreed on by all ranks.
+
+A step is one optimizer step: with --grad-accum-steps N, N batches (each backward adds its gradients,
+scaled by 1/N, so they sum to the mean over all N x B images, as one batch of N x B would give; under DDP
+the first N-1 skip the all-reduce). Sync points, checkpoints and a stop come only between steps, never
+inside a window, so a checkpoint never holds half-summed gradients and a resume starts a fresh window.
 """
 
 from __future__ import annotations
@@ -34,33 +39,61 @@ class Trainer:
     amp_dtype: torch.dtype | None
     dist: D.DistInfo
     on_nan: str = "abort"
+    accum_steps: int = 1            # batches per optimizer step (--grad-accum-steps)
+    clip_grad: float = 0.0          # max total gradient norm (--clip-grad); 0 = off
+    mix: Callable | None = None     # MixUp/CutMix of a batch: (images, labels) -> (images, soft labels)
     skipped_steps: int = 0
     _nonfinite: torch.Tensor | None = field(default=None, repr=False)
+    _window: list = field(default_factory=list, repr=False)  # this window's (loss, logits, labels) so far
 
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, meter: DeviceMeter) -> None:
-        with self.autocast():
-            logits = self.forward(images)
-            loss = self.criterion(logits, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, meter: DeviceMeter) -> bool:
+        """Forward and backward of one batch; after the window's last batch, the optimizer step. Returns True
+        when a step was taken (or skipped: --on-nan skip), i.e. at a step boundary of the training loop."""
+        if self.mix is not None:
+            images, labels = self.mix(images, labels)
+        last = len(self._window) + 1 == self.accum_steps
+        with self._sync_grads(last):
+            with self.autocast():
+                logits = self.forward(images)
+                loss = self.criterion(logits, labels)
+            self.scaler.scale(loss / self.accum_steps if self.accum_steps > 1 else loss).backward()
+        self._window.append((loss.detach(), logits.detach(), labels))
+        if not last:
+            return False
+        window, self._window = self._window, []
         if self.on_nan == "skip" and not self.scaler.is_enabled() and not self._grads_finite():
             # The same decision on every rank: DDP has all-reduced the grads, so a NaN anywhere is everywhere.
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             self.scaler.update()
             self.scheduler.step()
-            return  # nor does the skipped step's loss enter the meters
+            return True  # nor do the skipped step's losses enter the meters
+        if self.clip_grad:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op without fp16's scaler)
+            # No host sync: the clip factor min(1, max_norm / norm) is applied on the device.
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        bad = ~torch.isfinite(loss.detach())
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
-        meter.update(loss, logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)  # after the step: the next window starts from nothing
+        for loss, logits, labels in window:
+            bad = ~torch.isfinite(loss)
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            meter.update(loss, logits.float(), labels)
+        return True
+
+    def _sync_grads(self, sync: bool):
+        """DDP's no_sync() for the batches of a window before its last: their gradients are all-reduced once,
+        with the last one's. (`forward` may be torch.compile's wrapper, which passes attributes through.)"""
+        no_sync = getattr(self.forward, "no_sync", None)
+        if sync or no_sync is None:
+            return contextlib.nullcontext()
+        return no_sync()
 
     def state_dict(self) -> dict:
         """The reference's keys (state_dict, optimizer, scheduler) and ours (scaler, skipped_steps)."""
@@ -120,9 +153,10 @@ class EpochStats:
 def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq: int, save_every: int,
                     progress: Progress, at_sync: Callable[[int, DeviceMeter], bool],
                     meter_state: dict | None = None) -> EpochStats:
-    """One pass over this rank's shard from `start_step`. Every print_freq steps and every save_every steps
-    (the same steps on every rank) `at_sync(step, meter)` runs: it may checkpoint, and returns True to stop
-    the run; at print steps the meters are also read. `meter_state`: the meter of the steps before
+    """One pass over this rank's shard from optimizer step `start_step`. Every print_freq steps and every
+    save_every steps (the same steps on every rank) `at_sync(step, meter)` runs: it may checkpoint, and
+    returns True to stop the run; at print steps the meters are also read, summed over all ranks (so a step
+    line covers every rank's images, as the epoch line does). `meter_state`: the meter of the steps before
     `start_step` (a resumed epoch), so the epoch's loss and accuracy cover all of it; speeds count only the
     steps run here."""
     tr.forward.train()
@@ -130,22 +164,23 @@ def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq
     if meter_state is not None:
         meter.load_state_dict(meter_state)
     n0 = meter.n
-    loader.set_epoch(epoch, start_step)
-    total = len(loader)
+    loader.set_epoch(epoch, start_step * tr.accum_steps)  # the loader counts batches, this loop steps
+    total = len(loader) // tr.accum_steps
     step, data_time, stopped = start_step, 0.0, False
     t0 = t_data = time.perf_counter()
     for images, labels in loader:
         data_time += time.perf_counter() - t_data
-        tr.train_step(images, labels, meter)
+        if not tr.train_step(images, labels, meter):  # inside an accumulation window: no step yet
+            t_data = time.perf_counter()
+            continue
         step += 1
         show = step % print_freq == 0 or step == total
         if show or (save_every and step % save_every == 0):
             tr.check_finite()  # host sync: reads the device-side flag
             if show:
-                stats = meter.read()
+                stats = reduce_meter(meter, tr.dist, timed=meter.n - n0)  # a collective: same steps everywhere
                 now = time.perf_counter()
-                progress.update(step, stats, (stats["samples"] - n0) * tr.dist.world_size / (now - t0),
-                                data_time / (now - t0))
+                progress.update(step, stats, stats["timed"] / (now - t0), data_time / (now - t0))
             stopped = at_sync(step, meter)
             if stopped:
                 break
@@ -172,9 +207,11 @@ def reduce_meter(meter: DeviceMeter, dist: D.DistInfo, timed: int = 0) -> dict[s
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, criterion, amp_dtype, dist: D.DistInfo,
-             progress: Progress | None = None) -> dict[str, float]:
+             progress: Progress | None = None, print_freq: int = 50) -> dict[str, float]:
     """Exact validation: each rank scores its own images once; sums and counts are all-reduced.
-    `model` is the raw or compiled module, never the DDP wrapper (its forward may sync buffers)."""
+    `model` is the raw or compiled module, never the DDP wrapper (its forward may sync buffers).
+    `progress` shows this rank's part every `print_freq` batches (ranks may hold different numbers of val
+    batches, so nothing is summed before the end)."""
     model.eval()
     meter = DeviceMeter(dist.device)
     loader.set_epoch(0)
@@ -187,7 +224,8 @@ def evaluate(model: torch.nn.Module, loader, criterion, amp_dtype, dist: D.DistI
             logits = model(images)
             loss = criterion(logits, labels)
         meter.update(loss, logits.float(), labels)
-        if progress is not None and (i % 50 == 0 or i == len(loader)):
+        if progress is not None and (i % print_freq == 0 or i == len(loader)):
             s = meter.read()
             progress.update(i, s, s["samples"] / (time.perf_counter() - t0))
-    return {f"val_{k}": v for k, v in reduce_meter(meter, dist).items()}
+    totals = reduce_meter(meter, dist)
+    return {f"val_{k}": totals[k] for k in ("loss", "top1", "top5", "samples")}

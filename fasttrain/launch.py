@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -26,7 +27,7 @@ def use_demo_data(cfg: Config) -> None:
     from .data.demo import default_root, write_demo_dataset
     root = default_root()
     if not os.path.isdir(os.path.join(root, "val")):
-        print(f"fasttrain: writing the embedded demo dataset to {root} (once)", file=sys.stderr, flush=True)
+        print(f"fasttrain: writing the embedded demo dataset to {root} (once)", flush=True)
     cfg.data.data = write_demo_dataset(root)
 
 
@@ -40,6 +41,26 @@ def prepare_eval(cfg: Config, checkpoint: str) -> None:
     cfg.run.resume, cfg.run.evaluate = checkpoint, True  # nothing is written: no output folder
 
 
+def preflight(cfg: Config) -> None:
+    """Every check of the command line that needs no data, before any work (the data scan, loaders, a
+    process group): a typo in -a must not wait for ImageNet's 1.3 M files to be listed."""
+    from .model import check_arch
+    check_arch(cfg.model.arch)
+    if cfg.model.weights and not os.path.isfile(cfg.model.weights):
+        raise UserError(f"--weights {cfg.model.weights} does not exist")
+    if cfg.dist.gpu is not None and not torch.cuda.is_available():
+        raise UserError(f"--gpu {cfg.dist.gpu} asked for, but no CUDA GPU is visible: drop --gpu to train on the "
+                        "CPU (--device cpu)")
+    if cfg.data.loader == "dali":
+        from .data import dali_backend
+        if not dali_backend.available():
+            raise UserError("--loader dali needs NVIDIA DALI: pip install 'fasttrain[dali]' "
+                            f"({dali_backend.import_error()})")
+    if cfg.run.tensorboard:
+        from . import tb
+        tb.wanted(True)  # the package imports, or a one-line error
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,6 +70,7 @@ def _free_port() -> int:
 def launch(cfg: Config, eval_checkpoint: str | None = None) -> int:
     if eval_checkpoint:
         prepare_eval(cfg, eval_checkpoint)
+    preflight(cfg)
     if cfg.data.data is None and cfg.data.loader != "synthetic":
         if eval_checkpoint:
             raise UserError("fasttrain eval needs DATA (the folder holding val/)")
@@ -56,19 +78,21 @@ def launch(cfg: Config, eval_checkpoint: str | None = None) -> int:
     if not cfg.dist.multiprocessing_distributed:
         return worker(None, cfg, 1)
     nproc = cfg.dist.nproc_per_node or (torch.cuda.device_count() if cfg.run.device != "cpu" else 0) or 1
-    if cfg.dist.dist_url is None:
+    url = cfg.dist.dist_url
+    if url is None:
         if cfg.dist.world_size > 1:
             raise UserError("--multiprocessing-distributed on several nodes needs --dist-url tcp://HOST:PORT")
-        cfg.dist.dist_url = f"tcp://127.0.0.1:{_free_port()}"
-    return spawn(cfg, nproc)
+        url = f"tcp://127.0.0.1:{_free_port()}"  # this launch's, not a setting: config.toml leaves it out
+    return spawn(cfg, nproc, url)
 
 
-def spawn(cfg: Config, nproc: int) -> int:
+def spawn(cfg: Config, nproc: int, url: str) -> int:
     """The reference's mp.spawn, with a SIGTERM or Ctrl-C to the parent passed on to every child (each
     child takes a repeat within a second as the same request: see signals.py), the parent waiting for them
-    to save and exit."""
+    to save and exit. Each child gives itself its share of the cores (cpu_share.py, in train.run): spawned
+    processes would otherwise each start one torch thread per core of the machine."""
     import torch.multiprocessing as mp
-    ctx = mp.start_processes(_spawned, args=(cfg, nproc), nprocs=nproc, join=False, start_method="spawn")
+    ctx = mp.start_processes(_spawned, args=(cfg, nproc, url), nprocs=nproc, join=False, start_method="spawn")
 
     def pass_on(signum, frame):
         for p in ctx.processes:
@@ -87,15 +111,16 @@ def spawn(cfg: Config, nproc: int) -> int:
     return 0
 
 
-def _spawned(local_rank: int, cfg: Config, nproc: int) -> None:
-    code = worker(local_rank, cfg, nproc)
+def _spawned(local_rank: int, cfg: Config, nproc: int, url: str) -> None:
+    code = worker(local_rank, cfg, nproc, url)
     if code:
         sys.exit(code)
 
 
-def worker(local_rank: int | None, cfg: Config, nproc: int) -> int:
+def worker(local_rank: int | None, cfg: Config, nproc: int, url: str | None = None) -> int:
     from .train import run
-    info = D.setup(cfg.dist, cfg.run.device, local_rank, nproc)
+    info = D.setup(dataclasses.replace(cfg.dist, dist_url=url) if url else cfg.dist, cfg.run.device, local_rank,
+                   nproc)
     try:
         return run(cfg, info)
     except UserError as e:

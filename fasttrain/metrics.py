@@ -27,6 +27,9 @@ class DeviceMeter:
 
     @torch.no_grad()
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """labels: class indices [B], or soft labels [B, C] (MixUp/CutMix), scored against their largest share."""
+        if labels.ndim == 2:
+            labels = labels.argmax(1)
         n = labels.shape[0]
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
@@ -51,19 +54,23 @@ class DeviceMeter:
 
 
 class Progress:
-    """tqdm bar on a terminal, the reference script's plain lines otherwise. Silent on ranks other than 0.
-    `eta(step)`: seconds left in the whole run (shown when given); `on_update(step, values)`: what was shown,
-    for other watchers (TensorBoard)."""
+    """tqdm bar on a terminal, the reference script's plain lines otherwise, on stdout: the run's story (step
+    lines, epoch lines, the summary) is one stream, so `> log` keeps all of it; warnings and errors go to
+    stderr. Silent on ranks other than 0. `eta(step)`: seconds left in the whole run (shown when given);
+    `lr()`: the learning rate now (shown when given); `on_update(step, values)`: what was shown, for other
+    watchers (TensorBoard)."""
 
     def __init__(self, total: int, desc: str, enabled: bool, initial: int = 0,
                  eta: Callable[[int], float | None] | None = None,
-                 on_update: Callable[[int, dict], None] | None = None):
+                 on_update: Callable[[int, dict], None] | None = None,
+                 lr: Callable[[], float] | None = None, leave: bool = True):
         self.enabled, self.desc, self.total, self.bar = enabled, desc, total, None
-        self.eta, self.on_update = eta, on_update
+        self.eta, self.on_update, self.lr = eta, on_update, lr
         self.start = time.perf_counter()
-        if enabled and sys.stderr.isatty():
+        if enabled and sys.stdout.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=leave,
+                            file=sys.stdout)
         self.done = initial
 
     def update(self, step: int, stats: dict[str, float], images_per_sec: float,
@@ -73,16 +80,19 @@ class Progress:
         if not self.enabled:
             return
         eta = fmt_seconds(self.eta(step)) if self.eta else None
+        lr = self.lr() if self.lr else None
         if self.bar is not None:
             self.bar.update(step - self.done)
             extra = {"eta": eta} if eta else {}  # the run's; tqdm's own remaining time is the epoch's
+            if lr is not None:
+                extra["lr"] = f"{lr:.3g}"
             self.bar.set_postfix(loss=f"{stats['loss']:.4f}", top1=f"{stats['top1']:.2f}",
                                  img_s=f"{images_per_sec:.0f}", **extra, refresh=False)
         else:
             width = len(str(self.total))
             print(f"{self.desc}: [{step:>{width}}/{self.total}]\tLoss {stats['loss']:.4e}\t"
                   f"Acc@1 {stats['top1']:6.2f}\tAcc@5 {stats['top5']:6.2f}\t{images_per_sec:8.1f} img/s"
-                  + (f"\tETA {eta}" if eta else ""), flush=True)
+                  + (f"\tLR {lr:.4e}" if lr is not None else "") + (f"\tETA {eta}" if eta else ""), flush=True)
         self.done = step
         if self.on_update is not None:
             values = {"loss": stats["loss"], "top1": stats["top1"], "images_per_sec": images_per_sec}

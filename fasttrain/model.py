@@ -6,7 +6,6 @@ kept for checkpoints, so saved state_dicts have no `module.` or `_orig_mod.` pre
 
 from __future__ import annotations
 
-import sys
 
 import torch
 import torchvision
@@ -19,12 +18,17 @@ def classification_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
+def check_arch(arch: str) -> None:
+    """A one-line error for a name torchvision does not know (launch.preflight calls it before any work)."""
     names = classification_models()
-    if cfg.arch not in names:
-        near = [n for n in names if cfg.arch.lower().rstrip("0123456789_") in n][:6]
-        raise UserError(f"unknown arch '{cfg.arch}': use a torchvision classification model"
+    if arch not in names:
+        near = [n for n in names if arch.lower().rstrip("0123456789_") in n][:6]
+        raise UserError(f"unknown arch '{arch}': use a torchvision classification model"
                         f"{' such as ' + ', '.join(near) if near else ' (e.g. resnet18, resnet50, vit_b_16)'}")
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
+    check_arch(cfg.arch)
     kwargs = {"aux_logits": False, "init_weights": True} if cfg.arch in ("inception_v3", "googlenet") else {}
     model = torchvision.models.get_model(cfg.arch, weights=None, num_classes=num_classes, **kwargs)
     if cfg.pretrained or cfg.weights:
@@ -47,4 +51,4 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(usable, strict=False)
     if skipped:
         print(f"fasttrain: weights: {len(skipped)} tensor(s) kept at initialization (shape differs or "
-              f"missing): {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}", file=sys.stderr)
+              f"missing): {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}", flush=True)

@@ -58,7 +58,7 @@ PANELS = (  # (title, y label, [(metrics key, line style)], x)
     ("val top-1 by epoch", "top-1 (%)", [("val_top1", "-")], "epoch"),
     ("val top-1 by time (time to accuracy)", "top-1 (%)", [("val_top1", "-")], "wall"),
     ("loss: train (solid), val (dashed)", "loss", [("train_loss", "-"), ("val_loss", "--")], "epoch"),
-    ("learning rate (end of epoch)", "lr", [("lr", "-")], "epoch"),
+    ("learning rate (first step of the epoch)", "lr", [("lr", "-")], "epoch"),
     ("train speed", "img/s", [("train_images_per_sec", "-")], "epoch"),
     ("memory: host (solid), GPU peak (dashed)", "MiB", [("host_rss_mb", "-"), ("gpu_max_mem_mb", "--")], "epoch"),
 )

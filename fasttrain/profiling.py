@@ -13,7 +13,6 @@ Training continues unprofiled after step B-1.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
@@ -42,7 +41,7 @@ class ProfiledBatches:
         it = iter(self.inner)
         if a >= b:
             print(f"fasttrain: --profile: this run starts the epoch at step {self.start_step}, past the window "
-                  f"{self.window[0]}:{b}; nothing profiled", file=sys.stderr, flush=True)
+                  f"{self.window[0]}:{b}; nothing profiled", flush=True)
             yield from it
             return
         lead = a - self.start_step  # steps before the window
@@ -74,5 +73,4 @@ class ProfiledBatches:
         with open(os.path.join(self.out_dir, "ops.txt"), "w") as fh:
             fh.write(f"steps {a}..{b - 1}, sorted by {sort}\n{table}\n")
         print(f"fasttrain: profile of steps {a}..{b - 1}: top 10 ops by {sort.replace('_', ' ')}\n{table}\n"
-              f"fasttrain: trace {self.trace_path} (open in ui.perfetto.dev or chrome://tracing)",
-              file=sys.stderr, flush=True)
+              f"fasttrain: trace {self.trace_path} (open in ui.perfetto.dev or chrome://tracing)", flush=True)

@@ -1,10 +1,13 @@
-"""The main job, as one straight line: resume file -> seed -> data -> model -> restore -> compile/DDP -> loop.
+"""The main job, as one straight line: resume file -> seed -> data -> threads -> settings -> model ->
+restore -> compile/DDP -> loop.
 
     run(cfg, dist)   # dist from dist.setup(); launch.py does that (and spawning, signals, exit codes)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import random
 import signal
 import time
@@ -12,14 +15,18 @@ import time
 import numpy as np
 import torch
 
+from . import checkpoint as ckpt_io
+from . import cpu_share
 from . import dist as D
+from . import settings
 from . import signals
-from .checkpointer import Checkpointer, Start, log0, output_dir, read_resume
+from .checkpointer import Checkpointer, Start, log0, output_dir, read_resume, warn0
 from .config import Config, RunConfig, resolve_toggles
 from .data import build_loaders
 from .data.base import Layout
 from .engine import Trainer, evaluate, train_one_epoch
 from .metrics import Progress
+from .mix import build_mix
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
 from .watch import Watch
@@ -40,7 +47,7 @@ def run_seed(cfg_seed: int | None, ck: dict | None, dist: D.DistInfo) -> int:
     saved = ck.get("seed") if ck else None
     if saved is not None:
         if cfg_seed is not None and cfg_seed != saved:
-            log0(dist, f"warning: --seed {cfg_seed} ignored: the resumed run continues with its own seed {saved}")
+            warn0(dist, f"--seed {cfg_seed} ignored: the resumed run continues with its own seed {saved}")
         return int(saved)
     seed = cfg_seed if cfg_seed is not None else random.SystemRandom().randrange(2**31)
     return D.broadcast_object(seed, dist)
@@ -60,15 +67,17 @@ def wrap_model(model: torch.nn.Module, run: RunConfig, dist: D.DistInfo):
 
 
 def build_trainer(cfg: Config, dist: D.DistInfo, num_classes: int, steps_per_epoch: int):
+    """steps_per_epoch: optimizer steps (the schedule's unit)."""
     model = build_model(cfg.model, num_classes).to(dist.device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model.parameters(), cfg.optim, dist.device)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.run.amp == "fp16")
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)  # also takes soft labels
     return Trainer(model, model, optimizer, scheduler, scaler, criterion, AMP_DTYPES[cfg.run.amp], dist,
-                   cfg.run.on_nan)
+                   cfg.run.on_nan, accum_steps=cfg.optim.grad_accum_steps, clip_grad=cfg.optim.clip_grad,
+                   mix=build_mix(cfg.optim, num_classes))
 
 
 def run(cfg: Config, dist: D.DistInfo) -> int:
@@ -80,34 +89,66 @@ def run(cfg: Config, dist: D.DistInfo) -> int:
     seed_everything(seed)
     torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
     layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
-    loaders = build_loaders(cfg.data, dist, layout, seed)
+    loaders = build_loaders(cfg.data, dist, layout, seed, cfg.optim.grad_accum_steps)
+    threads_before = torch.get_num_threads()
+    threads = cpu_share.describe(*cpu_share.apply(dist.device.type, dist.local_world_size, loaders.workers))
     try:
-        return _run(cfg, dist, seed, out, loaders, ck)
-    finally:  # DALI pipelines live for the run: free them (threads, GPU buffers) before the process ends
+        if cfg.run.evaluate:
+            return _evaluate(cfg, dist, loaders, ck, threads)
+        return _run(cfg, dist, seed, out, loaders, ck, threads)
+    finally:
+        torch.set_num_threads(threads_before)  # a caller in this process (a test, a notebook) keeps its own
+        # DALI pipelines live for the run: free them (threads, GPU buffers) before the process ends
         loaders.train.close()
         loaders.val.close()
 
 
-def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str | None, loaders, ck: dict | None) -> int:
-    log0(dist, f"device {dist.device}: amp {cfg.run.amp}, channels_last {cfg.run.channels_last}, "
-               f"compile {cfg.run.compile and cfg.run.compile_mode}, cudnn.benchmark {cfg.run.cudnn_benchmark}")
-    tr = build_trainer(cfg, dist, len(loaders.classes), len(loaders.train))  # same init on every rank
+def resolved(cfg: Config, seed: int, out: str, loaders, dist: D.DistInfo) -> Config:
+    """The config as this run uses it: what config.toml holds and checkpoints keep."""
+    workers = cfg.data.workers if cfg.data.workers is not None else loaders.workers * dist.local_world_size
+    loader = loaders.name.split("-")[0]  # dali-gpu, dali-cpu -> dali
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed, output_dir=out),
+                               data=dataclasses.replace(cfg.data, workers=workers, loader=loader))
+
+
+def _evaluate(cfg: Config, dist: D.DistInfo, loaders, ck: dict | None, threads: str) -> int:
+    """-e / `fasttrain eval`: score the checkpoint's weights (or, as the reference, a fresh model) on val."""
+    tr = build_trainer(cfg, dist, len(loaders.classes), loaders.steps)
+    what = "a fresh model (no --resume)"
+    if ck:
+        ckpt_io.check_compatible(ck, ck["path"], cfg.model.arch, tuple(loaders.classes))
+        tr.model.load_state_dict(ck["state_dict"])
+        what = f"{ck['path']} (saved at epoch {int(ck.get('epoch', 0))} step {int(ck.get('step', 0))})"
+    log0(dist, f"evaluating {what}: {cfg.model.arch} at {cfg.data.image_size} px on {loaders.val_size} val images "
+               f"of {cfg.data.data or 'synthetic data'}; {loaders.name}, {loaders.batch} per process x "
+               f"{dist.world_size}, {loaders.workers} workers; {dist.device}, amp {cfg.run.amp}; {threads}")
+    _, eval_fwd = wrap_model(tr.model, cfg.run, dist)
+    res = evaluate(eval_fwd, loaders.val, tr.criterion, tr.amp_dtype, dist,
+                   Progress(len(loaders.val), "Test", dist.is_main), cfg.run.print_freq)
+    log0(dist, f"val: Acc@1 {res['val_top1']:.3f} Acc@5 {res['val_top5']:.3f} loss {res['val_loss']:.6f} "
+               f"on {res['val_samples']} images")
+    return 0
+
+
+def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str, loaders, ck: dict | None, threads: str) -> int:
+    cfg = resolved(cfg, seed, out, loaders, dist)
+    config_path = os.path.join(out, "config.toml")
+    if dist.is_main:
+        settings.write_toml(cfg, config_path)
+    log0(dist, "\n".join(settings.describe(cfg, dist, loaders, threads, config_path)))
+    tr = build_trainer(cfg, dist, len(loaders.classes), loaders.steps)  # same init on every rank
     seed_everything(seed + 1000 * dist.rank)  # ranks differ (e.g. dropout masks) from here on
     saver = Checkpointer(cfg, dist, out, tr, loaders, seed)
     start = saver.restore(ck) if ck else Start(cfg.optim.start_epoch)  # RNGs too, as the checkpoint left them
+    if start.epoch >= cfg.optim.epochs:
+        log0(dist, f"nothing to train: {ck['path'] if ck else '--start-epoch'} is at epoch {start.epoch} and the "
+                   f"run has {cfg.optim.epochs} epochs: it is already done (raise --epochs to train on)")
+        return 0
     t_compile = time.perf_counter()
     tr.forward, eval_fwd = wrap_model(tr.model, cfg.run, dist)
-    if cfg.run.evaluate:
-        res = evaluate(eval_fwd, loaders.val, tr.criterion, tr.amp_dtype, dist,
-                       Progress(len(loaders.val), "Test", dist.is_main))
-        log0(dist, f"val: Acc@1 {res['val_top1']:.3f} Acc@5 {res['val_top5']:.3f} loss {res['val_loss']:.6f} "
-                   f"on {res['val_samples']} images")
-        return 0
     watch = Watch(cfg, dist, out, tr, loaders, start)
     saver.wall_seconds = watch.clock.wall_seconds  # kept in every checkpoint: the run's time across resumes
     signals.install()  # from here on, SIGTERM or Ctrl-C means: save at the next sync point, then exit
-    log0(dist, f"training {cfg.model.arch} on {dist.device} for epochs {start.epoch}..{cfg.optim.epochs - 1}; "
-               f"outputs in {out}")
     for epoch in range(start.epoch, cfg.optim.epochs):
         resumed = epoch == start.epoch
         step0 = start.step if resumed else 0
@@ -120,13 +161,14 @@ def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str | None, loaders, ck:
             log0(dist, f"first epoch incl. torch.compile took {time.perf_counter() - t_compile:.1f}s")
         if stats.stopped:
             watch.tb.close()
-            again = "--resume auto" + ("" if cfg.run.output_dir else f" --output-dir {out}")
             log0(dist, f"stopped by {signal.Signals(saver.stopped_by).name} at epoch {epoch} step "
-                       f"{stats.steps_done}; checkpoint saved in {out}; continue with {again}")
+                       f"{stats.steps_done}; checkpoint saved in {out}; continue with --resume auto --output-dir {out}")
             return signals.exit_status(saver.stopped_by)
         D.broadcast_buffers(tr.model, dist)  # validate (and save) rank 0's BatchNorm statistics on every rank
         t_val = time.perf_counter()
-        val = evaluate(eval_fwd, loaders.val, tr.criterion, tr.amp_dtype, dist)
+        val_progress = watch.val_progress(len(loaders.val))
+        val = evaluate(eval_fwd, loaders.val, tr.criterion, tr.amp_dtype, dist, val_progress, cfg.run.print_freq)
+        val_progress.close()
         watch.end_epoch(epoch, stats, val, time.perf_counter() - t_val, max(saver.best_acc1, val["val_top1"]))
         saver.end_epoch(epoch, val["val_top1"])  # after the metrics row (see Watch.end_epoch)
     watch.finish()

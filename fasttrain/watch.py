@@ -15,6 +15,7 @@ from .checkpointer import Start, log0
 from .config import Config, profile_window
 from .errors import UserError
 from .metrics import JsonlWriter, Progress, read_jsonl
+from .optim import lr_at
 from .profiling import ProfiledBatches
 
 
@@ -23,14 +24,16 @@ class Watch:
         self.cfg, self.dist, self.out, self.tr, self.loaders = cfg, dist, out, tr, loaders
         writes = dist.is_main
         self.metrics = JsonlWriter(os.path.join(out, "metrics.jsonl"), writes, keep_before_epoch=start.epoch)
-        self.steps = len(loaders.train)
+        self.steps = loaders.steps  # optimizer steps an epoch
         self.clock = monitor.RunClock(start.wall_seconds, cfg.optim.epochs, self.steps)
         self.tb = tb.TensorBoard(os.path.join(out, "tb"), writes and tb.wanted(cfg.run.tensorboard),
                                  tb.purge_step(start.epoch, start.step, self.steps), cfg.to_dict())
         self.window = profile_window(cfg.run.profile) if cfg.run.profile else None
-        if self.window and self.window[1] > self.steps:
-            raise UserError(f"--profile {cfg.run.profile} goes past the {self.steps} train steps of an epoch: "
-                            f"END can be at most {self.steps}")
+        batches = len(loaders.train)  # the profiler counts batches (more than steps with --grad-accum-steps)
+        if self.window and self.window[1] > batches:
+            unit = "train steps" if loaders.accum == 1 else "train batches (--grad-accum-steps: steps x N)"
+            raise UserError(f"--profile {cfg.run.profile} goes past the {batches} {unit} of an epoch: "
+                            f"END can be at most {batches}")
         self.profiled: ProfiledBatches | None = None
 
     def progress(self, epoch: int, initial: int = 0) -> Progress:
@@ -39,7 +42,14 @@ class Watch:
         monitor.reset_gpu_peak(self.dist.device)
         group = self.tr.optimizer.param_groups[0]  # its lr is a Python float: reading it is no device sync
         return Progress(self.steps, f"Epoch: [{epoch}]", self.dist.is_main, initial, eta=self.clock.eta,
-                        on_update=lambda step, v: self.tb.step(epoch * self.steps + step, {**v, "lr": group["lr"]}))
+                        on_update=lambda step, v: self.tb.step(epoch * self.steps + step, {**v, "lr": group["lr"]}),
+                        lr=lambda: group["lr"])
+
+    def val_progress(self, batches: int) -> Progress:
+        """Validation's progress: a bar that goes away when done, or plain lines every -p batches. Under DDP
+        they show rank 0's share (ranks may hold different numbers of val batches: no per-line sum)."""
+        label = f"Test (rank 0 of {self.dist.world_size})" if self.dist.distributed else "Test"
+        return Progress(batches, label, self.dist.is_main, leave=False)
 
     def train_batches(self, first_epoch: bool):
         """The train batches, under the profiler in the run's first epoch with --profile (rank 0 only)."""
@@ -52,8 +62,11 @@ class Watch:
     def end_epoch(self, epoch: int, stats, val: dict, val_seconds: float, best_acc1: float) -> None:
         """The epoch's metrics.jsonl row, TensorBoard points and line. Written before the epoch's checkpoint: a
         crash between the two redoes the epoch on resume, and the resumed run drops the rows of epochs it
-        redoes, so no epoch is missing or doubled."""
-        record = {"epoch": epoch, "lr": self.tr.optimizer.param_groups[0]["lr"], "train_loss": stats.loss,
+        redoes, so no epoch is missing or doubled. `lr` and `lr_last`: what the epoch's first and last steps
+        used (the optimizer's value after the last step is the next epoch's: 0 at the end of a cosine run)."""
+        first = epoch * self.steps
+        record = {"epoch": epoch, "lr": lr_at(self.tr.scheduler, first),
+                  "lr_last": lr_at(self.tr.scheduler, first + self.steps - 1), "train_loss": stats.loss,
                   "train_top1": stats.top1, "train_top5": stats.top5, **val, "train_samples": stats.samples,
                   "train_images_per_sec": stats.images_per_sec, "data_time_fraction": stats.data_time_fraction,
                   "skipped_steps": self.tr.skipped_steps, "best_acc1": best_acc1, "time": time.time(),

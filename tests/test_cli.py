@@ -17,10 +17,13 @@ def parse(*argv) -> Config:
     return cli.parse_config(ns)
 
 
-def test_reference_defaults_kept():
+def test_reference_defaults_kept(monkeypatch):
     c = parse("DATA")
     assert (c.model.arch, c.data.workers, c.optim.epochs, c.optim.start_epoch, c.data.batch_size) == \
-        ("resnet18", 4, 90, 0, 256)
+        ("resnet18", None, 90, 0, 256)  # workers None: the reference's 4, capped at the cores (below)
+    from fasttrain import cpu_share
+    monkeypatch.setattr(cpu_share, "cores", lambda: 16)
+    assert cpu_share.workers_per_process(None, 1) == (4, "") and cpu_share.workers_per_process(None, 2)[0] == 2
     assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay, c.run.print_freq) == (0.1, 0.9, 1e-4, 10)
     assert (c.run.resume, c.run.evaluate, c.model.pretrained, c.run.seed, c.dist.gpu) == ("", False, False, None, None)
     assert (c.dist.world_size, c.dist.rank, c.dist.multiprocessing_distributed, c.data.dummy) == (-1, -1, False, False)

@@ -461,7 +461,7 @@ def test_two_gloo_ranks_train_and_score_every_val_image_once(tiny_data, tmp_path
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "loader dali-cpu" in r.stderr
+    assert "loader   dali-cpu" in r.stdout
     rows = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
     assert [(row["val_samples"], row["train_samples"]) for row in rows] == [(36, 96)]  # 2 ranks x 6 steps x 8
 

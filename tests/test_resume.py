@@ -67,8 +67,8 @@ def test_resume_without_seed_is_exact_and_keeps_the_runs_seed(tiny_data, tmp_pat
     train(tiny_data, stopped, "--epochs", "2", "--resume", "auto")
     capsys.readouterr()
     train(tiny_data, tmp_path / "stopped2", "--epochs", "2", "--resume", "auto", "--seed", str(ck["seed"] + 1))
-    assert f"--seed {ck['seed'] + 1} ignored: the resumed run continues with its own seed {ck['seed']}" in \
-        capsys.readouterr().err
+    assert f"warning: --seed {ck['seed'] + 1} ignored: the resumed run continues with its own seed {ck['seed']}" \
+        in capsys.readouterr().err
     straight = train(tiny_data, tmp_path / "straight", "--epochs", "2", "--seed", str(ck["seed"]))
     s = load(tmp_path / "straight")
     assert same_weights(s, load(stopped)) and same_weights(s, load(tmp_path / "stopped2"))
@@ -138,11 +138,14 @@ def test_reference_checkpoint_resumes_evaluates_and_loads_as_weights(tiny_data, 
     assert cli.main(["eval", tiny_data, "--checkpoint", str(path), "--device", "cpu", "-j", "0", "-b", "16"]) == 0
     rows = train(tiny_data, tmp_path / "r", "--resume", str(path), "--epochs", "2", "--lr-schedule", "cosine",
                  "--steps-per-epoch", "2")
-    assert "resumed from" in capsys.readouterr().err and [r["epoch"] for r in rows] == [1]
-    # The schedule continues from the checkpoint's epoch, counted in our steps (its StepLR counted epochs):
-    # the last step of a 2-epoch cosine schedule brings the LR to 0.
-    assert rows[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert "resumed from" in capsys.readouterr().out and [r["epoch"] for r in rows] == [1]
+    # The schedule continues from the checkpoint's epoch, counted in our steps (its StepLR counted epochs).
+    # metrics.jsonl's lr is what the epoch's first step used (warm-up 0.5 then cosine over 1.5 epochs: at
+    # epoch 1.0, 0.75 of --lr), lr_last its last step's (epoch 1.5: 0.25); the optimizer's LR after that
+    # last step is the end of the schedule, 0.
+    assert rows[0]["lr"] == pytest.approx(0.05 * 0.75) and rows[0]["lr_last"] == pytest.approx(0.05 * 0.25)
     ck = load(tmp_path / "r")
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert ck["epoch"] == 2 and ck["best_acc1"] >= 31.25 and not any(k.startswith("module.") for k in ck["state_dict"])
 
 
@@ -171,7 +174,7 @@ def test_eval_writes_nothing_in_a_live_runs_folder(trained, tiny_data, capsys):
     finally:
         tmp.unlink()
     row = read_jsonl(trained / "metrics.jsonl")[-1]
-    assert f"Acc@1 {row['val_top1']:.3f}" in capsys.readouterr().err
+    assert f"Acc@1 {row['val_top1']:.3f}" in capsys.readouterr().out
 
 
 def test_training_set_smaller_than_one_batch_trains(tmp_path, capsys, monkeypatch):

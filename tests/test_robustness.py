@@ -140,10 +140,24 @@ def test_check_data_pixel_limit_and_class_mismatch(data, capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 4 * 24 + 4 * 9 and all("too large (48x40 = 1920 pixels > --max-pixels 1000)" in ln
                                               for ln in out)
+
+
+def test_check_data_reports_folder_problems_and_goes_on_checking_files(data, capsys):
+    """A class only in train/, an empty class folder, and a truncated file in a class after them: one run
+    names all three (tree problems first), and exits 2 (the tree is wrong) rather than stopping at the first."""
     shutil.copytree(data / "train" / "hstripes_cool", data / "train" / "zz_extra")
+    os.makedirs(data / "val" / "aa_empty")
+    os.makedirs(data / "train" / "aa_empty")
+    cut = data / "val" / "vstripes_warm" / "0003.jpg"
+    cut.write_bytes(cut.read_bytes()[:200])
     assert cli.main(["check-data", str(data)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("fasttrain: error:") and "only in train: ['zz_extra']" in err[0]
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert any(ln.startswith("tree:") and "only in train: ['zz_extra']" in ln for ln in out), out
+    assert sum(ln.startswith("tree:") and "aa_empty has no images" in ln for ln in out) == 2
+    bad = [ln for ln in out if ln.startswith("bad:")]
+    assert len(bad) == 1 and bad[0].startswith(f"bad: {cut}: corrupt or truncated"), bad
+    assert "3 problems with the folders" in captured.err and "Traceback" not in captured.err
 
 
 def test_world_size_larger_than_dataset():
@@ -181,7 +195,7 @@ def test_kill9_mid_training_and_mid_checkpoint_write_then_resume(tiny_data, tmp_
     assert (ck["epoch"], ck["step"]) == (0, 4)
     r = run_worker(tiny_data, *args, "--output-dir", out, "--resume", "auto", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "resumed from" in r.stderr and not any(".tmp." in n for n in os.listdir(out))
+    assert "resumed from" in r.stdout and not any(".tmp." in n for n in os.listdir(out))
     a, b = weights(tmp_path / "straight")["state_dict"], weights(out)["state_dict"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -275,7 +289,7 @@ def test_nan_skip_count_survives_a_resume(tiny_data, tmp_path):
     args = [*ARGS, "--epochs", "1", "--on-nan", "skip", "--output-dir", tmp_path]
     r = run_worker(tiny_data, *args, env={"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "0:3", "FT_TEST_CTRL_C": "0:3"})
     assert r.returncode == 130 and weights(tmp_path)["step"] == 4, r.stderr[-2000:]
-    assert "stopped by SIGINT at epoch 0 step 4" in r.stderr and "Traceback" not in r.stderr
+    assert "stopped by SIGINT at epoch 0 step 4" in r.stdout and "Traceback" not in r.stderr
     r = run_worker(tiny_data, *args, "--resume", "auto", env={"FT_TEST_TINY_MODEL": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["skipped_steps"] == 1

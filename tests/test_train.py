@@ -108,8 +108,9 @@ def test_eval_reproduces_recorded_accuracy(tiny_data, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["eval", str(tiny_data), "--checkpoint", str(tmp_path / "r" / ckpt_io.LATEST),
                      "--device", "cpu", "-j", "0", "-b", "7"]) == 0
-    err = capsys.readouterr().err
-    assert f"Acc@1 {rows[-1]['val_top1']:.3f}" in err and "on 36 images" in err
+    out = capsys.readouterr().out  # the run's story is on stdout
+    assert f"Acc@1 {rows[-1]['val_top1']:.3f}" in out and "on 36 images" in out
+    assert "resumed from" not in out and "evaluating " in out  # an evaluation resumes nothing
 
 
 def test_resume_other_arch_or_classes_is_error(tiny_data, tmp_path, capsys):

@@ -70,9 +70,9 @@ def test_run_writes_tensorboard_curves_time_and_memory(tiny_data, tmp_path, monk
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     captured = capsys.readouterr()
     assert "ETA 0:" in captured.out  # the plain progress lines (not a terminal here)
-    epoch_line = next(line for line in captured.err.splitlines() if line.startswith("fasttrain: epoch 2:"))
+    epoch_line = next(line for line in captured.out.splitlines() if line.startswith("fasttrain: epoch 2:"))
     assert " s, run 0:" in epoch_line and "ETA 0:00:00" in epoch_line and " MiB" in epoch_line
-    summary = captured.err.strip().splitlines()[-1]
+    summary = captured.out.strip().splitlines()[-1]  # one stream: step lines, epoch lines and the summary
     best = max(rows, key=lambda r: r["val_top1"])
     assert summary.startswith(f"fasttrain: done: best val Acc@1 {best['val_top1']:.3f} (epoch {best['epoch']}), "
                               f"last {rows[-1]['val_top1']:.3f} (epoch 2);")
@@ -107,7 +107,7 @@ def test_plot_overlays_runs_and_curves_need_matplotlib_only_optionally(tiny_data
     train(tiny_data, a, "--epochs", "2", "--no-tensorboard")
     monkeypatch.setattr("fasttrain.plot.matplotlib_missing", lambda: "matplotlib is not installed (test)")
     rows_b = train(tiny_data, b, "--epochs", "3", "--lr", "0.01", "--no-tensorboard")
-    assert "fasttrain: no curves.png: matplotlib is not installed (test)" in capsys.readouterr().err
+    assert "fasttrain: no curves.png: matplotlib is not installed (test)" in capsys.readouterr().out
     assert not (b / "curves.png").exists() and not (b / "tb").exists()
     monkeypatch.undo()
 
@@ -138,8 +138,8 @@ def test_profile_writes_a_trace_and_training_goes_on(tiny_data, tmp_path, monkey
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert {n for n in names if n.startswith("ProfilerStep#")} == {"ProfilerStep#1", "ProfilerStep#2"}
     assert "aten::convolution" in names and any(n.startswith("Optimizer.step") for n in names)
-    err = capsys.readouterr().err
-    assert "top 10 ops by self cpu time total" in err and "aten::" in err
+    story = capsys.readouterr().out
+    assert "top 10 ops by self cpu time total" in story and "aten::" in story
     assert "sorted by self_cpu_time_total" in (out / "profile" / "ops.txt").read_text()
     assert not (out / "tb").exists()
 

@@ -11,66 +11,100 @@ import sys
 from ..config import DataConfig
 from ..dist import DistInfo
 from ..errors import UserError
+from ..cpu_share import workers_per_process
 from .base import Layout, Loaders, check_shard_sizes
-from .scan import scan_dataset
+from .scan import Split, scan_dataset
 
 
-def resolve_backend(loader: str, device_type: str) -> str:
+def resolve_backend(loader: str, device_type: str, augment: bool = False) -> str:
+    """auto: DALI on a GPU where it imports, else torchvision; torchvision when a per-image augmentation
+    (--auto-augment, --randaugment) is asked for, which only that loader applies."""
     if loader != "auto":
         return loader
-    if device_type == "cuda":
+    if device_type == "cuda" and not augment:
         from . import dali_backend
         if dali_backend.available():
             return "dali"
     return "torchvision"
 
 
-def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int) -> Loaders:
-    backend = resolve_backend(cfg.loader, layout.device.type)
+def spaced(split: Split, n: int) -> Split:
+    """n samples spread evenly over the split (it is sorted by class: the first n would be one class)."""
+    if n >= len(split):
+        return split
+    picked = tuple(split.samples[i * len(split) // n] for i in range(n))
+    return Split(split.root, split.classes, picked)
+
+
+def train_steps(steps: int, limit: int, accum: int, batch: int) -> int:
+    """Batches an epoch: at most --steps-per-epoch optimizer steps, whole accumulation windows only."""
+    if limit:
+        steps = min(steps, limit * accum)
+    if steps < accum:
+        raise UserError(f"--grad-accum-steps {accum} needs {accum} batches an epoch, and each process has "
+                        f"{steps} batch{'es' if steps != 1 else ''} of {batch}: lower --grad-accum-steps or -b")
+    return steps // accum * accum
+
+
+def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int, accum: int = 1) -> Loaders:
+    """This rank's train and val batches. `accum`: batches per optimizer step (an epoch holds whole windows)."""
+    augment = augmentation(cfg)
+    backend = resolve_backend(cfg.loader, layout.device.type, augment is not None)
     batch = dist.per_rank_batch(cfg.batch_size)
     if backend == "synthetic":
         from . import synthetic
         train, val = synthetic.build(batch, dist.world_size, cfg.image_size, cfg.num_classes, layout, seed,
-                                     cfg.steps_per_epoch, dist.rank)
+                                     0, dist.rank, cfg.val_steps)
+        train.steps = train_steps(train.steps, cfg.steps_per_epoch, accum, batch)
         classes = tuple(str(i) for i in range(cfg.num_classes))
-        return Loaders(train, val, classes, "synthetic", synthetic.TRAIN_SIZE, synthetic.VAL_SIZE)
+        val_size = sum(synthetic.val_share(r, dist.world_size, batch, cfg.val_steps) for r in range(dist.world_size))
+        return Loaders(train, val, classes, "synthetic", synthetic.TRAIN_SIZE, val_size, batch, 0, "", accum)
 
     if cfg.data is None:
         raise UserError("no DATA given (and no embedded dataset for this command)")
-    train_split, val_split = scan_dataset(cfg.data, cfg.file_list)
+    workers, why = workers_per_process(cfg.workers, dist.local_world_size)
     if backend == "dali":
         from . import dali_backend
-        if not dali_backend.available():
+        if not dali_backend.available():  # also checked before any work (launch.preflight); kept for bench
             raise UserError("--loader dali needs NVIDIA DALI: pip install 'fasttrain[dali]' "
                             f"({dali_backend.import_error()})")
+    train_split, val_split = scan_dataset(cfg.data, cfg.file_list)
+    if cfg.val_steps:
+        val_split = spaced(val_split, cfg.val_steps * batch * dist.world_size)
+    if backend == "dali":
         # A broken JPEG can crash DALI's parser (no error to catch): DALI never sees one.
         from .jpeg_check import drop_broken_jpegs
-        train_split, val_split = drop_broken_jpegs(train_split, val_split, dist, cfg.workers, cfg.max_bad_files)
+        train_split, val_split = drop_broken_jpegs(train_split, val_split, dist, workers, cfg.max_bad_files)
     steps, fits = check_shard_sizes(len(train_split), dist.world_size, batch, len(val_split))
     if fits < batch and dist.rank == 0:
         print(f"fasttrain: warning: {len(train_split)} training images make less than one batch of {batch} for "
               f"each of the {dist.world_size} process(es): training on batches of {fits}, 1 step per epoch",
               file=sys.stderr, flush=True)
     batch = fits
-    if cfg.steps_per_epoch:
-        steps = min(steps, cfg.steps_per_epoch)
-    workers = dist.per_rank_workers(cfg.workers)
-    detail = ""
+    steps = train_steps(steps, cfg.steps_per_epoch, accum, batch)
+    detail = why
     if backend == "dali":
         train, val = dali_backend.build(train_split, val_split, batch, workers, cfg, layout, dist, seed, steps)
         name = f"dali-{'gpu' if layout.device.type == 'cuda' else 'cpu'}"
     elif backend == "torchvision":
         from . import torchvision_backend
         train, val = torchvision_backend.build(train_split, val_split, batch, workers, cfg.image_size, layout,
-                                               dist.rank, dist.world_size, seed, steps, cfg.max_bad_files)
+                                               dist.rank, dist.world_size, seed, steps, cfg.max_bad_files, augment)
         name = "torchvision"
         from .decode import crop_decoder_available
         if not crop_decoder_available():
-            detail = "; whole-image JPEG decode (fasttrain/data/_jpeg.c was not built, see README)"
+            detail += "; whole-image JPEG decode (fasttrain/data/_jpeg.c was not built, see README)"
     else:  # pragma: no cover - config choices stop this earlier
         raise UserError(f"unknown loader {backend}")
-    if dist.rank == 0:
-        print(f"fasttrain: loader {name}: {len(train_split)} train / {len(val_split)} val images, "
-              f"{len(train_split.classes)} classes, {batch} per process x {dist.world_size} process(es), "
-              f"{workers} worker(s) each{detail}", file=sys.stderr, flush=True)
-    return Loaders(train, val, train_split.classes, name, len(train_split), len(val_split))
+    return Loaders(train, val, train_split.classes, name, len(train_split), len(val_split), batch, workers, detail,
+                   accum)
+
+
+def augmentation(cfg: DataConfig):
+    """torchvision's AutoAugment or RandAugment for uint8 train images, or None."""
+    if not (cfg.auto_augment or cfg.randaugment):
+        return None
+    from torchvision.transforms import v2
+    if cfg.auto_augment:
+        return v2.AutoAugment(v2.AutoAugmentPolicy(cfg.auto_augment))
+    return v2.RandAugment(num_ops=2, magnitude=cfg.randaugment)

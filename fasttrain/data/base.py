@@ -40,7 +40,16 @@ class Loaders:
     classes: tuple[str, ...]
     name: str  # the backend actually used, e.g. "dali-gpu", printed at start-up
     train_size: int  # images in the whole train split (all ranks)
-    val_size: int
+    val_size: int    # images validated (all ranks): the val split, or --val-steps' part of it
+    batch: int = 0   # per process
+    workers: int = 0  # per process (DALI: threads)
+    detail: str = ""  # said at start-up after the loader's name
+    accum: int = 1   # batches per optimizer step (--grad-accum-steps): len(train) is a multiple of it
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps an epoch: what the training loop, the schedule and checkpoints count."""
+        return len(self.train) // self.accum
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@
 Errors (the file cannot be trained on): unreadable, empty, not an image despite its extension, corrupt or
 truncated, smaller than --min-side, more than --max-pixels. Info (decoded fine, converted to RGB by both
 loaders): CMYK, palette, grayscale, alpha, 16-bit, and image data whose format differs from its extension
-(ImageNet has PNGs named .JPEG). Exit status: 0 clean, 1 bad files found, 2 the tree itself is wrong.
+(ImageNet has PNGs named .JPEG). Tree problems (a missing split, an empty or hidden class folder, train
+and val with different classes) are reported too, and the files that are there are still checked, so one
+run lists everything to fix. Exit status: 0 clean, 1 bad files found, 2 the tree itself is wrong.
 """
 
 from __future__ import annotations
@@ -72,26 +74,34 @@ def _check(args):
 
 def check_data(data: str, workers: int = 2, min_side: int = 8, max_pixels: int = 89_478_485) -> dict:
     """Check a whole dataset; returns the report (also what --report writes)."""
-    train, val = scan_dataset(data)  # tree errors (missing split, empty class, class mismatch) raise UserError
+    problems: list[str] = []  # tree errors (missing split, empty class, class mismatch): noted, and go on
+    train, val = scan_dataset(data, problems=problems)
     files = [(p, min_side, max_pixels) for split in (train, val) for p, _ in split.samples]
-    with ProcessPoolExecutor(max(1, workers)) as pool:
-        results = list(pool.map(_check, files, chunksize=64))
+    results = []
+    if files:
+        with ProcessPoolExecutor(max(1, workers)) as pool:
+            results = list(pool.map(_check, files, chunksize=64))
     bad = [r for r in results if r["error"]]
     info = [r for r in results if r["info"] and not r["error"]]
     return {"data": os.path.abspath(data), "classes": len(train.classes), "train_files": len(train),
-            "val_files": len(val), "bad": bad, "info": info,
+            "val_files": len(val), "tree_problems": problems, "bad": bad, "info": info,
             "good": [r["path"] for r in results if not r["error"]]}
 
 
 def check_data_command(ns) -> int:
     report = check_data(ns.data, ns.workers, ns.min_side, ns.max_pixels)
+    for problem in report["tree_problems"]:
+        print(f"tree: {problem}")
     for r in report["bad"]:
         print(f"bad: {r['path']}: {r['error']}")
     for r in report["info"]:
         print(f"info: {r['path']}: {'; '.join(r['info'])}")
     n_bad = len(report["bad"])
+    n_tree = len(report["tree_problems"])
     print(f"fasttrain: checked {report['train_files']} train + {report['val_files']} val files in "
-          f"{report['classes']} classes: {n_bad} bad, {len(report['info'])} converted", file=sys.stderr)
+          f"{report['classes']} classes: {n_bad} bad, {len(report['info'])} converted"
+          + (f"; {n_tree} problem{'s' if n_tree > 1 else ''} with the folders (tree: lines)" if n_tree else ""),
+          file=sys.stderr)
     if ns.report:
         with open(ns.report, "w") as fh:
             json.dump({k: v for k, v in report.items() if k != "good"}, fh, indent=1)
@@ -101,4 +111,4 @@ def check_data_command(ns) -> int:
             fh.writelines(p + "\n" for p in report["good"])
         print(f"fasttrain: wrote {len(report['good'])} good files to {ns.write_clean_list}; "
               f"train with --file-list {ns.write_clean_list}", file=sys.stderr)
-    return 1 if n_bad else 0
+    return 2 if n_tree else 1 if n_bad else 0

@@ -38,31 +38,45 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def scan_split(root: str, allowed: set[str] | None = None) -> Split:
-    """Scan one split folder (DATA/train or DATA/val)."""
+def _problem(message: str, problems: list[str] | None) -> None:
+    """A tree error: raised at once (training), or noted and the scan goes on (check-data reports them all)."""
+    if problems is None:
+        raise UserError(message)
+    problems.append(message)
+
+
+def scan_split(root: str, allowed: set[str] | None = None, problems: list[str] | None = None) -> Split:
+    """Scan one split folder (DATA/train or DATA/val). With `problems`, tree errors are appended there and
+    the scan keeps what it can (a missing folder is an empty split; an empty or hidden class is left out)."""
+    empty = Split(root=os.path.abspath(root), classes=(), samples=())
     if not os.path.isdir(root):
-        raise UserError(f"{root} is not a folder: DATA must hold train/ and val/ in ImageFolder layout "
-                        "(DATA/train/<class>/<image>.jpg)")
+        _problem(f"{root} is not a folder: DATA must hold train/ and val/ in ImageFolder layout "
+                 "(DATA/train/<class>/<image>.jpg)", problems)
+        return empty
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
-        raise UserError(f"{root} has no class folders: put each class's images in {root}/<class>/")
+        _problem(f"{root} has no class folders: put each class's images in {root}/<class>/", problems)
+        return empty
     hidden = [c for c in classes if c.startswith(".")]
     if hidden:
-        raise UserError(f"{root} has hidden folder(s) {', '.join(hidden)} that ImageFolder would count as "
-                        "classes: remove or move them out of the dataset")
-    samples = []
-    for label, cls in enumerate(classes):
-        found = 0
+        _problem(f"{root} has hidden folder(s) {', '.join(hidden)} that ImageFolder would count as "
+                 "classes: remove or move them out of the dataset", problems)
+        classes = [c for c in classes if not c.startswith(".")]
+    samples, kept = [], []
+    for cls in classes:
+        found = []
         for dirpath, _, fnames in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
             for fname in sorted(fnames):
                 path = os.path.abspath(os.path.join(dirpath, fname))
                 if _is_image(fname) and (allowed is None or path in allowed):
-                    samples.append((path, label))
-                    found += 1
+                    found.append(path)
         if not found:
-            raise UserError(f"class folder {os.path.join(root, cls)} has no images (extensions: "
-                            f"{', '.join(IMG_EXTENSIONS)}): add images or remove the folder")
-    return Split(root=os.path.abspath(root), classes=tuple(classes), samples=tuple(samples))
+            _problem(f"class folder {os.path.join(root, cls)} has no images (extensions: "
+                     f"{', '.join(IMG_EXTENSIONS)}): add images or remove the folder", problems)
+            continue
+        samples += [(path, len(kept)) for path in found]
+        kept.append(cls)
+    return Split(root=os.path.abspath(root), classes=tuple(kept), samples=tuple(samples))
 
 
 def read_file_list(path: str) -> set[str]:
@@ -76,19 +90,21 @@ def read_file_list(path: str) -> set[str]:
     return {os.path.abspath(os.path.join(base, ln)) for ln in lines if ln and not ln.startswith("#")}
 
 
-def scan_dataset(data: str, file_list: str | None = None) -> tuple[Split, Split]:
-    """Scan DATA/train and DATA/val; their class lists must be the same."""
-    if not os.path.isdir(data):
+def scan_dataset(data: str, file_list: str | None = None, problems: list[str] | None = None) -> tuple[Split, Split]:
+    """Scan DATA/train and DATA/val; their class lists must be the same. With `problems`, every tree error is
+    appended there instead of raised, and the splits hold what could be scanned."""
+    if not os.path.isdir(data):  # nothing to go on with, even for check-data
         raise UserError(f"dataset folder {data} does not exist (expected DATA/train and DATA/val)")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(data, split)):
-            raise UserError(f"{data} has no {split}/ folder: DATA must hold train/ and val/ in ImageFolder layout")
+            _problem(f"{data} has no {split}/ folder: DATA must hold train/ and val/ in ImageFolder layout",
+                     problems)
     allowed = read_file_list(file_list) if file_list else None
-    train = scan_split(os.path.join(data, "train"), allowed)
-    val = scan_split(os.path.join(data, "val"), allowed)
-    if train.classes != val.classes:
+    train = scan_split(os.path.join(data, "train"), allowed, problems)
+    val = scan_split(os.path.join(data, "val"), allowed, problems)
+    if train.classes != val.classes and train.classes and val.classes:
         only_t = sorted(set(train.classes) - set(val.classes))
         only_v = sorted(set(val.classes) - set(train.classes))
-        raise UserError(f"train/ and val/ have different classes (only in train: {only_t[:5] or 'none'}; "
-                        f"only in val: {only_v[:5] or 'none'}): both need the same class folders")
+        _problem(f"train/ and val/ have different classes (only in train: {only_t[:5] or 'none'}; "
+                 f"only in val: {only_v[:5] or 'none'}): both need the same class folders", problems)
     return train, val

@@ -42,14 +42,20 @@ class SyntheticBatches:
         pass
 
 
+def val_share(rank: int, world_size: int, per_rank_batch: int, val_steps: int = 0) -> int:
+    """Val images rank r scores: samples r, r+W, ... of 50,000, the first `val_steps` batches of them if given."""
+    n = len(range(rank, VAL_SIZE, world_size))
+    return min(n, val_steps * per_rank_batch) if val_steps else n
+
+
 def build(per_rank_batch: int, world_size: int, image_size: int, num_classes: int, layout: Layout, seed: int,
-          steps_limit: int, rank: int = 0):
+          steps_limit: int, rank: int = 0, val_steps: int = 0):
     """Train: full batches, every rank the same number. Val: rank r scores samples r, r+W, ... of 50,000, so
-    the ranks together score exactly 50,000, as with real data."""
+    the ranks together score exactly 50,000, as with real data (with --val-steps N, N batches of them)."""
     steps = TRAIN_SIZE // world_size // per_rank_batch
     if steps_limit:
         steps = min(steps, steps_limit)
-    val_samples = len(range(rank, VAL_SIZE, world_size))
+    val_samples = val_share(rank, world_size, per_rank_batch, val_steps)
     val_steps = -(-val_samples // per_rank_batch)
     return (SyntheticBatches(steps, per_rank_batch, image_size, num_classes, layout, seed),
             SyntheticBatches(val_steps, per_rank_batch, image_size, num_classes, layout, seed + 1,

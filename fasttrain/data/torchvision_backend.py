@@ -36,8 +36,9 @@ class TrainTransform:
 
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
 
-    def __init__(self, size: int):
-        self.size = [size, size]
+    def __init__(self, size: int, augment=None):
+        """augment: a torchvision v2 transform of uint8 images (AutoAugment, RandAugment), after the flip."""
+        self.size, self.augment = [size, size], augment
 
     def box(self, height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
         area = height * width
@@ -83,7 +84,15 @@ class TrainTransform:
 
     def _finish(self, region: torch.Tensor, rng: random.Random) -> torch.Tensor:
         image = F.resize(region, self.size, antialias=True)
-        return image.flip(-1) if rng.random() < 0.5 else image
+        image = image.flip(-1) if rng.random() < 0.5 else image
+        if self.augment is None:
+            return image
+        # torchvision's policies draw from torch's global generator: seeded from this sample's own generator
+        # and put back afterwards, so the ops depend only on the sample (exact resume, any worker count) and
+        # the process's generator (the training process's, with -j 0) is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng.getrandbits(63))
+            return self.augment(image)
 
 
 class ValTransform:
@@ -278,7 +287,7 @@ class DeviceBatches:
 
 
 def build(train: Split, val: Split, per_rank_batch: int, workers: int, image_size: int, layout: Layout,
-          rank: int, world_size: int, seed: int, steps: int, max_bad_files: int):
+          rank: int, world_size: int, seed: int, steps: int, max_bad_files: int, augment=None):
     budget = BadFileBudget(max_bad_files, rank)
     pin = layout.device.type == "cuda"
     # Its own generator: starting an epoch's iterator draws worker seeds from it, not from the training
@@ -287,7 +296,7 @@ def build(train: Split, val: Split, per_rank_batch: int, workers: int, image_siz
                   persistent_workers=workers > 0, prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
                   generator=torch.Generator().manual_seed(seed + rank))
     train_sampler = ResumableSampler(len(train), rank, world_size, seed, per_rank_batch, steps)
-    train_dl = DataLoader(ImageFiles(train, TrainTransform(image_size)), sampler=train_sampler, drop_last=True,
+    train_dl = DataLoader(ImageFiles(train, TrainTransform(image_size, augment)), sampler=train_sampler, drop_last=True,
                           **common)
     val_dl = DataLoader(ImageFiles(val, ValTransform(image_size)), sampler=ShardSampler(len(val), rank, world_size),
                         **common)

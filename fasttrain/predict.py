@@ -1,0 +1,76 @@
+"""`fasttrain predict CHECKPOINT IMAGES...`: the top-k classes of each image, by name.
+
+    fasttrain predict runs/r50/model_best.pth.tar cat.jpg dog.png -k 3
+    cat.jpg: tabby_cat 71.2%, tiger_cat 20.3%, egyptian_cat 6.1%
+
+The checkpoint says the arch, the image size and the class names (the folder names of DATA/train); a
+reference checkpoint, which keeps no names, prints class indices. Images go through the val transform
+(resize the short side to size*256/224, centre crop) and ImageNet normalization, as in validation. A file
+that cannot be read is reported on stderr and the others are still predicted (exit status 1 then).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from . import checkpoint as ckpt_io
+from .config import ModelConfig
+from .data.base import IMAGENET_MEAN, IMAGENET_STD
+from .data.decode import BadImage
+from .data.torchvision_backend import ValTransform
+from .errors import UserError
+
+
+def load_classifier(path: str, device: torch.device) -> tuple[torch.nn.Module, list[str], int]:
+    """(model in eval mode, class names, image size) from a checkpoint."""
+    from .model import build_model
+    ck = ckpt_io.load(path)
+    state = ckpt_io.model_state(ck, path)
+    config = ck.get("config") or {}
+    arch = config.get("model", {}).get("arch") or ck.get("arch")
+    if not arch:
+        raise UserError(f"checkpoint {path} does not say its arch: not a fasttrain or reference checkpoint")
+    size = int(config.get("data", {}).get("image_size", 224))
+    classes = ck.get("classes")
+    if classes is None:  # the reference's: as many as its classifier has rows
+        rows = [v.shape[0] for k, v in state.items() if k.endswith("weight") and v.ndim == 2]  # the last: the head
+        if not rows:
+            raise UserError(f"checkpoint {path} has no classifier layer to count its classes by")
+        classes = [str(i) for i in range(rows[-1])]
+    model = build_model(ModelConfig(arch=arch), len(classes))
+    model.load_state_dict(state)
+    return model.to(device).eval(), list(classes), size
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities [N, classes] of uint8 images [N, 3, H, W]."""
+    device = next(model.parameters()).device
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    x = (images.to(device).float() - mean) / std
+    return model(x).float().softmax(1)
+
+
+def predict_command(ns) -> int:
+    if ns.top < 1:
+        raise UserError(f"-k/--top must be at least 1, got {ns.top}")
+    if ns.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is visible (use --device cpu)")
+    device = torch.device("cuda" if ns.device != "cpu" and torch.cuda.is_available() else "cpu")
+    model, classes, size = load_classifier(ns.checkpoint, device)
+    transform, k, failed = ValTransform(size), min(ns.top, len(classes)), 0
+    for path in ns.images:
+        try:
+            image = transform.load(path)
+        except BadImage as e:
+            print(f"fasttrain: error: {path}: {e.reason}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        probs = predict(model, image.unsqueeze(0))[0]
+        top = probs.topk(k)
+        names = ", ".join(f"{classes[i]} {100 * p:.1f}%" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+        print(f"{path}: {names}", flush=True)
+    return 1 if failed else 0
