@@ -50,9 +50,11 @@ def tiny_data(tmp_path_factory):
 
 def run_group(cmd, timeout=300, env=None) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout kill the whole group (torchrun's workers too,
-    which subprocess.run's own timeout would leave running) and fail."""
+    which subprocess.run's own timeout would leave running) and fail. `env` adds to this process's
+    environment; a value None removes that variable."""
+    full = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            cwd=REPO, env={k: v for k, v in full.items() if v is not None},
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

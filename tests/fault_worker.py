@@ -21,6 +21,9 @@ injected through environment variables, so fault tests are exact and determinist
     FT_TEST_LEAK_MB=N            every validation keeps N MiB more (resident): a leak the memory test must see
     FT_TEST_MALLOC_TRIM=1        before each host memory reading, glibc's malloc_trim(0) hands freed heap memory
                                  back to the OS: the reading is then memory in use, not memory glibc keeps
+    FT_TEST_THREAD_LOG=PATH      each process appends "RANK THREADS" when training starts (torch's intra-op
+                                 threads); also in processes --multiprocessing-distributed spawns, which run
+                                 this file as __mp_main__ (so the patch is made at import, not under __main__)
 """
 
 import os
@@ -142,6 +145,23 @@ def _patch_trim():
         libc.malloc_trim(0)
         return original(pid)
     M.host_memory_mb = host_memory_mb
+
+
+def _patch_thread_log():
+    path, original = os.environ["FT_TEST_THREAD_LOG"], Trainer.train_step
+    logged = []
+
+    def train_step(self, images, labels, meter):
+        if not logged:
+            logged.append(1)
+            with open(path, "a") as fh:
+                fh.write(f"{self.dist.rank} {torch.get_num_threads()}\n")
+        return original(self, images, labels, meter)
+    Trainer.train_step = train_step
+
+
+if os.environ.get("FT_TEST_THREAD_LOG"):
+    _patch_thread_log()
 
 
 if __name__ == "__main__":

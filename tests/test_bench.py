@@ -112,6 +112,18 @@ def test_from_json_redraws_without_measuring(quick, tmp_path, capsys):
     assert os.path.getsize(tmp_path / "bench.png") > 10_000
 
 
+def test_panel_titles_give_each_sections_image_size(quick):
+    """--quick on CPU feeds the models 64 px inputs while the loaders crop 224 px: each panel says its own."""
+    from fasttrain.bench.report import panel_setup
+    _, doc = quick
+    plan = doc["plan"]
+    loader = next(e for e in doc["entries"] if e["section"] == "loader")
+    e2e = next(e for e in doc["entries"] if e["section"] == "e2e")
+    assert panel_setup("loader", loader, plan).endswith(f", {plan['image_size']}x{plan['image_size']} px")
+    assert panel_setup("e2e", e2e, plan).endswith(f", {plan['model_image_size']}x{plan['model_image_size']} px")
+    assert plan["model_image_size"] != plan["image_size"] and panel_setup("e2e", e2e, {}).startswith("batch ")
+
+
 def test_check_goals_reads_the_json(quick):
     out, _ = quick
     res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "check_goals.py"), str(out / "bench.json")],

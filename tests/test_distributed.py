@@ -46,16 +46,25 @@ def test_torchrun_two_ranks_scores_every_val_image_once(odd_data, tmp_path):
     assert [row["val_samples"] for row in rows] == [27, 27]
     assert all(row["train_samples"] == 96 for row in rows)  # 2 ranks x 6 steps x 8
     assert r.stdout.count("fasttrain: epoch 1:") == 1  # only rank 0 logs
+    # step lines are summed over both ranks, as the epoch line is: the last one is the epoch's
+    last = re.search(r"Epoch: \[1\]: \[6/6\]\tLoss (\S+)\tAcc@1 +(\S+)", r.stdout).groups()
+    assert last == (f"{rows[1]['train_loss']:.4e}", f"{rows[1]['train_top1']:.2f}")
 
 
 def test_two_ranks_equal_one_rank_at_same_global_batch(odd_data, tmp_path):
+    """Also with accumulation under DDP (the first batch of each window skips the all-reduce: no_sync):
+    2 ranks x 4 images x 2 batches = 1 rank x 16 images, the same images each step."""
     env = {"FT_TEST_TINY_MODEL": "1"}
     one = torchrun(1, odd_data, *ARGS, "--epochs", "1", "--output-dir", tmp_path / "one", env=env)
     two = torchrun(2, odd_data, *ARGS, "--epochs", "1", "--output-dir", tmp_path / "two", env=env)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    a, b = state(tmp_path / "one")["state_dict"], state(tmp_path / "two")["state_dict"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    accum = torchrun(2, odd_data, *ARGS, "-b", "8", "--grad-accum-steps", "2", "--epochs", "1",
+                     "--output-dir", tmp_path / "accum", env=env)
+    assert one.returncode == 0 and two.returncode == 0 and accum.returncode == 0, two.stderr[-3000:]
+    a = state(tmp_path / "one")["state_dict"]
+    for other in ("two", "accum"):
+        b = state(tmp_path / other)["state_dict"]
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert not torch.equal(a["0.weight"], torch.zeros_like(a["0.weight"]))
 
 
@@ -209,11 +218,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_reference_spawn_flags(odd_data, tmp_path):
-    cmd = [sys.executable, "-m", "fasttrain", "train", odd_data, *ARGS, "--epochs", "1", "--output-dir", tmp_path,
+def test_reference_spawn_flags_and_each_process_gets_its_share_of_the_cores(odd_data, tmp_path):
+    """--multiprocessing-distributed --nproc-per-node 2 on CPU: each spawned process runs torch with its share
+    of the cores (cores / 2 processes, less its loader workers: -j 0 here), as torchrun's OMP_NUM_THREADS
+    gives it; spawned children used to start one thread per core each (here 5-7x slower than torchrun)."""
+    from fasttrain.cpu_share import cores
+    log = tmp_path / "threads.log"
+    cmd = [sys.executable, WORKER, "train", odd_data, *ARGS, "--epochs", "1", "--output-dir", tmp_path,
            "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--world-size", "1", "--rank", "0",
            "--multiprocessing-distributed", "--nproc-per-node", "2"]
-    r = run_group(cmd, timeout=240)
+    r = run_group(cmd, timeout=240, env={"FT_TEST_THREAD_LOG": str(log), "OMP_NUM_THREADS": None})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "batch    16 global = 8 per process x 2 processes" in r.stdout
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["val_samples"] == 27
+    share = max(1, cores() // 2)
+    assert sorted(log.read_text().split("\n")[:-1]) == [f"0 {share}", f"1 {share}"]
+    assert f"{share} torch thread" in r.stdout

@@ -95,7 +95,7 @@ def render(out: str, doc: dict) -> None:
     """Table on stdout, bench.png next to bench.json (skipped, with a note, where matplotlib is missing)."""
     print(table(doc["entries"]), flush=True)
     try:
-        plot(os.path.join(out, "bench.png"), doc["entries"], doc["environment"])
+        plot(os.path.join(out, "bench.png"), doc["entries"], doc["environment"], doc.get("plan"))
     except ImportError:
         print("fasttrain bench: matplotlib is not installed: no bench.png (pip install matplotlib, then "
               f"fasttrain bench --from-json {os.path.join(out, 'bench.json')} --out {out})", file=sys.stderr)

@@ -127,10 +127,18 @@ def table(entries: list[dict]) -> str:
 PEER_COLOUR = "#ff7f0e"
 
 
-def plot(path: str, entries: list[dict], env: dict) -> None:
+def panel_setup(section: str, first: dict, plan: dict) -> str:
+    """A panel's sizes: batch, workers, and the image size of its section (the loader's crop, the models'
+    input: they differ with --quick on CPU); an older bench.json without a plan gives no size."""
+    size = plan.get("image_size" if section == "loader" else "model_image_size")
+    return (f"batch {first['batch_size']}" + (f", {first['workers']} workers" if first.get("workers") else "")
+            + (f", {size}x{size} px" if size else ""))
+
+
+def plot(path: str, entries: list[dict], env: dict, plan: dict | None = None) -> None:
     """Horizontal bars of img/s, one panel per section (their scales differ by orders of magnitude);
     reference bars grey and hatched, peers orange, fasttrain blue; every bar labelled with its img/s and its
-    ratio to the reference."""
+    ratio to the reference. `plan`: bench.json's, for each panel's image size."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -154,9 +162,7 @@ def plot(path: str, entries: list[dict], env: dict) -> None:
                     f"  {fmt_rate(e['images_per_sec'])}  ({ratio})", va="center", fontsize=8)
         ax.set_yticks(range(len(rows)), [label(e) for e in rows], fontsize=8)
         ax.set_xlim(0, max(vals) * 1.5 if vals and max(vals) > 0 else 1)
-        first = rows[-1]
-        setup = f"batch {first['batch_size']}" + (f", {first['workers']} workers" if first.get("workers") else "")
-        ax.set_title(f"{SECTION_TITLES[sec]}; {setup}", fontsize=10, loc="left")
+        ax.set_title(f"{SECTION_TITLES[sec]}; {panel_setup(sec, rows[-1], plan or {})}", fontsize=10, loc="left")
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("images / second (higher is better)")
