@@ -53,10 +53,11 @@ def intra_op_threads(device_type: str, local_world_size: int, workers: int) -> t
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
     share = cores_per_process(local_world_size)
+    cores_text = f"{share} core{'s' if share > 1 else ''} per process"
     if device_type == "cpu":
-        want, why = max(1, share - workers), f"{share} core{'s' if share > 1 else ''} per process - {workers} loader workers"
+        want, why = max(1, share - workers), f"{cores_text} - {workers} loader workers"
     else:
-        want, why = share, f"{share} core{'s' if share > 1 else ''} per process"
+        want, why = share, cores_text
     have = torch.get_num_threads()
     if have < want:
         return have, f"{have} set by the caller"

@@ -90,10 +90,8 @@ class Trainer:
     def _sync_grads(self, sync: bool):
         """DDP's no_sync() for the batches of a window before its last: their gradients are all-reduced once,
         with the last one's. (`forward` may be torch.compile's wrapper, which passes attributes through.)"""
-        no_sync = getattr(self.forward, "no_sync", None)
-        if sync or no_sync is None:
-            return contextlib.nullcontext()
-        return no_sync()
+        no_sync = None if sync else getattr(self.forward, "no_sync", None)
+        return contextlib.nullcontext() if no_sync is None else no_sync()
 
     def state_dict(self) -> dict:
         """The reference's keys (state_dict, optimizer, scheduler) and ours (scaler, skipped_steps)."""

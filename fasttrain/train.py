@@ -140,9 +140,10 @@ def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str, loaders, ck: dict |
     seed_everything(seed + 1000 * dist.rank)  # ranks differ (e.g. dropout masks) from here on
     saver = Checkpointer(cfg, dist, out, tr, loaders, seed)
     start = saver.restore(ck) if ck else Start(cfg.optim.start_epoch)  # RNGs too, as the checkpoint left them
-    if start.epoch >= cfg.optim.epochs:
-        log0(dist, f"nothing to train: {ck['path'] if ck else '--start-epoch'} is at epoch {start.epoch} and the "
-                   f"run has {cfg.optim.epochs} epochs: it is already done (raise --epochs to train on)")
+    if start.epoch >= cfg.optim.epochs:  # the reference would print nothing, or "epochs 3..2"
+        log0(dist, f"nothing to train: {ck['path']} is at epoch {start.epoch} of {cfg.optim.epochs}: the run is "
+                   "already done (raise --epochs to train on)" if ck else
+                   f"nothing to train: --start-epoch {start.epoch} is not below --epochs {cfg.optim.epochs}")
         return 0
     t_compile = time.perf_counter()
     tr.forward, eval_fwd = wrap_model(tr.model, cfg.run, dist)

@@ -96,7 +96,7 @@ def test_settings_printed_config_toml_round_trip_and_a_finished_run(tiny_data, t
     # resuming the finished run: says so, trains nothing, changes nothing
     before = (out / "metrics.jsonl").read_text()
     assert cli.main([*argv, "--resume", "auto"]) == 0
-    assert "it is already done (raise --epochs to train on)" in capsys.readouterr().out
+    assert "is at epoch 2 of 2: the run is already done (raise --epochs to train on)" in capsys.readouterr().out
     assert (out / "metrics.jsonl").read_text() == before
 
 
