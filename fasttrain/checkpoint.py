@@ -3,7 +3,8 @@
 Keys the reference script writes (`epoch, arch, state_dict, best_acc1, optimizer, scheduler`) keep their
 meaning (`epoch` = the next epoch to run), so its tools can read ours; fasttrain adds `step` (steps done in
 that epoch), `scaler`, `rng` (every rank's generators), `data` (loader position), `classes`, `config`,
-`val_top1` (this model's own val accuracy, for `fasttrain eval`).
+`val_top1` (this model's own val accuracy, for `fasttrain eval`), `ema` (with --ema: the averaged weights,
+a state_dict with the model's keys), `wall_seconds` (the run's wall time so far, across resumes).
 
 A write goes to a temporary file in the same folder, is fsync'ed, then renamed over the old one: a crash
 or kill -9 at any moment leaves either the old or the new checkpoint, both whole.

@@ -34,6 +34,7 @@ class Trainer:
     dist: D.DistInfo
     on_nan: str = "abort"
     skipped_steps: int = 0
+    ema: object = None              # ema.EMA of the weights with --ema, updated after every optimizer step
     _nonfinite: torch.Tensor | None = field(default=None, repr=False)
 
     def autocast(self):
@@ -57,6 +58,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)  # on the device, no sync
         bad = ~torch.isfinite(loss.detach())
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         meter.update(loss, logits.float(), labels)
