@@ -204,11 +204,12 @@ def restore(tr: Trainer, path: str, cfg: Config, dist: D.DistInfo, loaders) -> d
             raise UserError(f"checkpoint {path} holds no EMA weights (it was trained without --ema): "
                             "drop --eval-weights ema")
         tr.model.load_state_dict(ck["ema"])
-    if len((ck.get("optimizer") or {}).get("param_groups", [])) not in (0, len(tr.optimizer.param_groups)):
+    groups = len((ck.get("optimizer") or {}).get("param_groups", []))
+    if groups not in (0, len(tr.optimizer.param_groups)) and not cfg.run.evaluate:
         raise UserError(f"checkpoint {path} was trained with other --no-bn-wd/--opt settings (its optimizer "
                         "has another number of parameter groups): resume with the settings it was trained with")
     for key, obj in (("optimizer", tr.optimizer), ("scheduler", tr.scheduler), ("scaler", tr.scaler)):
-        if ck.get(key):
+        if ck.get(key) and not cfg.run.evaluate:  # evaluation needs the weights only
             obj.load_state_dict(ck[key])
     if tr.ema is not None:
         if ck.get("ema"):
