@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--full", action="store_true", help="on CPU also time torch.compile (minutes)")
     bn.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
                     help="torch.compile mode of the compiled entries (as train --compile-mode)")
-    bn.add_argument("--sections", default=None, metavar="LIST", help="comma list of loader,model,e2e (default: all)")
+    bn.add_argument("--sections", default=None, metavar="LIST", help="comma list of loader,model,e2e,recipe (default: loader,model,e2e)")
     bn.add_argument("--repeats", type=int, default=None, metavar="N",
                     help="loader-only: run each loader N times, interleaved, and keep the best (default: 3 on CPU)")
     bn.add_argument("--from-json", default=None, metavar="PATH",

@@ -150,3 +150,21 @@ def test_blurpool_resnet50_shapes_checkpoint_and_training(one_thread):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_bench_recipe_section(tiny_data, one_thread):
+    """`fasttrain bench --sections recipe`: fixed size (the reference), progressive and BlurPool entries,
+    each through fasttrain's torchvision loader and train step, with sane numbers."""
+    from fasttrain.bench.loaders import BenchData
+    from fasttrain.bench.recipe import recipe_section
+    from fasttrain.bench.report import add_ratios
+    from fasttrain.bench.suite import Plan
+    plan = Plan(torch.device("cpu"), ["resnet18"], 0, 4, 4, model_image_size=64, num_classes=4, e2e_steps=(1, 2))
+    entries = recipe_section(plan, BenchData.scan(tiny_data), "resnet18")
+    add_ratios(entries)
+    assert [e["name"] for e in entries] == ["recipe/resnet18/fixed 64", "recipe/resnet18/progressive 48->56",
+                                            "recipe/resnet18/blurpool 64"]
+    assert [e["reference"] for e in entries] == [True, False, False]
+    assert entries[1]["epoch_sizes"] == [48, 48, 56, 56] and entries[2]["blurpool"]
+    for e in entries:
+        assert e["images_per_sec"] > 0 and e["ratio_to_reference"] > 0 and e["timed_images"] == 4 * 2 * 4

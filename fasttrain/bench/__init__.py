@@ -8,7 +8,8 @@
 
 Sections: loader only (reference ImageFolder+PIL loader, fasttrain's torchvision path, DALI CPU and DALI
 GPU when present, same files, batch and worker count); model only (synthetic on-device batches for each
-toggle combination); end to end (each loader feeding the model). Writes DIR/bench.json, DIR/bench.png and
+toggle combination); end to end (each loader feeding the model); on request (--sections recipe) the recipe
+knobs end to end: progressive resizing and BlurPool against a fixed-size run (recipe.py). Writes DIR/bench.json, DIR/bench.png and
 prints a table. The pieces: images.py (data), reference.py (the reference loop), loaders.py, measure.py
 (the one timing loop), suite.py (the matrix), report.py (outputs).
 """
@@ -29,7 +30,8 @@ from .loaders import BenchData, available_loaders
 from .report import add_ratios, environment, load_average, plot, table, write_json
 from .suite import Plan, Toggles, run_suite
 
-SECTIONS = ("loader", "model", "e2e")
+SECTIONS = ("loader", "model", "e2e", "recipe")
+DEFAULT_SECTIONS = ("loader", "model", "e2e")
 
 
 def toggle_combos(device: torch.device, with_compile: bool, compile_mode: str = "default") -> list[Toggles]:
@@ -109,7 +111,7 @@ def bench_command(ns: argparse.Namespace) -> int:
 
 
 def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan) -> int:
-    sections = tuple(s.strip() for s in (ns.sections or ",".join(SECTIONS)).split(","))
+    sections = tuple(s.strip() for s in (ns.sections or ",".join(DEFAULT_SECTIONS)).split(","))
     root = ns.data or bench_dataset(default_images(ns, device.type == "cuda"))
     data = BenchData.scan(root)
     plan.num_classes = len(data.train.classes)  # the models' heads must fit the labels of the files read
@@ -125,6 +127,11 @@ def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan)
         write_json(os.path.join(out, "bench.json"), entries, env, plan_doc)
 
     entries = run_suite(plan, data, sections, save)
+    if "recipe" in sections:
+        from .recipe import recipe_section
+        for arch in plan.archs:
+            entries += recipe_section(plan, data, arch)
+            save(entries)
     save(entries)
     render(out, {"environment": env, "plan": plan_doc, "entries": entries})
     print(f"fasttrain bench: wrote {os.path.join(out, 'bench.json')} and bench.png", flush=True)
