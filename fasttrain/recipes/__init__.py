@@ -64,5 +64,5 @@ def recipes_command() -> int:
         note = load(name)[1].get("note")
         if note:
             print(f"{name}: {note}")
-    print(f"\n{NOT_RUN}\nUse one with `fasttrain train DATA --recipe NAME`; flags after it override it.")
+    print(f"\n{NOT_RUN}\nUse one with `fasttrain train DATA --recipe NAME`; --config and any flag override it, option by option.")
     return 0
