@@ -19,7 +19,9 @@ pipeline's input is an `external_source` that asks, for its g-th batch, for file
 (Stream.feed), and `fn.io.file.read` reads the files in DALI's own threads. The names come from a plan
 that runs across epochs: iteration g of a pipeline built at (epoch e0, step s0) is step s0 + g of epoch e0,
 continuing into e0 + 1, ... So epochs follow each other without a new pipeline (nvJPEG and the hardware
-decoder are set up once per run), and the prefetch queue runs on into the next epoch's first batches.
+decoder are set up once per run), and the prefetch queue runs on into the next epoch's first batches. The
+train crop size of each batch comes in the same way, per sample, as an argument input of the resize: with
+progressive resizing (--min-res/--max-res) the size changes between epochs inside the same pipeline.
 
 The same samples as the torchvision backend, by construction: epoch e on this rank reads exactly the files
 the torchvision backend's sampler gives it (DistributedSampler's permutation for seed + epoch at the GLOBAL
@@ -63,8 +65,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from ..errors import UserError
-from .base import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, val_resize_size
 from ..schedules import Resolution
+from .base import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, val_resize_size
 from .decode import BadImage, decode_file
 from .scan import Split
 
