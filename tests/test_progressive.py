@@ -130,7 +130,10 @@ def test_ema_is_the_reference_average_and_eval_scores_it(tiny_data, tmp_path, sm
 
 
 def test_eval_weights_ema_needs_an_ema(tiny_data, tmp_path, small, capsys):
-    train(tiny_data, tmp_path / "r", "--epochs", "1", "--steps-per-epoch", "1")
+    """(The run trains with LARS and a linear schedule: both through the command line once.)"""
+    rows = train(tiny_data, tmp_path / "r", "--epochs", "1", "--steps-per-epoch", "2", "--opt", "lars",
+                 "--lr-schedule", "linear")
+    assert rows[0]["train_samples"] == 32 and rows[0]["lr"] == 0.0  # linear: 0 after the last step
     capsys.readouterr()
     assert cli.main(["eval", str(tiny_data), "--checkpoint", str(tmp_path / "r" / ckpt_io.LATEST), "--device", "cpu",
                      "-j", "0", "-b", "16", "--eval-weights", "ema"]) == 2
