@@ -29,8 +29,8 @@ def demo_data(tmp_path_factory):
 
 @pytest.fixture
 def one_thread():
-    """ResNet-50 steps on a shared 2-core machine: one intra-op thread, not two spinning against the
-    neighbours' processes (measured here: 1.2 s a step against 2 to 7 s)."""
+    """ResNet-50 steps on a shared 2-core machine: one intra-op thread, not two OpenMP threads spinning
+    against the other processes (several times slower here when the machine is busy)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -89,8 +89,8 @@ def test_bad_recipe_options_are_one_line(argv, needle, capsys):
 def test_every_recipe_trains_an_epoch(name, demo_data, tmp_path, capsys, one_thread):
     """The recipe as shipped, on the embedded data, with only its scale cut down: batch 4, one step, tiny
     images, and only its last epoch run (--start-epoch), so the LR schedule is the recipe's own. The longer
-    ResNet-50 recipes differ from rn50-16ep only in their epochs and ramp: they run on a ResNet-18 (4 s a
-    ResNet-50 run saved on this shared 2-core machine); rn50-16ep and reference run their ResNet-50."""
+    ResNet-50 recipes differ from rn50-16ep only in their epochs and ramp: they run on a ResNet-18, to keep
+    the suite short on a 2-core machine; rn50-16ep and reference run their ResNet-50."""
     values = recipes.load(name)[0]
     epochs = values[("optim", "epochs")]
     small = ["--min-res", "24", "--max-res", "32", "--val-res", "40"] if ("data", "min_res") in values \
