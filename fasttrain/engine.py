@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from . import dist as D
-from .metrics import DeviceMeter, Progress
+from .metrics import DeviceMeter, GpuIdle, Progress
 
 
 class NonFiniteLoss(RuntimeError):
@@ -115,6 +115,7 @@ class EpochStats:
     data_time_fraction: float
     steps_done: int        # index of the next step; == len(loader) when the epoch finished
     stopped: bool = False  # a stop was requested (SIGTERM): the run should save and exit
+    gpu_idle_fraction: float | None = None  # metrics.GpuIdle: the GPU waiting between steps (None on CPU)
 
 
 def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq: int, save_every: int,
@@ -134,15 +135,19 @@ def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq
     total = len(loader)
     step, data_time, stopped = start_step, 0.0, False
     t0 = t_data = time.perf_counter()
+    idle = GpuIdle(tr.dist.device)
     for images, labels in loader:
         data_time += time.perf_counter() - t_data
+        idle.start()
         tr.train_step(images, labels, meter)
+        idle.end()
         step += 1
         show = step % print_freq == 0 or step == total
         if show or (save_every and step % save_every == 0):
             tr.check_finite()  # host sync: reads the device-side flag
             if show:
-                stats = meter.read()
+                stats = meter.read()  # host sync, after the step's end event: collect() finds it done
+                idle.collect()
                 now = time.perf_counter()
                 progress.update(step, stats, (stats["samples"] - n0) * tr.dist.world_size / (now - t0),
                                 data_time / (now - t0))
@@ -153,9 +158,11 @@ def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq
     if tr.dist.device.type == "cuda":
         torch.cuda.synchronize(tr.dist.device)  # so the wall time below covers the work, not its launch
     elapsed = time.perf_counter() - t0
+    idle.collect()
     stats = reduce_meter(meter, tr.dist, timed=meter.n - n0)  # the epoch's numbers cover every rank
     return EpochStats(stats["loss"], stats["top1"], stats["top5"], stats["samples"],
-                      stats["timed"] / max(elapsed, 1e-9), data_time / max(elapsed, 1e-9), step, stopped)
+                      stats["timed"] / max(elapsed, 1e-9), data_time / max(elapsed, 1e-9), step, stopped,
+                      idle.fraction())
 
 
 def reduce_meter(meter: DeviceMeter, dist: D.DistInfo, timed: int = 0) -> dict[str, float]:

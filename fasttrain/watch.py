@@ -58,14 +58,17 @@ class Watch:
                   "train_images_per_sec": stats.images_per_sec, "data_time_fraction": stats.data_time_fraction,
                   "skipped_steps": self.tr.skipped_steps, "best_acc1": best_acc1, "time": time.time(),
                   **self.time_and_memory(val_seconds)}
+        if stats.gpu_idle_fraction is not None:
+            record["gpu_idle_fraction"] = stats.gpu_idle_fraction
         self.metrics.write(record)
         self.tb.epoch((epoch + 1) * self.steps, record)
         gpu = f", GPU peak {record['gpu_max_mem_mb']:.0f} MiB" if "gpu_max_mem_mb" in record else ""
+        idle = f", GPU idle {100 * record['gpu_idle_fraction']:.0f}%" if "gpu_idle_fraction" in record else ""
         host = f"host {record['host_rss_mb']:.0f} MiB" if record["host_rss_mb"] is not None else "host ?"
         log0(self.dist, f"epoch {epoch}: train loss {stats.loss:.4f} top1 {stats.top1:.2f} | val loss "
                         f"{val['val_loss']:.4f} top1 {val['val_top1']:.2f} top5 {val['val_top5']:.2f} "
                         f"({val['val_samples']} images) | {stats.images_per_sec:.0f} img/s, "
-                        f"data wait {100 * stats.data_time_fraction:.0f}% | {record['epoch_seconds']:.1f} s, "
+                        f"data wait {100 * stats.data_time_fraction:.0f}%{idle} | {record['epoch_seconds']:.1f} s, "
                         f"run {monitor.fmt_seconds(record['wall_seconds'])}, ETA "
                         f"{monitor.fmt_seconds(self.clock.eta_after(epoch))}"
                         f" | {host}{gpu}")
