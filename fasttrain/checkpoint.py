@@ -1,13 +1,16 @@
-"""Checkpoints: written atomically by rank 0, holding everything an exact resume needs.
+"""Checkpoint files: what they hold, written atomically, read safely.
 
 Keys the reference script writes (`epoch, arch, state_dict, best_acc1, optimizer, scheduler`) keep their
-meaning (`epoch` = the next epoch to run), so its tools can read ours; fasttrain adds `step` (steps done in
-that epoch), `scaler`, `rng` (every rank's generators), `data` (loader position), `classes`, `config`,
-`val_top1` (this model's own val accuracy, for `fasttrain eval`), `ema` (with --ema: the averaged weights,
-a state_dict with the model's keys), `wall_seconds` (the run's wall time so far, across resumes).
+meaning (`epoch` = the next epoch to run), so its tools can read ours and ours read its; fasttrain adds
+`step` (steps done in that epoch), `seed` (the run's seed: data order and augmentation), `scaler`, `rng`
+(every rank's generators), `data` (every rank's loader position), `meters`, `skipped_steps`, `classes`,
+`config`, `val_top1` (this model's own val accuracy, for `fasttrain eval`), `ema` (with --ema: the averaged
+weights, a state_dict with the model's keys).
 
-A write goes to a temporary file in the same folder, is fsync'ed, then renamed over the old one: a crash
-or kill -9 at any moment leaves either the old or the new checkpoint, both whole.
+Everything in a checkpoint is a tensor or a plain Python value (RNG states included), so it loads with
+`torch.load(path, weights_only=True)`, and that is the only way fasttrain loads one: a file from elsewhere
+cannot run code. A write goes to a temporary file in the same folder, is fsync'ed, then renamed over the
+old one: a crash or kill -9 at any moment leaves either the old or the new checkpoint, both whole.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from .errors import UserError
 
 LATEST, BEST = "checkpoint.pth.tar", "model_best.pth.tar"
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 
 
 def _fsync_dir(path: str) -> None:
@@ -56,7 +60,10 @@ def atomic_copy(src: str, dst: str) -> None:
 
 
 def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's generators as tensors and plain values (numpy's array as a list): weights_only-safe."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "python": random.getstate()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -64,37 +71,80 @@ def rng_state(device: torch.device) -> dict:
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def load(path: str) -> dict:
-    """Load a checkpoint to the CPU, or a one-line error saying why not."""
+def _one_line(e: Exception, limit: int = 160) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def load(path: str, what: str = "checkpoint") -> dict:
+    """Load a checkpoint (or weights file) to the CPU with weights_only=True, or a one-line error saying why
+    not. A file that holds pickled Python objects (classes, functions) is refused, never executed."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist (to start from scratch, drop --resume; "
-                        "--resume auto resumes only if OUTPUT_DIR/checkpoint.pth.tar exists)")
+        raise UserError(f"{what} {path} does not exist")
     try:
-        # Our own file (it holds numpy RNG state), so not weights_only. Load only checkpoints you trust.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); "
-                        "it may be truncated or not a PyTorch file") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise UserError(f"checkpoint {path} has no state_dict: not a fasttrain or reference checkpoint")
-    return ckpt
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"{what} {path} holds pickled Python objects, which fasttrain does not load (they "
+                            "could run code): only tensors and plain values, as torch.load(weights_only=True) "
+                            "reads them; if you trust the file, re-save just its state_dict") from None
+        raise UserError(f"{what} {path} cannot be read ({_one_line(e)}); it may be truncated or not a "
+                        "PyTorch file") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{what} {path} holds a {type(obj).__name__}, not a dict of tensors")
+    return obj
 
 
-def check_compatible(ckpt: dict, path: str, arch: str, num_classes: int) -> None:
+def model_state(ckpt: dict, path: str) -> dict[str, torch.Tensor]:
+    """The model's tensors of a checkpoint (ours, the reference's, or a bare state_dict), without the
+    prefixes wrappers add (the reference saves its DDP/DataParallel module: `module.conv1.weight`)."""
+    state = ckpt.get("state_dict", ckpt)
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds no state_dict: not a fasttrain or reference checkpoint")
+    out = {}
+    for key, value in state.items():
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def resumable(ckpt: dict, path: str) -> dict:
+    """`ckpt` with a prefix-free state_dict, if it is a checkpoint a run can continue from."""
+    if "state_dict" not in ckpt:
+        raise UserError(f"checkpoint {path} has no state_dict: not a fasttrain or reference checkpoint "
+                        "(to start from bare weights, use --weights)")
+    return {**ckpt, "state_dict": model_state(ckpt, path)}
+
+
+def _gist(names: list[str]) -> str:
+    return f"[{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}]"
+
+
+def check_compatible(ckpt: dict, path: str, arch: str, classes: tuple[str, ...]) -> None:
+    """Same arch, same class names in the same order (label i must mean the same class); a checkpoint
+    without names (the reference's) is checked by the size of its classifier."""
     if ckpt.get("arch", arch) != arch:
         raise UserError(f"checkpoint {path} is for arch {ckpt['arch']}, not {arch}: pass -a {ckpt['arch']}")
+    saved = ckpt.get("classes")
+    if saved is not None and list(saved) != list(classes):
+        only_ck = [c for c in saved if c not in set(classes)]
+        only_data = [c for c in classes if c not in set(saved)]
+        diff = (f"only in the checkpoint: {_gist(only_ck)}; only in DATA: {_gist(only_data)}" if only_ck or only_data
+                else "the same names in another order")
+        raise UserError(f"checkpoint {path} was trained on other classes than DATA has ({len(saved)} against "
+                        f"{len(classes)}; {diff}): use the dataset it was trained on, or fine-tune with --weights")
     for key in ("fc.weight", "classifier.weight", "head.weight", "heads.head.weight", "classifier.1.weight",
                 "classifier.3.weight", "classifier.6.weight"):
         w = ckpt["state_dict"].get(key)
-        if w is not None and w.shape[0] != num_classes:
-            raise UserError(f"checkpoint {path} has {w.shape[0]} classes but the dataset has {num_classes}: "
+        if w is not None and w.shape[0] != len(classes):
+            raise UserError(f"checkpoint {path} has {w.shape[0]} classes but the dataset has {len(classes)}: "
                             "resume on the same dataset, or fine-tune with --weights instead")
-    classes = ckpt.get("classes")
-    if classes is not None and len(classes) != num_classes:
-        raise UserError(f"checkpoint {path} has {len(classes)} classes but the dataset has {num_classes}")

@@ -1,10 +1,11 @@
-"""Command line: `fasttrain train|eval|recipes|demo-data|check-data|bench`.
+"""Command line: `fasttrain train|eval|recipes|plot|demo-data|check-data|bench`.
 
     fasttrain train                                   # embedded demo dataset, small model
     fasttrain train /data/imagenet --recipe rn50-16ep # a named recipe (`fasttrain recipes` lists them)
     fasttrain train /data/imagenet -a resnet50 -b 256 --amp bf16 --channels-last --compile
     fasttrain train /data/imagenet --resume auto --output-dir runs/r50
     fasttrain eval /data/imagenet --checkpoint runs/r50/model_best.pth.tar
+    fasttrain plot runs/r50 runs/r18 --out curves.png   # val top-1 by epoch and by time, loss, lr, img/s
     torchrun --nproc-per-node 8 -m fasttrain train /data/imagenet -a resnet50 -b 2048 --lr 0.8
 
 Every flag of the reference script (pytorch/examples imagenet/main.py) is accepted with its meaning, so
@@ -17,7 +18,7 @@ import argparse
 import sys
 
 from . import config as C
-from .errors import EXIT_USAGE, UserError
+from .errors import EXIT_SIGINT, EXIT_USAGE, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(ev)
     ev.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint to evaluate")
     sub.add_parser("recipes", help="list the named training recipes and the published results they target")
+    pl = sub.add_parser("plot", help="draw training curves of one or more runs (from their metrics.jsonl)")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (OUTPUT_DIR of fasttrain train)")
+    pl.add_argument("--out", required=True, metavar="FILE.png", help="where to write the figure")
     dd = sub.add_parser("demo-data", help="write the embedded demo dataset (JPEGs, ImageFolder layout)")
     dd.add_argument("out", metavar="OUT")
     cd = sub.add_parser("check-data", help="decode every file of DATA and report the bad ones")
@@ -79,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--full", action="store_true", help="on CPU also time torch.compile (minutes)")
     bn.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
                     help="torch.compile mode of the compiled entries (as train --compile-mode)")
-    bn.add_argument("--sections", default=None, metavar="LIST", help="comma list of loader,model,e2e,recipe (default: loader,model,e2e)")
+    bn.add_argument("--sections", default=None, metavar="LIST",
+                    help="comma list of loader,model,e2e,ceiling,recipe (default: loader,model,e2e; ceiling: "
+                         "model-only variants past the compiled rate, each compiled anew; recipe: progressive "
+                         "resizing and BlurPool end to end)")
     bn.add_argument("--repeats", type=int, default=None, metavar="N",
                     help="loader-only: run each loader N times, interleaved, and keep the best (default: 3 on CPU)")
     bn.add_argument("--from-json", default=None, metavar="PATH",
@@ -151,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "recipes":
             from .recipes import recipes_command
             return recipes_command()
+        if ns.command == "plot":
+            from .plot import plot_command
+            return plot_command(ns)
         if ns.command == "demo-data":
             from .data.demo import write_demo_dataset
             write_demo_dataset(ns.out)
@@ -166,3 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"fasttrain: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (there it saves first: signals.py)
+        print("fasttrain: interrupted", file=sys.stderr, flush=True)
+        return EXIT_SIGINT

@@ -117,21 +117,31 @@ class RunConfig:
                             help="torch.compile mode; reduce-overhead adds CUDA graphs (fewer launch gaps)")
     cudnn_benchmark: bool | None = opt(None, "--cudnn-benchmark", tristate=True,
                                        help="let cuDNN autotune convolution algorithms (auto: on for GPU)")
-    seed: int | None = opt(None, "--seed", metavar="N", help="seed for initializing training")
+    seed: int | None = opt(None, "--seed", metavar="N",
+                           help="seed for initializing training (default: a random one); kept in checkpoints, "
+                           "and a resumed run continues with its own")
     print_freq: int = opt(10, "-p", "--print-freq", metavar="N", help="print (and sync) every N steps")
     output_dir: str | None = opt(None, "--output-dir", metavar="DIR",
                                  help="where metrics and checkpoints go (default: runs/<arch>-<timestamp>)")
     resume: str = opt("", "--resume", metavar="PATH",
-                      help="checkpoint to resume from; 'auto' = OUTPUT_DIR/checkpoint.pth.tar if present")
+                      help="checkpoint to resume from (ours or the reference script's); 'auto' = "
+                      "OUTPUT_DIR/checkpoint.pth.tar if present (needs --output-dir)")
     evaluate: bool = opt(False, "-e", "--evaluate", help="evaluate the model on the validation set and exit")
     val_tta: str = opt("none", "--val-tta", choices=("none", "flip"),
                        help="test-time augmentation: flip = average the logits of each val image and its mirror")
     eval_weights: str = opt("model", "--eval-weights", choices=("model", "ema"),
                             help="with -e / fasttrain eval: score the checkpoint's weights or their --ema average")
     checkpoint_interval: int = opt(0, "--checkpoint-interval", metavar="STEPS",
-                                   help="also checkpoint every STEPS train steps (0 = only at epoch ends)")
+                                   help="also checkpoint every STEPS train steps, whatever -p is (0 = only at "
+                                   "epoch ends)")
     on_nan: str = opt("abort", "--on-nan", choices=("abort", "skip"),
                       help="on a non-finite loss: stop the run, or skip that step's update")
+    tensorboard: bool | None = opt(None, "--tensorboard", tristate=True,
+                                   help="write TensorBoard events to OUTPUT_DIR/tb/ (auto: on when the tensorboard "
+                                   "package imports)")
+    profile: str | None = opt(None, "--profile", metavar="A:B",
+                              help="torch.profiler over steps A..B-1 (0-based) of the first epoch on rank 0: a "
+                              "Chrome/Perfetto trace in OUTPUT_DIR/profile/ and a top-10 ops table")
 
 
 @dataclass
@@ -230,19 +240,21 @@ def build_config(values: dict[tuple[str, str], Any]) -> Config:
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    flag = (f.metadata["flags"] or (f.name,))[-1]
+    flag = next((fl for fl in f.metadata["flags"] if fl.startswith("--")), f.name)
     if value is None:
         return None
     if f.metadata["tristate"]:
         kind = bool
     else:
         kind = type(f.default) if f.default is not None else (int if "int" in str(f.type) else str)
-    if kind is bool and not isinstance(value, bool):
-        raise UserError(f"{flag} must be true or false, got {value!r}")
-    try:
-        value = kind(value) if kind in (int, float, str) else value
-    except (TypeError, ValueError):
-        raise UserError(f"{flag} must be a {kind.__name__}, got {value!r}") from None
+    # Values arrive typed (argparse converted flags; TOML has its own types): check, never convert, so that
+    # `batch-size = 1.5` is an error rather than 1. An integer is a fine float (`lr = 1`); a bool is no number.
+    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(kind, (object,))
+    if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
+        names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        raise UserError(f"{flag} must be {names.get(kind, kind.__name__)}, got {value!r}")
+    if kind is float:
+        value = float(value)
     if f.metadata["choices"] and value not in f.metadata["choices"]:
         raise UserError(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
     return value
@@ -279,11 +291,25 @@ def validate(cfg: Config) -> None:
     if cfg.run.print_freq < 1:
         raise UserError(f"--print-freq must be at least 1, got {cfg.run.print_freq}")
     validate_recipe_knobs(cfg)
+    if cfg.run.profile is not None:
+        profile_window(cfg.run.profile)  # a malformed window is an error now, not after the data is scanned
+    if cfg.run.resume == "auto" and not cfg.run.output_dir:
+        raise UserError("--resume auto continues the run in --output-dir, and without it each run gets a new "
+                        "folder (runs/<arch>-<timestamp>): pass the same --output-dir DIR on every (re)start")
     if cfg.data.dummy:
         cfg.data.loader = "synthetic"
     if cfg.model.pretrained and not cfg.model.weights:
         raise UserError("--pretrained would download weights, and fasttrain downloads nothing: "
                         "pass the weights file with --weights PATH")
+
+
+def profile_window(spec: str) -> tuple[int, int]:
+    """--profile A:B -> (A, B): the steps with 0-based index A..B-1 of an epoch, as a Python slice."""
+    a, sep, b = spec.partition(":")
+    if sep and a.strip().isdigit() and b.strip().isdigit() and int(a) < int(b):
+        return int(a), int(b)
+    raise UserError(f"--profile must be START:END train steps of the first epoch with START < END, e.g. 20:30 "
+                    f"(steps 20..29, counted from 0), got {spec!r}")
 
 
 def validate_recipe_knobs(cfg: Config) -> None:

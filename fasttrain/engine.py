@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from . import dist as D
-from .metrics import DeviceMeter, Progress
+from .errors import UserError
+from .metrics import DeviceMeter, GpuIdle, Progress
 
 
 class NonFiniteLoss(RuntimeError):
@@ -64,6 +66,42 @@ class Trainer:
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         meter.update(loss, logits.float(), labels)
 
+    def state_dict(self) -> dict:
+        """The reference's keys (state_dict, optimizer, scheduler) and ours (scaler, skipped_steps, ema)."""
+        return {"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "skipped_steps": self.skipped_steps, "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, ck: dict, global_step: int) -> None:
+        """From our checkpoint or the reference script's (its StepLR counts epochs, ours counts steps: its
+        schedule is not loaded, ours is set to `global_step`, the steps the checkpoint had done)."""
+        self.model.load_state_dict(ck["state_dict"])
+        groups = len((ck.get("optimizer") or {}).get("param_groups", []))
+        if groups not in (0, len(self.optimizer.param_groups)):
+            raise UserError("the checkpoint was trained with other --no-bn-wd/--opt settings (its optimizer has "
+                            "another number of parameter groups): resume with the settings it was trained with")
+        if ck.get("optimizer"):
+            how = [{k: g[k] for k in ("foreach", "fused") if k in g} for g in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(ck["optimizer"])
+            for group, kept in zip(self.optimizer.param_groups, how):
+                group.update(kept)  # this machine's kernel choice, not the one of the run that saved it
+        sched = ck.get("scheduler") or {}
+        if "lr_lambdas" in sched:
+            self.scheduler.load_state_dict(sched)
+        else:  # where a LambdaLR stepped once per train step would be; step() sets the LR for it
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": meant here
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.last_epoch = global_step - 1
+                self.scheduler.step()
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        self.skipped_steps = int(ck.get("skipped_steps", 0))  # --on-nan skip: counted over the whole run
+        if self.ema is not None:
+            if ck.get("ema"):
+                self.ema.load_state_dict(ck["ema"])
+            else:  # a run that starts averaging on resume
+                self.ema.reset(self.model)
+
     def _grads_finite(self) -> bool:
         # A host sync per step, paid only with --on-nan skip (fp16's GradScaler skips non-finite steps itself).
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -90,14 +128,17 @@ class EpochStats:
     data_time_fraction: float
     steps_done: int        # index of the next step; == len(loader) when the epoch finished
     stopped: bool = False  # a stop was requested (SIGTERM): the run should save and exit
+    gpu_idle_fraction: float | None = None  # metrics.GpuIdle: the GPU waiting between steps (None on CPU)
 
 
-def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq: int, progress: Progress,
-                    at_sync: Callable[[int, DeviceMeter], bool], meter_state: dict | None = None) -> EpochStats:
-    """One pass over this rank's shard from `start_step`. Every print_freq steps (the same steps on every
-    rank) the meters are read and `at_sync(step, meter)` may checkpoint; it returns True to stop the run.
-    `meter_state`: the meter of the steps before `start_step` (a resumed epoch), so the epoch's loss and
-    accuracy cover all of it; speeds count only the steps run here."""
+def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq: int, save_every: int,
+                    progress: Progress, at_sync: Callable[[int, DeviceMeter], bool],
+                    meter_state: dict | None = None) -> EpochStats:
+    """One pass over this rank's shard from `start_step`. Every print_freq steps and every save_every steps
+    (the same steps on every rank) `at_sync(step, meter)` runs: it may checkpoint, and returns True to stop
+    the run; at print steps the meters are also read. `meter_state`: the meter of the steps before
+    `start_step` (a resumed epoch), so the epoch's loss and accuracy cover all of it; speeds count only the
+    steps run here."""
     tr.forward.train()
     meter = DeviceMeter(tr.dist.device)
     if meter_state is not None:
@@ -107,14 +148,22 @@ def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq
     total = len(loader)
     step, data_time, stopped = start_step, 0.0, False
     t0 = t_data = time.perf_counter()
+    idle = GpuIdle(tr.dist.device)
     for images, labels in loader:
         data_time += time.perf_counter() - t_data
+        idle.start()
         tr.train_step(images, labels, meter)
+        idle.end()
         step += 1
-        if step % print_freq == 0 or step == total:
+        show = step % print_freq == 0 or step == total
+        if show or (save_every and step % save_every == 0):
             tr.check_finite()  # host sync: reads the device-side flag
-            stats = meter.read()
-            progress.update(step, stats, (stats["samples"] - n0) * tr.dist.world_size / (time.perf_counter() - t0))
+            if show:
+                stats = meter.read()  # host sync, after the step's end event: collect() finds it done
+                idle.collect()
+                now = time.perf_counter()
+                progress.update(step, stats, (stats["samples"] - n0) * tr.dist.world_size / (now - t0),
+                                data_time / (now - t0))
             stopped = at_sync(step, meter)
             if stopped:
                 break
@@ -122,9 +171,11 @@ def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq
     if tr.dist.device.type == "cuda":
         torch.cuda.synchronize(tr.dist.device)  # so the wall time below covers the work, not its launch
     elapsed = time.perf_counter() - t0
+    idle.collect()
     stats = reduce_meter(meter, tr.dist, timed=meter.n - n0)  # the epoch's numbers cover every rank
     return EpochStats(stats["loss"], stats["top1"], stats["top5"], stats["samples"],
-                      stats["timed"] / max(elapsed, 1e-9), data_time / max(elapsed, 1e-9), step, stopped)
+                      stats["timed"] / max(elapsed, 1e-9), data_time / max(elapsed, 1e-9), step, stopped,
+                      idle.fraction())
 
 
 def reduce_meter(meter: DeviceMeter, dist: D.DistInfo, timed: int = 0) -> dict[str, float]:

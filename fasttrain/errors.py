@@ -11,3 +11,4 @@ class UserError(Exception):
 
 EXIT_USAGE = 2
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell and torchrun expect from a preempted job
+EXIT_SIGINT = 130  # 128 + SIGINT: Ctrl-C

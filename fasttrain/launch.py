@@ -35,18 +35,21 @@ def prepare_eval(cfg: Config, checkpoint: str) -> None:
     size, validation only; the validation size, crop ratio and TTA of its run unless given here."""
     from .checkpoint import load
     from .config import DataConfig
-    saved = load(checkpoint).get("config") or {}
-    model, data = saved.get("model", {}), saved.get("data", {})
-    cfg.model.arch = model.get("arch", cfg.model.arch)
+    ck = load(checkpoint)
+    saved = ck.get("config") or {}
+    model, data, optim = saved.get("model", {}), saved.get("data", {}), saved.get("optim", {})
+    cfg.model.arch = model.get("arch", ck.get("arch", cfg.model.arch))
     cfg.model.blurpool = model.get("blurpool", cfg.model.blurpool)  # its layers: the keys do not tell
+    # its optimizer's layout, so the checkpoint's optimizer state loads (an evaluation does not use it)
+    cfg.optim.optimizer = optim.get("optimizer", cfg.optim.optimizer)
+    cfg.optim.no_bn_wd = optim.get("no_bn_wd", cfg.optim.no_bn_wd)
     cfg.data.image_size = data.get("image_size", cfg.data.image_size)
-    for key in ("min_res", "max_res", "val_res", "val_crop_ratio"):
+    for key in ("min_res", "max_res", "val_res", "val_crop_ratio"):  # validated as the run was, unless given
         if getattr(cfg.data, key) == getattr(DataConfig, key) and key in data:
             setattr(cfg.data, key, data[key])
     if cfg.run.val_tta == "none":
         cfg.run.val_tta = saved.get("run", {}).get("val_tta", "none")
-    cfg.run.resume, cfg.run.evaluate = checkpoint, True
-    cfg.run.output_dir = cfg.run.output_dir or os.path.dirname(os.path.abspath(checkpoint))
+    cfg.run.resume, cfg.run.evaluate = checkpoint, True  # nothing is written: no output folder
 
 
 def _free_port() -> int:
@@ -73,10 +76,18 @@ def launch(cfg: Config, eval_checkpoint: str | None = None) -> int:
 
 
 def spawn(cfg: Config, nproc: int) -> int:
-    """The reference's mp.spawn, with a SIGTERM to the parent passed on to every child."""
+    """The reference's mp.spawn, with a SIGTERM or Ctrl-C to the parent passed on to every child (each
+    child takes a repeat within a second as the same request: see signals.py), the parent waiting for them
+    to save and exit."""
     import torch.multiprocessing as mp
     ctx = mp.start_processes(_spawned, args=(cfg, nproc), nprocs=nproc, join=False, start_method="spawn")
-    signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in ctx.processes if p.is_alive()])
+
+    def pass_on(signum, frame):
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+    for sig in signals.STOP_SIGNALS:
+        signal.signal(sig, pass_on)
     try:
         while not ctx.join():
             pass

@@ -11,8 +11,11 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 import torch
+
+from .monitor import fmt_seconds
 
 
 class DeviceMeter:
@@ -48,30 +51,44 @@ class DeviceMeter:
 
 
 class Progress:
-    """tqdm bar on a terminal, the reference script's plain lines otherwise. Silent on ranks other than 0."""
+    """tqdm bar on a terminal, the reference script's plain lines otherwise. Silent on ranks other than 0.
+    `eta(step)`: seconds left in the whole run (shown when given); `on_update(step, values)`: what was shown,
+    for other watchers (TensorBoard)."""
 
-    def __init__(self, total: int, desc: str, enabled: bool, initial: int = 0):
+    def __init__(self, total: int, desc: str, enabled: bool, initial: int = 0,
+                 eta: Callable[[int], float | None] | None = None,
+                 on_update: Callable[[int, dict], None] | None = None):
         self.enabled, self.desc, self.total, self.bar = enabled, desc, total, None
+        self.eta, self.on_update = eta, on_update
         self.start = time.perf_counter()
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
         self.done = initial
 
-    def update(self, step: int, stats: dict[str, float], images_per_sec: float) -> None:
-        """step: 1-based index of the last finished step."""
+    def update(self, step: int, stats: dict[str, float], images_per_sec: float,
+               data_wait: float | None = None) -> None:
+        """step: 1-based index of the last finished step; data_wait: share of the time spent waiting for
+        batches so far."""
         if not self.enabled:
             return
+        eta = fmt_seconds(self.eta(step)) if self.eta else None
         if self.bar is not None:
             self.bar.update(step - self.done)
+            extra = {"eta": eta} if eta else {}  # the run's; tqdm's own remaining time is the epoch's
             self.bar.set_postfix(loss=f"{stats['loss']:.4f}", top1=f"{stats['top1']:.2f}",
-                                 img_s=f"{images_per_sec:.0f}", refresh=False)
+                                 img_s=f"{images_per_sec:.0f}", **extra, refresh=False)
         else:
             width = len(str(self.total))
             print(f"{self.desc}: [{step:>{width}}/{self.total}]\tLoss {stats['loss']:.4e}\t"
-                  f"Acc@1 {stats['top1']:6.2f}\tAcc@5 {stats['top5']:6.2f}\t{images_per_sec:8.1f} img/s",
-                  flush=True)
+                  f"Acc@1 {stats['top1']:6.2f}\tAcc@5 {stats['top5']:6.2f}\t{images_per_sec:8.1f} img/s"
+                  + (f"\tETA {eta}" if eta else ""), flush=True)
         self.done = step
+        if self.on_update is not None:
+            values = {"loss": stats["loss"], "top1": stats["top1"], "images_per_sec": images_per_sec}
+            if data_wait is not None:
+                values["data_wait"] = data_wait
+            self.on_update(step, values)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -104,3 +121,43 @@ class JsonlWriter:
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+class GpuIdle:
+    """The share of a stretch of training in which the GPU ran no train step: CUDA events recorded on the
+    compute stream just before and just after each step; the stream reaches "before" only once the host has
+    handed it the next batch and the previous step is done, so a gap from one step's "after" to the next
+    one's "before" is the GPU waiting for input (or for the host). Unlike `data_time_fraction` (host time
+    blocked in the loader) it is what a user can act on: near 0, the loader keeps up even if the host waits.
+    No sync of its own: events are read at the print steps' existing sync, and only once done. On a CPU
+    device there is no such thing (fraction() is None). `event` makes the events (tests pass a fake)."""
+
+    def __init__(self, device: torch.device, event: Callable[[], object] | None = None):
+        self.on = device.type == "cuda" or event is not None
+        self.event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self.marks: list = []          # [start, end, start, end, ...] not read yet
+        self.last_end = None           # the last end read, to time the gap to the next start
+        self.idle_ms = self.busy_ms = 0.0
+
+    def _mark(self) -> None:
+        if self.on:
+            ev = self.event()
+            ev.record()
+            self.marks.append(ev)
+
+    start = end = _mark
+
+    def collect(self) -> None:
+        """Add up the steps whose end event is done (call at a point that already synced)."""
+        n = 0
+        while n + 1 < len(self.marks) and self.marks[n + 1].query():
+            s, e = self.marks[n], self.marks[n + 1]
+            if self.last_end is not None:
+                self.idle_ms += max(0.0, self.last_end.elapsed_time(s))
+            self.busy_ms += s.elapsed_time(e)
+            self.last_end, n = e, n + 2
+        del self.marks[:n]
+
+    def fraction(self) -> float | None:
+        total = self.idle_ms + self.busy_ms
+        return self.idle_ms / total if self.on and total > 0 else None

@@ -49,18 +49,11 @@ class FlipTTA(torch.nn.Module):
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Load a local weights file (a state_dict, or a fasttrain/reference checkpoint). Layers whose shape
-    differs (a classifier for another number of classes) are left as initialized, and said so."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"--weights {path} does not exist") from None
-    except Exception as e:
-        raise UserError(f"--weights {path} is not a PyTorch weights file ({type(e).__name__})") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise UserError(f"--weights {path} holds no state_dict")
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    """Load a local weights file (a state_dict, or a fasttrain/reference checkpoint) with weights_only=True.
+    Layers whose shape differs (a classifier for another number of classes) are left as initialized, and
+    said so."""
+    from .checkpoint import load, model_state
+    state = model_state(load(path, "--weights"), f"--weights {path}")
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if len(usable) < len(own) // 2:

@@ -1,38 +1,64 @@
-"""SIGTERM (preemption, torchrun stopping a job, `kill`) becomes a request, not a crash.
+"""SIGTERM (preemption, torchrun stopping a job, `kill`) and SIGINT (Ctrl-C) become a request, not a crash.
 
 The handler only sets a flag. The training loop reads it at its next sync point, all ranks agree on it
-there (dist.any_rank), rank 0 writes a checkpoint, and the process exits 143 so `--resume auto` goes on.
-A second SIGTERM while stopping restores the default action and ends the process at once.
+there (dist.any_rank), rank 0 writes a checkpoint, and the process exits 128 + the signal (143 for SIGTERM,
+130 for Ctrl-C) so `--resume auto` goes on. A second Ctrl-C (or SIGTERM) while stopping restores the
+default action and ends the process at once.
+
+"Second" means a repeat at least REPEAT_GAP_S after the first: one Ctrl-C at a terminal reaches every
+process of the foreground group, and torchrun (or the --multiprocessing-distributed parent) passes the one it
+got on again, so each rank sees the same keypress two or three times within milliseconds; SLURM sends
+SIGTERM to every process of a step, torchrun included, which forwards it once more. Those repeats are the
+first request, not an impatient second one.
 
 The handler is installed only around the training loop (train.run). Python runs signal handlers between
 bytecodes, so a process blocked in C (joining a process group whose peer died, say) would never act on the
-flag: outside the loop SIGTERM keeps its default action and ends the process, as a launcher expects.
+flag: outside the loop the signals keep their default actions, as a launcher expects (cli.main turns a
+KeyboardInterrupt there into one line and exit 130).
 """
 
 from __future__ import annotations
 
 import signal
+import time
 
-_requested = False
+REPEAT_GAP_S = 1.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_first: tuple[int, float] | None = None  # (signal, when) of the stop request
+
+
+def _now() -> float:
+    return time.monotonic()
 
 
 def _handler(signum, frame):
-    global _requested
-    if _requested:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.raise_signal(signal.SIGTERM)
-    _requested = True
+    global _first
+    if _first is None:
+        _first = (signum, _now())
+        return
+    if _now() - _first[1] >= REPEAT_GAP_S:  # asked again: stop now, as if no handler were installed
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
 
 
 def install() -> None:
-    global _requested
-    _requested = False
-    signal.signal(signal.SIGTERM, _handler)
+    global _first
+    _first = None
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _handler)
 
 
 def uninstall() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def stop_requested() -> bool:
-    return _requested
+def stop_requested() -> int:
+    """The signal that asked to stop (SIGINT or SIGTERM), 0 if none did."""
+    return _first[0] if _first else 0
+
+
+def exit_status(signum: int) -> int:
+    """128 + the signal, what a shell and torchrun expect (130 for Ctrl-C, 143 for SIGTERM)."""
+    return 128 + signum

@@ -3,19 +3,31 @@ injected through environment variables, so fault tests are exact and determinist
 
     FT_TEST_TINY_MODEL=1         a small CNN without BatchNorm or dropout (per-rank batch statistics would
                                  otherwise make 2 ranks differ from 1 rank at the same global batch)
+    FT_TEST_TINY_MODEL=bn        the same with a BatchNorm layer (running statistics: per-rank buffers)
     FT_TEST_RAISE=RANK:STEP      that rank raises inside its STEP-th train step (1-based, counted per process)
     FT_TEST_SIGTERM=RANK:STEP    that rank sends itself SIGTERM at its STEP-th step (first torchrun attempt only)
+    FT_TEST_CTRL_C=RANK:STEP     that rank sends SIGINT to the job's process group, as Ctrl-C at a terminal does
+                                 (the test starts each job in a group of its own)
     FT_TEST_NAN=RANK:STEP        that rank's loss is NaN at its STEP-th step
     FT_TEST_HANG_IN_SAVE=N       the N-th checkpoint write stops half-way (partial temporary file written),
                                  touches OUTPUT_DIR/hanging and sleeps, for the test to kill -9 it there
     FT_TEST_STEP_LOG=PATH        append one line to PATH after each finished train step (rank 0): what a
                                  kill -9 test counts as work done
+    FT_TEST_BATCH_LOG=PATH       append one line per train step to PATH (rank 0): a CRC of the batch's labels,
+                                 the float64 sum of its images, the same weighted by column (a flip changes
+                                 it) and the sum of absolute values (the scale for a tolerance); a host sync
+                                 per step. So a stopped and resumed run's batches can be compared with an
+                                 uninterrupted run's (benchmarks/resume_check.py)
+    FT_TEST_LEAK_MB=N            every validation keeps N MiB more (resident): a leak the memory test must see
+    FT_TEST_MALLOC_TRIM=1        before each host memory reading, glibc's malloc_trim(0) hands freed heap memory
+                                 back to the OS: the reading is then memory in use, not memory glibc keeps
 """
 
 import os
 import signal
 import sys
 import time
+import zlib
 
 import torch
 
@@ -32,6 +44,13 @@ def tiny_model(cfg, num_classes):
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, num_classes))
 
 
+def tiny_bn_model(cfg, num_classes):
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, num_classes))
+
+
 def _at(var):
     if var not in os.environ:
         return None
@@ -41,18 +60,30 @@ def _at(var):
 
 def _patch_steps():
     raise_at, term_at, nan_at = _at("FT_TEST_RAISE"), _at("FT_TEST_SIGTERM"), _at("FT_TEST_NAN")
+    ctrl_c_at = _at("FT_TEST_CTRL_C")
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     rank = int(os.environ.get("RANK", "0"))
     log = os.environ.get("FT_TEST_STEP_LOG") if rank == 0 else None
+    batch_log = os.environ.get("FT_TEST_BATCH_LOG") if rank == 0 else None
     original = Trainer.train_step
     count = [0]
 
+    def append(path, line):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, line.encode())
+        os.close(fd)
+
     def logged(self, images, labels, meter):
+        if batch_log:
+            crc = zlib.crc32(labels.cpu().numpy().tobytes())
+            x = images.double()
+            column = torch.arange(x.shape[-1], dtype=torch.float64, device=x.device)
+            sums = torch.stack([x.sum(), (x * column).sum(), x.abs().sum()]).tolist()
+            append(batch_log, f"labels {crc:08x} n {labels.shape[0]} sum {sums[0]!r} wsum {sums[1]!r} "
+                              f"abs {sums[2]!r}\n")
         out = original(self, images, labels, meter)
         if log:
-            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-            os.write(fd, b"step\n")
-            os.close(fd)
+            append(log, "step\n")
         return out
 
     def train_step(self, images, labels, meter):
@@ -61,6 +92,11 @@ def _patch_steps():
             raise RuntimeError(f"injected failure on rank {rank} at step {count[0]}")
         if term_at == (rank, count[0]) and first_attempt:
             os.kill(os.getpid(), signal.SIGTERM)
+        if ctrl_c_at == (rank, count[0]) and first_attempt:
+            # torchrun starts each worker in a session of its own: a terminal's Ctrl-C reaches torchrun's group
+            # only, and torchrun passes it on. Without torchrun, this process's own group (the test's job).
+            os.killpg(os.getpgid(os.getppid()) if "TORCHELASTIC_RUN_ID" in os.environ else os.getpgrp(),
+                      signal.SIGINT)
         if nan_at == (rank, count[0]):
             crit = self.criterion
             self.criterion = lambda logits, y: crit(logits, y) * float("nan")
@@ -87,10 +123,35 @@ def _patch_save():
     C.atomic_save = atomic_save
 
 
+def _patch_leak():
+    mb, kept, original = int(os.environ["FT_TEST_LEAK_MB"]), [], T.evaluate
+
+    def evaluate(*args, **kw):
+        kept.append(torch.ones(mb << 18))  # float32, written: resident
+        return original(*args, **kw)
+    T.evaluate = evaluate
+
+
+def _patch_trim():
+    import ctypes
+
+    import fasttrain.monitor as M
+    libc, original = ctypes.CDLL("libc.so.6"), M.host_memory_mb
+
+    def host_memory_mb(pid=None):
+        libc.malloc_trim(0)
+        return original(pid)
+    M.host_memory_mb = host_memory_mb
+
+
 if __name__ == "__main__":
     if os.environ.get("FT_TEST_TINY_MODEL"):
-        T.build_model = tiny_model
+        T.build_model = tiny_bn_model if os.environ["FT_TEST_TINY_MODEL"] == "bn" else tiny_model
     _patch_steps()
     if "FT_TEST_HANG_IN_SAVE" in os.environ:
         _patch_save()
+    if "FT_TEST_LEAK_MB" in os.environ:
+        _patch_leak()
+    if os.environ.get("FT_TEST_MALLOC_TRIM"):
+        _patch_trim()
     sys.exit(main(sys.argv[1:]))

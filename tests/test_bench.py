@@ -14,13 +14,16 @@ import pytest
 import torch
 
 from fasttrain import cli
-from fasttrain.bench.measure import time_loop
-from fasttrain.bench.report import add_ratios
+from fasttrain.bench import measure
+from fasttrain.bench.measure import Timing, percentile, time_loop
+from fasttrain.bench.peers import peer_status
+from fasttrain.bench.report import add_ratios, table
 from fasttrain.data import dali_backend
 
 from .conftest import REPO
 
 MODEL_COMBOS = {"fp32", "fp32+channels_last", "bf16", "bf16+channels_last"}
+HAS_TIMM = peer_status(torch.device("cpu"))["timm"] is None
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +59,33 @@ def test_quick_bench_has_every_section_with_sane_numbers(quick):
         refs = [e for e in entries if e["section"] == section and e["reference"]]
         assert len(refs) == 1 and refs[0]["ratio_to_reference"] == 1.0, section
     loaders = {e["loader"] for e in entries if e["section"] == "loader"}
-    expected = {"reference", "torchvision"} | ({"dali-cpu"} if dali_backend.available() else set())
+    peers = {"timm"} if HAS_TIMM else set()
+    expected = {"reference", "torchvision"} | ({"dali-cpu"} if dali_backend.available() else set()) | peers
     assert loaders == expected
+    assert {e["loader"] for e in entries if e["peer"]} == peers  # and every entry says whether it is a peer
+    assert doc["plan"]["skipped"]["tv-gpu-decode"].startswith("GPU decode")  # left out on a CPU, and why
     combos = {e["name"].split("/")[-1] for e in entries if e["section"] == "model" and not e["reference"]}
     assert combos == MODEL_COMBOS
     e2e = [e for e in entries if e["section"] == "e2e" and not e["reference"]]
     assert {e["loader"] for e in e2e} == expected - {"reference"}
     assert all(finite_positive(e["of_ceiling"]) for e in e2e)
+    assert len({json.dumps(e["toggles"]) for e in e2e}) == 1  # peers feed the same trainer, same toggles
     # the loaders deliver the whole batch, and only wait for data: fraction ~1 by construction
     assert all(e["data_wait_fraction"] > 0.5 for e in entries if e["section"] == "loader")
+    for e in entries:  # device idle: only where a step runs
+        idle = e["device_idle_fraction"]
+        assert idle is None if e["section"] == "loader" else 0.0 <= idle <= 1.0, e["name"]
+
+
+@pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed")
+def test_quick_bench_table_and_checker_name_the_peers(quick):
+    out, doc = quick
+    text = table(doc["entries"])
+    assert "| loader | timm (peer) |" in text and "| e2e | resnet18/timm+" in text and "(peer) |" in text
+    assert "| loader | torchvision |" in text  # fasttrain's own rows are not marked
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "check_goals.py"), str(out / "bench.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert "loader only against the peers" in res.stdout and "resnet18 end to end against the peers" in res.stdout
 
 
 def test_quick_bench_records_environment_and_writes_png(quick):
@@ -95,7 +116,9 @@ def test_check_goals_reads_the_json(quick):
     out, _ = quick
     res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "check_goals.py"), str(out / "bench.json")],
                          capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0 and "loader only: best fasttrain path" in res.stdout
+    assert "loader only: best fasttrain path" in res.stdout
+    # a --quick run's rough numbers may fall short of a goal; the status must say which it was
+    assert res.returncode == (1 if "SHORT" in res.stdout else 0), res.stdout + res.stderr
 
 
 def test_time_loop_excludes_warmup_and_counts_images():
@@ -136,13 +159,71 @@ def test_reference_loop_entry_point_runs(tiny_data, capsys):
 
 
 def test_gpu_run_dry_run_parses_its_command(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "ARCHS": "resnet50"}
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "ARCHS": "resnet50",
+           "SCRATCH": str(tmp_path / "scratch")}
     res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    plan = (tmp_path / "gpu_run_plan.txt").read_text()
-    assert "-m fasttrain bench --out" in plan and "-a resnet50" in plan and "-j 16 -b 256" in plan
-    assert (tmp_path / "bench").is_dir()
+    bench, goals, resume = (line.rstrip() for line in (out / "gpu_run_plan.txt").read_text().splitlines())
+    assert "-m fasttrain bench --out" in bench and "-a resnet50" in bench and "-j 16 -b 256" in bench
+    assert goals.endswith(f"check_goals.py {out}/bench/bench.json")
+    # checkpoints go to SCRATCH: only the few result files come back from the GPU machine
+    assert "resume_check.py" in resume and f"--out {tmp_path}/scratch/resume" in resume and "--loader dali" in resume
+    assert (out / "bench").is_dir() and sorted(os.listdir(out)) == ["bench", "gpu_run_plan.txt"]
+
+
+def test_gpu_run_takes_dali_and_pythonpath_as_it_finds_them():
+    """No unpacking of DALI parts, no PYTHONPATH of its own: DALI imports as `pip install 'fasttrain[dali]'`
+    installs it. The goal check's exit 1 (a SHORT goal) must not stop the script before the resume check."""
+    text = open(os.path.join(REPO, "benchmarks", "gpu_run.sh")).read()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    for gone in ("/tmp/dl", "/tmp/site", "PYTHONPATH=", "zstd"):
+        assert gone not in code, gone
+    goal_line = next(line for line in code.splitlines() if "check_goals.py" in line and "tee" in line)
+    assert goal_line.rstrip().split("#")[0].rstrip().endswith("|| true")
+
+
+def test_docs_and_code_cite_nothing_outside_the_repository():
+    pattern = ("../shared/", "shared/ANCHORS", "shared/gpu")
+    found = []
+    for top in ("README.md", "Makefile", "pyproject.toml", "benchmarks", "fasttrain"):
+        path = os.path.join(REPO, top)
+        files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                                                     if f.endswith((".py", ".md", ".sh", ".c", ".toml", ".txt"))]
+        for f in files:
+            text = open(f, errors="replace").read()
+            found += [f"{os.path.relpath(f, REPO)}: {p}" for p in pattern if p in text]
+    assert not found, found
+    assert os.path.exists(os.path.join(REPO, "benchmarks", "ANCHORS.md"))
+
+
+def test_resume_check_compares_with_an_uninterrupted_run(tiny_data, tmp_path):
+    """benchmarks/resume_check.py as gpu_run.sh runs it (there: DALI "mixed"), with DALI's CPU mode where it
+    imports, else the torchvision loader: stopped + resumed gives the uninterrupted run's batches."""
+    loader = "dali" if dali_backend.available() else "torchvision"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "resume_check.py"), "--out", str(tmp_path / "rc"),
+           "--stop-at", "3", "--time-limit", "200", "--", "train", tiny_data, "--loader", loader, "--device", "cpu",
+           "-j", "1", "-b", "8", "--image-size", "32", "--epochs", "1", "-p", "1", "--seed", "0"]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "FT_TEST_TINY_MODEL": "1"})
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert "resume_check: PASS" in res.stdout and "the same one for one" in res.stdout
+    stopped = (tmp_path / "rc" / "stopped.batches").read_text().splitlines()
+    assert len(stopped) == 12 == len((tmp_path / "rc" / "straight.batches").read_text().splitlines())
+
+
+def test_resume_check_tells_batches_apart():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        from resume_check import same_batch
+    finally:
+        sys.path.pop(0)
+    a = "labels 0badcafe n 8 sum 1234.5 wsum 40000.0 abs 9000.0"
+    assert same_batch(a, "labels 0badcafe n 8 sum 1234.52 wsum 40000.05 abs 9000.1")  # a few pixels differ
+    assert not same_batch(a, "labels 0badcafe n 8 sum 1240.0 wsum 40000.0 abs 9000.0")  # other crops
+    assert not same_batch(a, "labels 0badcafe n 8 sum 1234.5 wsum 41000.0 abs 9000.0")  # flipped
+    assert not same_batch(a, "labels 0badcaff n 8 sum 1234.5 wsum 40000.0 abs 9000.0")  # other files
 
 
 def test_stage_benchmarks_run(tmp_path):
@@ -164,3 +245,197 @@ def test_compiled_toggles_keep_each_field_in_its_place(mode):
     assert len(compiled) == 1 and compiled[0].compile_mode == mode
     assert all(tg.cudnn_benchmark is True for tg in combos)
     assert all(tg.compile_mode in ("default", "reduce-overhead", "max-autotune") for tg in combos)
+
+
+def _check_goals():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import check_goals
+    finally:
+        sys.path.pop(0)
+    return check_goals
+
+
+def _e(section, loader, ips, arch=None, reference=False, peer=False, ratio=None, of_ceiling=None):
+    name = f"{section}/{arch + '/' if arch else ''}{loader}"
+    return {"name": name, "section": section, "loader": loader, "arch": arch, "images_per_sec": ips,
+            "reference": reference, "peer": peer, "ratio_to_reference": ratio, "of_ceiling": of_ceiling}
+
+
+def gpu_doc(r50_ratio=5.0, r18_share=0.92, dali=26_000.0, timm_e2e=1_000.0) -> dict:
+    """A GPU bench.json whose entries meet every goal of issue 12 at the defaults."""
+    entries = [_e("loader", "reference", 3_000.0, reference=True, ratio=1.0),
+               _e("loader", "torchvision", 18_000.0, ratio=6.0), _e("loader", "dali-gpu", dali, ratio=dali / 3000),
+               _e("loader", "timm", 4_000.0, peer=True, ratio=1.33),
+               _e("loader", "tv-gpu-decode", 5_000.0, peer=True, ratio=1.67)]
+    for arch, ref, share, ratio in (("resnet50", 1_100.0, 0.97, r50_ratio), ("resnet18", 1_600.0, r18_share, 9.0)):
+        entries += [_e("e2e", "reference", ref, arch, reference=True, ratio=1.0),
+                    _e("e2e", "dali-gpu", ref * ratio, arch, ratio=ratio, of_ceiling=share),
+                    _e("e2e", "timm", timm_e2e, arch, peer=True, ratio=timm_e2e / ref, of_ceiling=0.2)]
+    return {"environment": {"gpu": "NVIDIA H100 80GB HBM3"}, "entries": entries}
+
+
+def test_check_goals_uses_issue_12s_table_and_exits_1_when_short(tmp_path):
+    cg = _check_goals()
+    met = cg.goals(gpu_doc())
+    assert met and all(ok for ok, _ in met), met
+    text = "\n".join(line for _, line in met)
+    for goal in ("goal 95%", "goal 4.8x", "goal 90%", "goal 8.7x", "goal 25,000", "ahead of every peer"):
+        assert goal in text
+    assert sum("against the peers" in line for _, line in met) == 3  # loader only + each arch end to end
+    # Each goal, just missed: 4.6x met the old 4.5x goal; 24,900 img/s is the H100 anchor, still short
+    for doc, short in ((gpu_doc(r50_ratio=4.6), "resnet50 end to end"), (gpu_doc(r18_share=0.85), "goal 90%"),
+                       (gpu_doc(dali=24_900.0), "DALI GPU loader only"),
+                       (gpu_doc(timm_e2e=50_000.0), "resnet18 end to end against the peers")):
+        lines = [line for ok, line in cg.goals(doc) if not ok]
+        assert lines and all(line.startswith("SHORT") for line in lines) and short in " ".join(lines), lines
+        path = tmp_path / "bench.json"
+        path.write_text(json.dumps(doc))
+        res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "check_goals.py"), str(path)],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1 and "SHORT" in res.stdout, res.stdout
+    path.write_text(json.dumps(gpu_doc()))
+    assert cg.main([str(path)]) == 0
+    assert cg.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_check_goals_on_a_cpu_run_has_no_gpu_goals():
+    doc = gpu_doc()
+    doc["environment"]["gpu"] = None
+    lines = [line for _, line in _check_goals().goals(doc)]
+    assert any("goal 2x on a CPU" in line for line in lines)
+    assert not any("goal 95%" in line or "25,000" in line for line in lines)
+
+
+def test_percentiles_are_exact():
+    """numpy's default percentile; the old nearest-rank index gave 2 for the median of 1..4 and the 58th of 60
+    sorted values for p95 (the 57.05th rank)."""
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 4, 5, 40, 60, 61):
+        xs = list(rng.exponential(10.0, n))
+        for q in (1, 50, 95, 99):
+            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), rel=1e-12), (n, q)
+    assert Timing(4, 1.0, 0.0, [4.0, 1.0, 3.0, 2.0], 0.0).percentile_ms(50) == 2.5
+    xs = [float(i) for i in range(1, 61)]
+    assert Timing(60, 1.0, 0.0, xs, 0.0).percentile_ms(95) == pytest.approx(57.05)
+    assert percentile([7.0], 95) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_device_idle_is_the_gap_between_steps(monkeypatch):
+    """Stamps before and after each step: the time between one step's end and the next one's start (the wait
+    for the loader) over the window. A fake clock makes it exact: the loader takes 3 units, the step 1."""
+    now = [0.0]
+    monkeypatch.setattr(measure, "_clock", lambda: now[0])
+    monkeypatch.setattr(measure, "_tree_cpu_seconds", lambda: None)
+
+    def batches():
+        while True:
+            now[0] += 3.0
+            yield torch.zeros(2, 1), torch.zeros(2)
+
+    def step(x, y):
+        now[0] += 1.0
+
+    t = time_loop(batches(), step, torch.device("cpu"), warmup=2, steps=5)
+    assert t.step_ms == [4000.0] * 5 and t.idle_ms == [3000.0] * 5
+    assert t.device_idle_fraction == 0.75 and t.data_wait_fraction == 0.75
+    assert t.summary()["device_idle_fraction"] == 0.75
+    assert time_loop(batches(), None, torch.device("cpu"), warmup=1, steps=2).device_idle_fraction is None
+
+
+def _kinds_here() -> list[str]:
+    from fasttrain.bench.loaders import available_loaders
+    kinds, _ = available_loaders(torch.device("cpu"))
+    return kinds
+
+
+@pytest.mark.parametrize("kind", _kinds_here())
+def test_every_loader_entry_delivers_to_the_training_device(kind, tiny_data):
+    """The loader-only section times batches delivered where the model is. A CPU machine has one real device,
+    so the "training device" here is the meta device: a loader that leaves its batches in host memory (as
+    DALI's CPU mode did) shows up as CPU tensors."""
+    from fasttrain.bench.loaders import BenchData, open_loader
+    from fasttrain.data.base import Layout
+    layout = Layout(torch.device("meta"), channels_last=False)
+    with open_loader(kind, BenchData.scan(tiny_data), 8, 1, 32, layout, 4) as batches:
+        it = iter(batches)
+        images, labels = next(it)
+        getattr(it, "close", lambda: None)()
+    assert images.device.type == "meta" and labels.device.type == "meta"
+    assert tuple(images.shape) == (8, 3, 32, 32) and images.dtype == torch.float32
+
+
+def test_torchvision_gpu_decode_peer_runs_on_any_device(tiny_data):
+    """The GPU decode peer's code (left out of a CPU bench) on the CPU: batched decode_jpeg, per-image
+    RandomResizedCrop + flip, normalized float batches with the files' labels."""
+    from fasttrain.bench.peers import gpu_decode_batches
+    from fasttrain.data.base import IMAGENET_MEAN, IMAGENET_STD
+    from fasttrain.data.scan import scan_dataset
+    train, _ = scan_dataset(tiny_data)
+    torch.manual_seed(0)
+    batches = list(gpu_decode_batches(train, 8, 0, 32, torch.device("cpu")))
+    assert len(batches) == len(train) // 8
+    images, labels = batches[0]
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    assert lo - 1e-4 <= images.min() and images.max() <= hi + 1e-4 and images.std() > 0.1
+    assert len(train) % 8 == 0  # so one epoch is every file once, shuffled
+    assert sorted(int(y) for _, ys in batches for y in ys) == sorted(label for _, label in train.samples)
+
+
+@pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed")
+def test_timm_peer_is_timms_train_loader(tiny_data):
+    """create_loader as timm's train.py calls it: the prefetcher, RandomResizedCrop + flip, no colour jitter or
+    auto-augment (the same crop as every other entry), persistent workers."""
+    from timm.data.loader import PrefetchLoader
+
+    from fasttrain.bench.peers import timm_loader
+    loader = timm_loader(tiny_data, 8, 1, 32, torch.device("cpu"), repeat=2)
+    assert isinstance(loader, PrefetchLoader) and loader.loader.persistent_workers
+    names = [type(t).__name__ for t in loader.dataset.transform.transforms]
+    assert names[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
+    assert not any("Jitter" in n or "Augment" in n or "Normalize" in n for n in names), names
+    assert len(loader.dataset) == 2 * 96
+    images, labels = next(iter(loader))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and images.std() > 0.1
+
+
+def test_a_failing_peer_is_left_out_and_a_failing_fasttrain_loader_is_not():
+    from fasttrain.bench.suite import Plan, timed
+    plan = Plan(torch.device("cpu"), ["resnet18"], 1, 8, 8, loaders=["reference", "torchvision", "timm"])
+
+    def broken():
+        raise TypeError("create_loader() got an unexpected keyword argument 'device'")
+
+    assert timed(plan, "timm", broken) is None
+    assert plan.loaders == ["reference", "torchvision"] and "unexpected keyword" in plan.skipped["timm"]
+    with pytest.raises(TypeError):
+        timed(plan, "torchvision", broken)
+
+
+def test_ceiling_section_runs_each_variant_with_its_own_batch_and_sgd(tmp_path, monkeypatch):
+    """`--sections ceiling`: one entry per variant (amp, SGD implementation, batch), each a trainer of its
+    own, and the plan a GPU gets lists issue 12's variants (compile modes, fp16, batches 384/512, foreach)."""
+    from fasttrain.bench import ceiling_variants
+    from fasttrain.bench import suite
+    built = []
+    real = suite.build_optimizer
+    monkeypatch.setattr(suite, "build_optimizer", lambda *a, **k: built.append(k.get("fused")) or real(*a, **k))
+    assert cli.main(["bench", "--quick", "--sections", "ceiling", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    rows = [e for e in doc["entries"] if e["section"] == "ceiling"]
+    assert [e["reference"] for e in rows] == [True, False, False, False]
+    assert [(e["toggles"]["amp"], e["toggles"]["sgd"]) for e in rows[1:]] == \
+        [("bf16", "auto"), ("fp16", "auto"), ("bf16", "fused")]
+    assert built == [True]  # only the sgd-fused variant replaced the default optimizer (foreach on CPU)
+    assert all(finite_positive(e["images_per_sec"]) and e["batch_size"] == 4 for e in rows)
+    gpu = ceiling_variants(torch.device("cuda"), 256)
+    assert {(tg.amp, tg.compile_mode, tg.sgd, b) for tg, b in gpu} >= {
+        ("bf16", "default", "auto", 256), ("fp16", "default", "auto", 256), ("bf16", "default", "foreach", 256),
+        ("bf16", "default", "auto", 384), ("bf16", "default", "auto", 512), ("bf16", "reduce-overhead", "auto", 256),
+        ("bf16", "max-autotune", "auto", 256)}
+    assert all(tg.compile and tg.channels_last and tg.cudnn_benchmark for tg, _ in gpu)

@@ -71,6 +71,30 @@ def test_toml_unknown_key_is_error(tmp_path, capsys):
     assert err.startswith("fasttrain: error:") and "batch_sise" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("line,needle", [
+    ("batch-size = 1.5", "--batch-size must be an integer, got 1.5"),
+    ('workers = "4"', "--workers must be an integer, got '4'"),
+    ("lr = true", "--lr must be a number, got True"),
+    ("arch = 18", "--arch must be a string, got 18"),
+])
+def test_toml_value_of_the_wrong_type_is_error(line, needle, tmp_path, capsys):
+    f = tmp_path / "c.toml"
+    f.write_text(line + "\n")
+    assert cli.main(["train", "D", "--config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fasttrain: error:") and needle in err and err.count("\n") == 1
+    f.write_text("lr = 1\nwarmup-epochs = 2\n")  # an integer is a fine number
+    assert parse("D", "--config", str(f)).optim.lr == 1.0
+
+
+def test_resume_auto_needs_output_dir(capsys):
+    """Without --output-dir each run gets a new timestamped folder, where `auto` would never find the last run."""
+    assert cli.main(["train", "D", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume auto continues the run in --output-dir" in err and err.count("\n") == 1
+    assert parse("D", "--resume", "auto", "--output-dir", "runs/x").run.resume == "auto"
+
+
 def test_no_data_means_demo_defaults():
     c = parse()
     assert c.data.data is None and c.data.image_size == 64 and c.optim.epochs == 10 and c.optim.lr == 0.05

@@ -35,7 +35,7 @@ def torchrun(nproc, *args, env=None, timeout=240, extra=()):
 
 
 def state(out):
-    return torch.load(os.path.join(out, "checkpoint.pth.tar"), map_location="cpu", weights_only=False)
+    return torch.load(os.path.join(out, "checkpoint.pth.tar"), map_location="cpu", weights_only=True)
 
 
 def test_torchrun_two_ranks_scores_every_val_image_once(odd_data, tmp_path):
@@ -56,6 +56,25 @@ def test_two_ranks_equal_one_rank_at_same_global_batch(odd_data, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert not torch.equal(a["0.weight"], torch.zeros_like(a["0.weight"]))
+
+
+def test_batchnorm_two_ranks_record_what_eval_of_the_checkpoint_gives(odd_data, tmp_path):
+    """A BatchNorm model on 2 ranks, and a training set smaller than one batch per process (-b 128: 64 per
+    process, 48 images each): it trains (one step of 48 on each rank, with a warning), and the val accuracy
+    and loss recorded in metrics.jsonl are what `fasttrain eval` gives for the saved checkpoint (every rank
+    validates with rank 0's BatchNorm statistics, the checkpoint's, not those of its own last batch)."""
+    import re
+    env = {"FT_TEST_TINY_MODEL": "bn", "OMP_NUM_THREADS": "1"}
+    r = torchrun(2, odd_data, *ARGS, "-b", "128", "--epochs", "2", "--output-dir", tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "96 training images make less than one batch of 64 for each of the 2 process(es)" in r.stderr
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(row["train_samples"], row["val_samples"]) for row in rows] == [(96, 27), (96, 27)]
+    e = run_group([sys.executable, WORKER, "eval", odd_data, "--checkpoint", tmp_path / "checkpoint.pth.tar",
+                   "--device", "cpu", "-j", "0", "-b", "16"], 120, env)
+    assert e.returncode == 0, e.stderr[-3000:]
+    top1, loss = re.search(r"val: Acc@1 ([\d.]+) .* loss ([\d.]+) on 27 images", e.stderr).groups()
+    assert top1 == f"{rows[-1]['val_top1']:.3f}" and float(loss) == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
 
 
 def test_shards_disjoint_cover_and_reshuffle():
@@ -98,17 +117,23 @@ def test_one_rank_failing_ends_both_in_bounded_time(odd_data, tmp_path):
     assert "injected failure on rank 1" in r.stderr
 
 
-@pytest.mark.parametrize("loader", ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("loader,stop", [("torchvision", "ctrl-c"), pytest.param("dali", "sigterm", marks=pytest.mark.skipif(
     not dali_backend.available(), reason="nvidia-dali is not installed"))])
-def test_sigterm_saves_stops_all_and_restart_resumes_exactly(odd_data, tmp_path, loader):
+def test_stop_signal_saves_stops_all_and_restart_resumes_exactly(odd_data, tmp_path, loader, stop):
+    """SIGTERM to one rank, or Ctrl-C (SIGINT to torchrun and to every rank at once, and torchrun passes it on
+    once more): every rank stops at the same sync point, a checkpoint is saved, each exits 128 + the signal,
+    and `--resume auto` ends with the weights and metrics of a run never stopped."""
     env = {"FT_TEST_TINY_MODEL": "1", "OMP_NUM_THREADS": "1"}
     args = [*ARGS, "--epochs", "2", "--loader", loader] + (["-j", "1"] if loader == "dali" else [])
     straight = torchrun(2, odd_data, *args, "--output-dir", tmp_path / "straight", env=env)
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "preempted"
-    r = torchrun(2, odd_data, *args, "--output-dir", out, env={**env, "FT_TEST_SIGTERM": "1:3"})
-    assert r.returncode != 0 and "exitcode  : 143" in r.stderr
-    assert "stopped by signal at epoch 0 step 4" in r.stderr
+    fault, code, name = {"ctrl-c": ("FT_TEST_CTRL_C", 130, "SIGINT"), "sigterm": ("FT_TEST_SIGTERM", 143, "SIGTERM")}[stop]
+    r = torchrun(2, odd_data, *args, "--output-dir", out, env={**env, fault: "1:3"})
+    assert r.returncode != 0 and f"stopped by {name} at epoch 0 step 4" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr.split("stopped by")[0]
+    if stop == "sigterm":
+        assert f"exitcode  : {code}" in r.stderr
     ck = state(out)
     assert (ck["epoch"], ck["step"], len(ck["rng"])) == (0, 4, 2)
     if loader == "dali":  # each rank's own DALI checkpoint, 4 batches of 8 into epoch 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 
 import pytest
 import torch
@@ -76,12 +77,12 @@ def test_stop_mid_ramp_resumes_exactly_with_its_ema(tiny_data, tmp_path, small, 
     a run never stopped; wall_seconds carries on from the checkpoint."""
     straight = train(tiny_data, tmp_path / "straight", "--ema", "0.8")
     out = tmp_path / "stopped"
-    calls = iter([False, False, True])  # at_sync at steps 2, 4 of epoch 0, then 2 of epoch 1: stop there
-    monkeypatch.setattr("fasttrain.train.stop_requested", lambda: next(calls, False))
+    calls = iter([0, 0, signal.SIGTERM])  # at_sync at steps 2, 4 of epoch 0, then 2 of epoch 1: stop there
+    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: next(calls, 0))
     assert cli.main(["train", str(tiny_data), *COMMON, *RAMP, "--output-dir", str(out), "--ema", "0.8"]) == 143
     mid = load(out)
     assert (mid["epoch"], mid["step"]) == (1, 2) and mid["ema"] is not None and mid["wall_seconds"] > 0
-    monkeypatch.setattr("fasttrain.train.stop_requested", lambda: False)
+    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: 0)
     rows = train(tiny_data, out, "--ema", "0.8", "--resume", "auto")
     keys = ("epoch", "image_size", "train_loss", "train_top1", "val_loss", "val_top1", "val_top1_ema", "lr")
     assert [[r[k] for k in keys] for r in rows] == [[r[k] for k in keys] for r in straight]
@@ -166,7 +167,7 @@ def test_dali_changes_size_in_its_one_pipeline_and_resumes_mid_ramp(tiny_data, m
     train_split, val_split = scan_dataset(tiny_data)
     cfg = DataConfig(min_res=16, max_res=32, start_ramp=0, end_ramp=2, res_step=8, val_res=24, prefetch=2)
     make = functools.partial(dali_backend.build, train_split, val_split, 16, 1, cfg, Layout(torch.device("cpu"), False),
-                             DistInfo(), 3, check_shard_sizes(len(train_split), 1, 16, len(val_split)))
+                             DistInfo(), 3, check_shard_sizes(len(train_split), 1, 16, len(val_split))[0])
     tr, va = make()
     straight = []
     for e in range(3):

@@ -27,16 +27,6 @@ def demo_data(tmp_path_factory):
     return write_demo_dataset(str(tmp_path_factory.mktemp("demo") / "data"), {"train": 1, "val": 1})
 
 
-@pytest.fixture
-def one_thread():
-    """ResNet-50 steps on a shared 2-core machine: one intra-op thread, not two OpenMP threads spinning
-    against the other processes (several times slower here when the machine is busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_the_issues_recipes_are_shipped_with_their_targets(capsys):
     assert set(recipes.names()) == {*FFCV, "reference"}
     for name in recipes.names():
@@ -86,7 +76,7 @@ def test_bad_recipe_options_are_one_line(argv, needle, capsys):
 
 
 @pytest.mark.parametrize("name", sorted(recipes.names()))
-def test_every_recipe_trains_an_epoch(name, demo_data, tmp_path, capsys, one_thread):
+def test_every_recipe_trains_an_epoch(name, demo_data, tmp_path, capsys):
     """The recipe as shipped, on the embedded data, with only its scale cut down: batch 4, one step, tiny
     images, and only its last epoch run (--start-epoch), so the LR schedule is the recipe's own. The longer
     ResNet-50 recipes differ from rn50-16ep only in their epochs and ramp: they run on a ResNet-18, to keep
@@ -114,7 +104,7 @@ def test_every_recipe_trains_an_epoch(name, demo_data, tmp_path, capsys, one_thr
     assert f"Acc@1 {row['val_top1']:.3f} " in capsys.readouterr().err
 
 
-def test_blurpool_resnet50_shapes_checkpoint_and_training(one_thread):
+def test_blurpool_resnet50_shapes_checkpoint_and_training():
     """BlurPool on ResNet-50: the six strided convs with 16+ input channels blur first (FFCV's rule; not the
     stem), outputs keep their shape, the state_dict is torchvision's (so it loads into a plain ResNet-50 and
     back), and a few SGD steps on one batch lower its loss."""
@@ -156,7 +146,7 @@ def test_blurpool_resnet50_shapes_checkpoint_and_training(one_thread):
     assert losses[-1] < losses[0]
 
 
-def test_bench_recipe_section(tiny_data, one_thread):
+def test_bench_recipe_section(tiny_data):
     """`fasttrain bench --sections recipe`: fixed size (the reference), progressive and BlurPool entries,
     each through fasttrain's torchvision loader and train step, with sane numbers."""
     from fasttrain.bench.loaders import BenchData

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def train(data, out, *extra):
 
 
 def weights(out, name=ckpt_io.LATEST):
-    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=False)
+    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=True)
 
 
 def test_learns_and_writes_outputs(tiny_data, tmp_path):
@@ -69,13 +70,13 @@ def test_stop_mid_epoch_then_resume_equals_straight_run(model, tiny_data, tmp_pa
         monkeypatch.setattr("fasttrain.train.build_model", dropout_model)
     straight = train(tiny_data, tmp_path / "straight", "--epochs", "2")
     out = tmp_path / "stopped"
-    calls = iter([False, True])  # at_sync runs at steps 2, 4, ...: stop at step 4
-    monkeypatch.setattr("fasttrain.train.stop_requested", lambda: next(calls, False))
+    calls = iter([0, signal.SIGTERM])  # at_sync runs at steps 2, 4, ...: stop at step 4
+    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: next(calls, 0))
     code = cli.main(["train", str(tiny_data), *COMMON, "--output-dir", str(out), "--epochs", "2"])
     assert code == 143
     mid = weights(out)
     assert (mid["epoch"], mid["step"]) == (0, 4)
-    monkeypatch.setattr("fasttrain.train.stop_requested", lambda: False)
+    monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: 0)
     rows = train(tiny_data, out, "--epochs", "2", "--resume", "auto")
     assert [r["epoch"] for r in rows] == [0, 1]
     # the resumed epoch's metrics cover all of it (its first 4 steps came back from the checkpoint's meter)
@@ -120,7 +121,7 @@ def test_resume_other_arch_or_classes_is_error(tiny_data, tmp_path, capsys):
     from .conftest import make_tree
     other = make_tree(tmp_path / "other", n_train=8, n_val=2, classes=("dots_cool", "dots_warm", "rings_cool"))
     assert cli.main(["train", other, *COMMON, "--resume", ck, "--output-dir", str(tmp_path / "o2")]) == 2
-    assert "has 4 classes but the dataset has 3" in capsys.readouterr().err
+    assert "trained on other classes than DATA has (4 against 3" in capsys.readouterr().err
 
 
 def test_train_crop_box_is_torchvisions_random_resized_crop():

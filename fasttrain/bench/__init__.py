@@ -7,11 +7,13 @@
     make bench                                        # = fasttrain bench --out runs/bench
 
 Sections: loader only (reference ImageFolder+PIL loader, fasttrain's torchvision path, DALI CPU and DALI
-GPU when present, same files, batch and worker count); model only (synthetic on-device batches for each
-toggle combination); end to end (each loader feeding the model); on request (--sections recipe) the recipe
-knobs end to end: progressive resizing and BlurPool against a fixed-size run (recipe.py). Writes DIR/bench.json, DIR/bench.png and
-prints a table. The pieces: images.py (data), reference.py (the reference loop), loaders.py, measure.py
-(the one timing loop), suite.py (the matrix), report.py (outputs).
+GPU when present, and the peers a user would pick instead: timm's loader when timm imports, torchvision's
+GPU decode on a GPU; same files, batch and worker count, every batch delivered to the training device);
+model only (synthetic on-device batches for each toggle combination); end to end (each loader feeding the
+model); on request, --sections ceiling (model-only variants past the compiled rate) and --sections recipe
+(progressive resizing and BlurPool end to end against a fixed-size run: recipe.py). Writes DIR/bench.json,
+DIR/bench.png and prints a table. The pieces: images.py (data), reference.py (the reference loop), peers.py
+(the peers), loaders.py, measure.py (the one timing loop), suite.py (the matrix), report.py (outputs).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -30,8 +32,8 @@ from .loaders import BenchData, available_loaders
 from .report import add_ratios, environment, load_average, plot, table, write_json
 from .suite import Plan, Toggles, run_suite
 
-SECTIONS = ("loader", "model", "e2e", "recipe")
-DEFAULT_SECTIONS = ("loader", "model", "e2e")
+SECTIONS = ("loader", "model", "e2e")
+ALL_SECTIONS = SECTIONS + ("ceiling", "recipe")  # only when asked for: each of their entries trains anew
 
 
 def toggle_combos(device: torch.device, with_compile: bool, compile_mode: str = "default") -> list[Toggles]:
@@ -44,6 +46,21 @@ def toggle_combos(device: torch.device, with_compile: bool, compile_mode: str = 
         combos.append(Toggles(amp="bf16", channels_last=True, compile=True, compile_mode=compile_mode,
                               cudnn_benchmark=cudnn))
     return combos
+
+
+def ceiling_variants(device: torch.device, batch: int) -> list[tuple[Toggles, int]]:
+    """Section "ceiling": what might raise the compiled model-only rate past bf16 + channels_last + compile,
+    one change at a time (issue 12's list), max-autotune last (its compile takes minutes). On a CPU (tests,
+    --quick) the same changes without compile, at the plan's small batch: the mechanism, not the numbers."""
+    gpu = device.type == "cuda"
+    base = Toggles(amp="bf16", channels_last=True, compile=gpu, cudnn_benchmark=gpu)
+    other_sgd = "foreach" if gpu else "fused"  # fasttrain's default is fused on CUDA, foreach elsewhere
+    out = [(base, batch), (replace(base, amp="fp16"), batch), (replace(base, sgd=other_sgd), batch)]
+    if gpu:
+        out += [(base, batch * 3 // 2), (base, batch * 2), (replace(base, compile_mode="reduce-overhead"), batch),
+                (replace(base, amp="fp16", compile_mode="reduce-overhead"), batch),
+                (replace(base, compile_mode="max-autotune"), batch)]
+    return out
 
 
 def make_plan(ns: argparse.Namespace, device: torch.device) -> Plan:
@@ -63,8 +80,9 @@ def make_plan(ns: argparse.Namespace, device: torch.device) -> Plan:
     if ns.quick and gpu:
         plan.loader_steps, plan.model_steps, plan.e2e_steps = (2, 5), (2, 5), (2, 5)
     plan.combos = toggle_combos(device, with_compile=gpu or ns.full, compile_mode=ns.compile_mode)
-    plan.loaders = available_loaders(device)
+    plan.loaders, plan.skipped = available_loaders(device)
     plan.repeats = ns.repeats or (1 if ns.quick or gpu else 3)
+    plan.ceiling = ceiling_variants(device, plan.model_batch)
     return plan
 
 
@@ -86,8 +104,8 @@ def render(out: str, doc: dict) -> None:
 
 def bench_command(ns: argparse.Namespace) -> int:
     out = ns.out
-    if ns.sections and not {s.strip() for s in ns.sections.split(",")} <= set(SECTIONS):
-        raise UserError(f"--sections takes a comma list of {', '.join(SECTIONS)}")
+    if ns.sections and not {s.strip() for s in ns.sections.split(",")} <= set(ALL_SECTIONS):
+        raise UserError(f"--sections takes a comma list of {', '.join(ALL_SECTIONS)}")
     os.makedirs(out, exist_ok=True)
     if ns.from_json:
         with open(ns.from_json) as fh:
@@ -111,17 +129,20 @@ def bench_command(ns: argparse.Namespace) -> int:
 
 
 def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan) -> int:
-    sections = tuple(s.strip() for s in (ns.sections or ",".join(DEFAULT_SECTIONS)).split(","))
+    sections = tuple(s.strip() for s in (ns.sections or ",".join(SECTIONS)).split(","))
     root = ns.data or bench_dataset(default_images(ns, device.type == "cuda"))
     data = BenchData.scan(root)
     plan.num_classes = len(data.train.classes)  # the models' heads must fit the labels of the files read
     print(f"fasttrain bench: {device}, data {root} ({len(data.train)} images), loaders {', '.join(plan.loaders)}, "
           f"{plan.workers} workers, archs {', '.join(plan.archs)}", flush=True)
+    for kind, why in plan.skipped.items():
+        print(f"fasttrain bench: left out {kind}: {why}", flush=True)
     env = environment(device, dict(vars(ns)))
     plan_doc = {**asdict(plan), "device": str(device), "data": root, "train_images": len(data.train),
                 "sections": list(sections)}
 
     def save(entries: list[dict]) -> None:
+        plan_doc["skipped"] = dict(plan.skipped)  # a peer that failed during the run is left out from then on
         add_ratios(entries)
         env["load_average_at_end"] = load_average()
         write_json(os.path.join(out, "bench.json"), entries, env, plan_doc)

@@ -1,4 +1,4 @@
-"""The benchmark's JPEGs: like those ../shared/ANCHORS.md was measured on, written once into a cache.
+"""The benchmark's JPEGs: like those benchmarks/ANCHORS.md was measured on, written once into a cache.
 
 About 460x375 pixels (widths 400-520, heights 330-420), JPEG quality 90, ~70 KB each: a 1/f-like colour
 field, a few flat shapes, a slight blur and sensor-like grain. Decode cost tracks pixel count and entropy,

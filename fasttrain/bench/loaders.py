@@ -11,6 +11,11 @@
   one long epoch, as ImageNet's 1.28 M files do, so no epoch boundary (worker restart, pipeline refill)
   falls inside a timed window. Files are read from the page cache after the first pass, as they mostly
   are on a machine training ImageNet with enough RAM.
+- dali-cpu is DALI's CPU-only mode: its batches come out in host memory, so they are then copied to the
+  training device `.to(device, non_blocking=True)`, as the reference's are, and every entry delivers to
+  the same place (on a CPU machine the copy is a no-op). DALI's outputs are not pinned, so on a GPU the
+  copy is a synchronous one: what a user feeding a GPU from DALI's CPU mode pays.
+- timm, tv-gpu-decode: the peers (peers.py), a chained file list like the others.
 """
 
 from __future__ import annotations
@@ -29,18 +34,36 @@ from ..data import torchvision_backend
 from ..data.base import Layout
 from ..data.scan import Split, scan_dataset
 from ..dist import DistInfo
+from .peers import PEERS, peer_batches, peer_status
 from .reference import reference_dataset, reference_loader
 
 
-def available_loaders(device: torch.device) -> list[str]:
-    """The data paths this machine can run: DALI ones only where nvidia.dali imports."""
+FASTTRAIN_LOADERS = ("torchvision", "dali-cpu", "dali-gpu")
+
+
+def available_loaders(device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """(the data paths this machine can run, {each one left out: why}): the reference, fasttrain's loaders
+    (DALI ones only where nvidia.dali imports) and the peers whose library imports."""
     from ..data import dali_backend
-    kinds = ["reference", "torchvision"]
+    kinds, skipped = ["reference", "torchvision"], {}
     if dali_backend.available():
         kinds.append("dali-cpu")
         if device.type == "cuda":
             kinds.append("dali-gpu")
-    return kinds
+        else:
+            skipped["dali-gpu"] = "needs a CUDA device"
+    else:
+        skipped["dali-cpu"] = skipped["dali-gpu"] = f"nvidia.dali does not import ({dali_backend.import_error()})"
+    for peer, why in peer_status(device).items():
+        if why is None:
+            kinds.append(peer)
+        else:
+            skipped[peer] = why
+    return kinds, skipped
+
+
+def is_peer(kind: str) -> bool:
+    return kind in PEERS
 
 
 @dataclass(frozen=True)
@@ -60,12 +83,13 @@ class BenchData:
 
 
 def loader_layout(kind: str, layout: Layout) -> Layout:
-    """dali-cpu is DALI's CPU-only mode (device_id=None): its batches stay in host memory."""
+    """dali-cpu is DALI's CPU-only mode (device_id=None): it makes its batches in host memory."""
     return dataclasses.replace(layout, device=torch.device("cpu")) if kind == "dali-cpu" else layout
 
 
-def _reference_batches(loader, device: torch.device):
-    for images, target in loader:
+def _to_device(batches, device: torch.device):
+    """Host batches copied to the training device as the reference script copies them (no-op on the CPU)."""
+    for images, target in batches:
         yield images.to(device, non_blocking=True), target.to(device, non_blocking=True)
 
 
@@ -79,7 +103,10 @@ def open_loader(kind: str, data: BenchData, batch: int, workers: int, image_size
     closers = []
     if kind == "reference":
         dl = reference_loader(reference_dataset(os.path.join(data.root, "train"), image_size, repeat), batch, workers)
-        batches = dl if raw_reference else _reference_batches(dl, layout.device)
+        batches = dl if raw_reference else _to_device(dl, layout.device)
+        del dl  # the generator holds it: closing that ends the workers
+    elif is_peer(kind):
+        batches = peer_batches(kind, data.root, data.train, batch, workers, image_size, layout, repeat)
     else:
         train = dataclasses.replace(data.train, samples=data.train.samples * repeat)
         steps = len(train) // batch
@@ -96,6 +123,8 @@ def open_loader(kind: str, data: BenchData, batch: int, workers: int, image_size
             raise ValueError(f"unknown loader {kind}")
         batches.set_epoch(0)
         closers = [batches.close, val.close]
+        if lay.device != layout.device:
+            batches = _to_device(batches, layout.device)
     try:
         yield batches
     finally:

@@ -1,7 +1,9 @@
 """What a benchmark run leaves behind: bench.json (entries + environment), a table, and bench.png.
 
 Each entry's ratio_to_reference divides its img/s by the reference entry of the same section (and the
-same arch) measured in the same run, so machine speed and background load mostly cancel out.
+same arch) measured in the same run, so machine speed and background load mostly cancel out. Peer entries
+(timm's loader, torchvision's GPU decode: peers.py) are marked "(peer)" in the table and drawn in their own
+colour in the plot.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 SECTION_TITLES = {"loader": "Loader only (decode + augment, batches delivered to the device)",
                   "model": "Model only (synthetic batches on the device)",
                   "e2e": "End to end (loader + model)",
+                  "ceiling": "Model only, variants past the compiled ceiling (x the reference loop)",
                   "recipe": "Recipe knobs end to end (torchvision loader + model; x = against the fixed-size run)"}
 
 
@@ -45,6 +48,14 @@ def dali_version() -> str | None:
         return None
 
 
+def timm_version() -> str | None:
+    try:
+        import timm
+        return timm.__version__
+    except Exception:  # not installed: the timm peer is left out
+        return None
+
+
 def environment(device: torch.device, args: dict | None = None) -> dict:
     """jpeg_box_decode: whether the torchvision loader decodes only the crop box of train JPEGs (the optional
     compiled module was built); without it that loader decodes whole images, ~0.2 CPU ms an image more."""
@@ -53,7 +64,7 @@ def environment(device: torch.device, args: dict | None = None) -> dict:
     from ..data.decode import crop_decoder_available
     cuda = device.type == "cuda"
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "device": str(device),
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "dali": dali_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "dali": dali_version(), "timm": timm_version(),
             "cuda": torch.version.cuda if cuda else None,
             "cudnn": torch.backends.cudnn.version() if cuda else None,
             "gpu": torch.cuda.get_device_name(device) if cuda else None,
@@ -87,24 +98,40 @@ def write_json(path: str, entries: list[dict], env: dict, plan: dict) -> None:
     os.replace(tmp, path)
 
 
+def label(e: dict) -> str:
+    """An entry's row name: its name without the section, "(peer)" after a peer's."""
+    return e["name"].split("/", 1)[1] + (" (peer)" if e.get("peer") else "")
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
 def table(entries: list[dict]) -> str:
-    """Markdown table, one row per entry (pasteable into RESULTS.md)."""
-    rows = ["| section | configuration | img/s | x reference | data wait | p50 ms | p95 ms | CPU ms/img |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    """Markdown table, one row per entry (pasteable into RESULTS.md). Loader-only rows show no data wait
+    or device idle: they do nothing but wait for data, by construction."""
+    rows = ["| section | configuration | img/s | x reference | data wait | device idle | p50 ms | p95 ms | CPU ms/img |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for e in entries:
         ratio = "ref" if e.get("reference") else f"{e['ratio_to_reference']:.2f}x"
         ceiling = f" ({100 * e['of_ceiling']:.0f}% of ceiling)" if e.get("of_ceiling") else ""
-        name = e["name"].split("/", 1)[1]
+        loader = e["section"] == "loader"
+        wait = None if loader else e["data_wait_fraction"]
+        idle = None if loader else e.get("device_idle_fraction")
         cpu = e.get("cpu_ms_per_image")
-        rows.append(f"| {e['section']} | {name} | {e['images_per_sec']:,.1f} | {ratio}{ceiling} | "
-                    f"{100 * e['data_wait_fraction']:.0f}% | {e['p50_ms']:.1f} | {e['p95_ms']:.1f} | "
+        rows.append(f"| {e['section']} | {label(e)} | {e['images_per_sec']:,.1f} | {ratio}{ceiling} | "
+                    f"{_percent(wait)} | {_percent(idle)} | {e['p50_ms']:.1f} | {e['p95_ms']:.1f} | "
                     f"{'-' if cpu is None else f'{cpu:.2f}'} |")
     return "\n".join(rows)
 
 
+PEER_COLOUR = "#ff7f0e"
+
+
 def plot(path: str, entries: list[dict], env: dict) -> None:
     """Horizontal bars of img/s, one panel per section (their scales differ by orders of magnitude);
-    reference bars grey and hatched, every bar labelled with its img/s and its ratio to the reference."""
+    reference bars grey and hatched, peers orange, fasttrain blue; every bar labelled with its img/s and its
+    ratio to the reference."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -116,7 +143,7 @@ def plot(path: str, entries: list[dict], env: dict) -> None:
     for ax, sec in zip(axes[:, 0], sections):
         rows = [e for e in entries if e["section"] == sec][::-1]  # first entry at the top
         vals = [e["images_per_sec"] for e in rows]
-        colors = ["#9e9e9e" if e.get("reference") else "#1f77b4" for e in rows]
+        colors = ["#9e9e9e" if e.get("reference") else PEER_COLOUR if e.get("peer") else "#1f77b4" for e in rows]
         bars = ax.barh(range(len(rows)), vals, color=colors, height=0.7)
         for bar, e in zip(bars, rows):
             if e.get("reference"):
@@ -126,7 +153,7 @@ def plot(path: str, entries: list[dict], env: dict) -> None:
                 ratio += f", {100 * e['of_ceiling']:.0f}% of model-only"
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
                     f"  {fmt_rate(e['images_per_sec'])}  ({ratio})", va="center", fontsize=8)
-        ax.set_yticks(range(len(rows)), [e["name"].split("/", 1)[1] for e in rows], fontsize=8)
+        ax.set_yticks(range(len(rows)), [label(e) for e in rows], fontsize=8)
         ax.set_xlim(0, max(vals) * 1.5 if vals and max(vals) > 0 else 1)
         first = rows[-1]
         setup = f"batch {first['batch_size']}" + (f", {first['workers']} workers" if first.get("workers") else "")
@@ -139,11 +166,14 @@ def plot(path: str, entries: list[dict], env: dict) -> None:
     commit = env.get("git_commit") or "unknown"
     commit = commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
     top = 1 - 0.55 / fig.get_figheight()  # room for a title line and a legend line
-    fig.suptitle(f"fasttrain bench: {where}, torch {env['torch']}, commit {commit}, {env['date'][:10]}",
+    quick = " (--quick: rough numbers)" if (env.get("args") or {}).get("quick") else ""
+    fig.suptitle(f"fasttrain bench{quick}: {where}, torch {env['torch']}, commit {commit}, {env['date'][:10]}",
                  fontsize=10, y=1 - 0.12 / fig.get_figheight(), va="top")
-    fig.legend(handles=[Patch(facecolor="#9e9e9e", hatch="//", label="reference loop (pytorch/examples imagenet)"),
-                        Patch(facecolor="#1f77b4", label="fasttrain")],
-               fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.38 / fig.get_figheight()),
+    handles = [Patch(facecolor="#9e9e9e", hatch="//", label="reference loop (pytorch/examples imagenet)"),
+               Patch(facecolor="#1f77b4", label="fasttrain")]
+    if any(e.get("peer") for e in entries):
+        handles.append(Patch(facecolor=PEER_COLOUR, label="peer: what a user would pick instead"))
+    fig.legend(handles=handles, fontsize=8, ncol=len(handles), loc="upper center", bbox_to_anchor=(0.5, 1 - 0.38 / fig.get_figheight()),
                frameon=False)
     fig.tight_layout(rect=(0, 0, 1, top))
     fig.savefig(path, dpi=110)

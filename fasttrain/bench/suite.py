@@ -4,6 +4,9 @@ measure.time_loop.
 fasttrain entries run fasttrain's own pieces: its loaders (loaders.py), build_trainer/wrap_model from
 train.py and Trainer.train_step from engine.py, so what is timed is what `fasttrain train` runs. The
 reference entries run the reference loop (reference.py) on the same files, in the same process tree.
+Peer entries (peers.py: timm's loader, torchvision's GPU decode) run the peer's loader on the same files;
+end to end they feed the same fasttrain trainer, with the same toggles, as fasttrain's loaders do, so
+only the loader differs.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from ..data.base import Layout
 from ..data.torchvision_backend import PREFETCH_FACTOR
 from ..dist import DistInfo
 from ..metrics import DeviceMeter
+from ..optim import build_optimizer
+from ..schedules import build_scheduler
 from ..train import AMP_DTYPES, build_trainer, wrap_model
-from .loaders import BenchData, open_loader
+from .loaders import FASTTRAIN_LOADERS, BenchData, is_peer, open_loader
 from .measure import Timing, time_loop
 from .reference import ReferenceStep
 
@@ -34,12 +39,14 @@ class Toggles:
     compile: bool = False
     compile_mode: str = "default"
     cudnn_benchmark: bool = False
+    sgd: str = "auto"              # auto (fasttrain's: fused on CUDA, foreach elsewhere) | fused | foreach
 
     @property
     def label(self) -> str:
         parts = [self.amp if self.amp != "none" else "fp32"]
         mode = "" if self.compile_mode == "default" else f"({self.compile_mode})"
-        return "+".join(parts + ["channels_last"] * self.channels_last + [f"compile{mode}"] * self.compile)
+        return "+".join(parts + ["channels_last"] * self.channels_last + [f"compile{mode}"] * self.compile
+                        + [f"sgd-{self.sgd}"] * (self.sgd != "auto"))
 
 
 @dataclass
@@ -57,13 +64,16 @@ class Plan:
     model_steps: tuple[int, int] = (2, 6)
     e2e_steps: tuple[int, int] = (2, 6)
     combos: list[Toggles] = field(default_factory=list)
-    loaders: list[str] = field(default_factory=list)
+    loaders: list[str] = field(default_factory=list)  # reference, fasttrain's and the peers' that run here
+    skipped: dict[str, str] = field(default_factory=dict)  # loaders left out on this machine, and why
     repeats: int = 1  # loader-only: run each loader this many times, interleaved; keep the best
+    ceiling: list[tuple[Toggles, int]] = field(default_factory=list)  # section "ceiling": (toggles, batch)
 
 
 def entry(section: str, name: str, loader: str, arch: str | None, toggles: Toggles | None, batch: int,
           workers: int | None, timing: Timing, steps: tuple[int, int], **extra) -> dict:
     extra.setdefault("reference", False)
+    extra.setdefault("peer", False)
     return {"name": name, "section": section, "loader": loader, "arch": arch,
             "toggles": asdict(toggles) if toggles else None, "batch_size": batch, "workers": workers,
             "warmup_steps": steps[0], "timed_steps": steps[1], **timing.summary(), **extra}
@@ -75,13 +85,34 @@ def log(msg: str) -> None:
 
 def queued_batches(kind: str, workers: int) -> int:
     """Batches a loader can have ready before the clock starts: DataLoader workers x prefetch_factor (the
-    reference's DataLoader keeps torch's default 2; fasttrain's PREFETCH_FACTOR), plus the one in hand and
-    the pinned one. A warm-up shorter than this times batches made before the window opened."""
-    return workers * (2 if kind == "reference" else PREFETCH_FACTOR) + 2
+    reference's and the peers' DataLoaders keep torch's default 2; fasttrain's PREFETCH_FACTOR, which also
+    covers DALI's shallower queue), plus the one in hand and the pinned or prefetched one. A warm-up shorter
+    than this times batches made before the window opened."""
+    return workers * (2 if kind == "reference" or is_peer(kind) else PREFETCH_FACTOR) + 2
 
 
 def warmed(steps: tuple[int, int], kind: str, workers: int) -> tuple[int, int]:
     return max(steps[0], queued_batches(kind, workers)), steps[1]
+
+
+# What a peer's library may raise where its API or its GPU support differs from what peers.py expects.
+PEER_ERRORS = (ImportError, AttributeError, TypeError, ValueError, RuntimeError, OSError)
+
+
+def timed(plan: Plan, kind: str, run: Callable[[], Timing]) -> Timing | None:
+    """run(); for a peer, an error leaves the peer out of the rest of the run, with the reason in
+    plan.skipped, instead of ending the benchmark: another version of timm or torchvision than the one
+    peers.py was written against must not cost fasttrain's own numbers."""
+    if not is_peer(kind):
+        return run()
+    try:
+        return run()
+    except PEER_ERRORS as e:
+        last = (str(e).strip().splitlines() or [""])[-1]  # the line that says what went wrong
+        plan.skipped[kind] = f"failed: {type(e).__name__}: {last}"
+        plan.loaders.remove(kind)
+        log(f"left out peer {kind}: {plan.skipped[kind]}")
+        return None
 
 
 def loader_section(plan: Plan, data: BenchData) -> list[dict]:
@@ -90,23 +121,32 @@ def loader_section(plan: Plan, data: BenchData) -> list[dict]:
     # Every loader gets the longest queue's warm-up, so all entries time the same window length.
     steps = (max(warmed(plan.loader_steps, k, plan.workers)[0] for k in plan.loaders), plan.loader_steps[1])
     runs: dict[str, list[Timing]] = {k: [] for k in plan.loaders}
+
+    def measure(kind: str) -> Timing:
+        with open_loader(kind, data, plan.loader_batch, plan.workers, plan.image_size, layout, sum(steps)) as batches:
+            return time_loop(batches, None, plan.device, *steps)
+
     for _ in range(plan.repeats):  # interleaved, so a busy neighbour hurts every loader alike
-        for kind in plan.loaders:
-            with open_loader(kind, data, plan.loader_batch, plan.workers, plan.image_size, layout,
-                             sum(steps)) as batches:
-                t = time_loop(batches, None, plan.device, *steps)
-            log(f"loader {kind}: {t.images_per_sec:.0f} img/s, {t.summary()['cpu_ms_per_image'] or 0:.2f} CPU ms/img")
+        for kind in list(plan.loaders):
+            t = timed(plan, kind, lambda: measure(kind))
+            if t is None:
+                runs.pop(kind)
+                continue
+            log(f"loader {kind}{' (peer)' * is_peer(kind)}: {t.images_per_sec:.0f} img/s, "
+                f"{t.summary()['cpu_ms_per_image'] or 0:.2f} CPU ms/img")
             runs[kind].append(t)
     # Best of the repeats, as timeit does: noise only ever slows a run down.
     return [entry("loader", f"loader/{k}", k, None, None, plan.loader_batch, plan.workers,
-                  max(ts, key=lambda t: t.images_per_sec), steps, reference=k == "reference",
+                  max(ts, key=lambda t: t.images_per_sec), steps, reference=k == "reference", peer=is_peer(k),
                   all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]) for k, ts in runs.items()]
 
 
-def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int) -> tuple[Callable, Layout, Config]:
+def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int,
+                   batch: int | None = None) -> tuple[Callable, Layout, Config]:
     """fasttrain's trainer for these toggles, wrapped as `fasttrain train` wraps it.
     Returns (step function, the input Layout it wants, its Config)."""
-    cfg = Config(data=DataConfig(loader="synthetic", batch_size=plan.model_batch, image_size=plan.model_image_size,
+    cfg = Config(data=DataConfig(loader="synthetic", batch_size=batch or plan.model_batch,
+                                 image_size=plan.model_image_size,
                                  num_classes=plan.num_classes, steps_per_epoch=steps_per_epoch, workers=plan.workers),
                  model=ModelConfig(arch=arch), optim=OptimConfig(),
                  run=RunConfig(amp=tg.amp, channels_last=tg.channels_last, compile=tg.compile,
@@ -116,6 +156,9 @@ def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int) -> 
     torch.backends.cudnn.benchmark = tg.cudnn_benchmark  # as train.run() sets it
     torch.manual_seed(0)
     tr = build_trainer(cfg, dist, plan.num_classes, steps_per_epoch)
+    if tg.sgd != "auto":  # the other SGD implementation than fasttrain's default for this device
+        tr.optimizer = build_optimizer(tr.model.parameters(), cfg.optim, plan.device, fused=tg.sgd == "fused")
+        tr.scheduler = build_scheduler(tr.optimizer, cfg.optim, steps_per_epoch)
     tr.forward, _ = wrap_model(tr.model, cfg.run, dist)
     tr.forward.train()
     meter = DeviceMeter(plan.device)
@@ -147,15 +190,43 @@ def model_section(plan: Plan, arch: str) -> tuple[list[dict], tuple[Toggles, Cal
     return out, best
 
 
+def ceiling_section(plan: Plan, arch: str) -> list[dict]:
+    """Model only, the variants that might raise the compiled ceiling (compile modes, fp16 against bf16,
+    larger batches, SGD implementation): each a fresh trainer, compiled anew, on synthetic device batches.
+    The reference loop at the plan's batch is this section's reference."""
+    steps, size = plan.model_steps, plan.model_image_size
+    ref = ReferenceStep(arch, plan.num_classes, plan.device)
+    x = torch.randn(plan.model_batch, 3, size, size, device=plan.device)
+    y = torch.randint(0, plan.num_classes, (plan.model_batch,), device=plan.device)
+    t = time_loop(iter(lambda: (x, y), None), ref, plan.device, *steps)
+    out = [entry("ceiling", f"ceiling/{arch}/reference", "synthetic", arch, Toggles(), plan.model_batch, None, t,
+                 steps, reference=True)]
+    del ref, x, y
+    for tg, b in plan.ceiling:
+        step, layout, cfg = fasttrain_step(plan, arch, tg, sum(steps), batch=b)
+        loaders = build_loaders(cfg.data, DistInfo(device=plan.device), layout, seed=0)  # loader "synthetic"
+        t = time_loop(loaders.train, step, plan.device, *steps)
+        out.append(entry("ceiling", f"ceiling/{arch}/{tg.label}@{b}", "synthetic", arch, tg, b, None, t, steps))
+        log(f"ceiling {arch} {tg.label} batch {b}: {t.images_per_sec:.1f} img/s (warm-up {t.warmup_s:.1f}s)")
+        del step, loaders
+        gc.collect()
+        if plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 def e2e_loaders(plan: Plan) -> list[str]:
-    """fasttrain loaders that feed the model: all, except DALI's CPU mode on a GPU machine (its batches
-    stay in host memory there; the loader-only section still measures it)."""
-    return [k for k in plan.loaders if k != "reference" and not (k == "dali-cpu" and plan.device.type == "cuda")]
+    """The loaders that feed fasttrain's trainer end to end: fasttrain's, then the peers'. Not DALI's CPU
+    mode on a GPU machine: `fasttrain train --loader dali` decodes "mixed" there, so it is no path a GPU
+    run takes (the loader-only section still measures it, delivered to the GPU)."""
+    ours = [k for k in plan.loaders if k in FASTTRAIN_LOADERS
+            and not (k == "dali-cpu" and plan.device.type == "cuda")]
+    return ours + [k for k in plan.loaders if is_peer(k)]
 
 
 def e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict], fastest) -> list[dict]:
-    """Each data path feeding the model: the reference loop, then fasttrain's loaders with the toggle
-    combination that was fastest in this run's model-only section (its trainer, already compiled)."""
+    """Each data path feeding the model: the reference loop, then fasttrain's loaders and the peers' with the
+    toggle combination that was fastest in this run's model-only section (its trainer, already compiled)."""
     steps, size, b = plan.e2e_steps, plan.model_image_size, plan.model_batch
     tg, step, layout = fastest
     ceiling = next(e for e in model_entries if e["toggles"] == asdict(tg) and not e["reference"])
@@ -174,11 +245,18 @@ def e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict
     torch.backends.cudnn.benchmark = tg.cudnn_benchmark  # the reference step above set the reference's
     for kind in e2e_loaders(plan):
         kind_steps = warmed(steps, kind, plan.workers)
-        with open_loader(kind, data, b, plan.workers, size, layout, sum(kind_steps)) as batches:
-            t = time_loop(batches, step, plan.device, *kind_steps)
+
+        def measure() -> Timing:
+            with open_loader(kind, data, b, plan.workers, size, layout, sum(kind_steps)) as batches:
+                return time_loop(batches, step, plan.device, *kind_steps)
+        t = timed(plan, kind, measure)
+        if t is None:
+            continue
         out.append(entry("e2e", f"e2e/{arch}/{kind}+{tg.label}", kind, arch, tg, b, plan.workers, t, kind_steps,
-                         of_ceiling=t.images_per_sec / ceiling["images_per_sec"]))
-        log(f"e2e {arch} {kind} {tg.label}: {t.images_per_sec:.1f} img/s, data wait {100 * t.data_wait_fraction:.0f}%")
+                         peer=is_peer(kind), of_ceiling=t.images_per_sec / ceiling["images_per_sec"]))
+        log(f"e2e {arch} {kind}{' (peer)' * is_peer(kind)} {tg.label}: {t.images_per_sec:.1f} img/s, "
+            f"{100 * t.images_per_sec / ceiling['images_per_sec']:.0f}% of model-only, "
+            f"device idle {100 * (t.device_idle_fraction or 0):.0f}%, data wait {100 * t.data_wait_fraction:.0f}%")
     return out
 
 
@@ -190,8 +268,11 @@ def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
     entries = loader_section(plan, data) if "loader" in sections else []
     save(entries)
     for arch in plan.archs:
+        if "ceiling" in sections:
+            entries += ceiling_section(plan, arch)
+            save(ordered(entries))
         if "model" not in sections and "e2e" not in sections:
-            break
+            continue
         model, fastest = model_section(plan, arch)
         entries += model if "model" in sections else []
         if "e2e" in sections:
@@ -206,6 +287,6 @@ def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
 
 
 def ordered(entries: list[dict]) -> list[dict]:
-    """Sections in the order loader, model, e2e; within one, the order measured (sort is stable)."""
-    order = {"loader": 0, "model": 1, "e2e": 2}
+    """Sections in the order loader, model, e2e, ceiling; within one, the order measured (sort is stable)."""
+    order = {"loader": 0, "model": 1, "e2e": 2, "ceiling": 3}
     return sorted(entries, key=lambda e: order[e["section"]])

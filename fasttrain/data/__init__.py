@@ -40,16 +40,25 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int) ->
     if cfg.data is None:
         raise UserError("no DATA given (and no embedded dataset for this command)")
     train_split, val_split = scan_dataset(cfg.data, cfg.file_list)
-    steps = check_shard_sizes(len(train_split), dist.world_size, batch, len(val_split))
-    if cfg.steps_per_epoch:
-        steps = min(steps, cfg.steps_per_epoch)
-    workers = dist.per_rank_workers(cfg.workers)
-    detail = ""
     if backend == "dali":
         from . import dali_backend
         if not dali_backend.available():
             raise UserError("--loader dali needs NVIDIA DALI: pip install 'fasttrain[dali]' "
                             f"({dali_backend.import_error()})")
+        # A broken JPEG can crash DALI's parser (no error to catch): DALI never sees one.
+        from .jpeg_check import drop_broken_jpegs
+        train_split, val_split = drop_broken_jpegs(train_split, val_split, dist, cfg.workers, cfg.max_bad_files)
+    steps, fits = check_shard_sizes(len(train_split), dist.world_size, batch, len(val_split))
+    if fits < batch and dist.rank == 0:
+        print(f"fasttrain: warning: {len(train_split)} training images make less than one batch of {batch} for "
+              f"each of the {dist.world_size} process(es): training on batches of {fits}, 1 step per epoch",
+              file=sys.stderr, flush=True)
+    batch = fits
+    if cfg.steps_per_epoch:
+        steps = min(steps, cfg.steps_per_epoch)
+    workers = dist.per_rank_workers(cfg.workers)
+    detail = ""
+    if backend == "dali":
         train, val = dali_backend.build(train_split, val_split, batch, workers, cfg, layout, dist, seed, steps)
         name = f"dali-{'gpu' if layout.device.type == 'cuda' else 'cpu'}"
     elif backend == "torchvision":

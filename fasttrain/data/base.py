@@ -78,13 +78,14 @@ class BadFileBudget:
                             "--file-list clean.txt")
 
 
-def check_shard_sizes(train_size: int, world_size: int, per_rank_batch: int, val_size: int) -> int:
-    """Train steps per epoch on every rank (the same on all of them), or a clear error."""
+def check_shard_sizes(train_size: int, world_size: int, per_rank_batch: int, val_size: int) -> tuple[int, int]:
+    """(train steps per epoch, per-rank batch), the same on every rank, or a clear error. A training set
+    smaller than one batch per process trains as the reference trains on it: on what there is, one step of
+    every rank's whole shard per epoch (whole shards, so every rank runs the same steps)."""
     if world_size > train_size or world_size > val_size:
         raise UserError(f"world size {world_size} is larger than the dataset ({train_size} train, "
                         f"{val_size} val images): use fewer processes")
     per_rank = train_size // world_size
     if per_rank_batch > per_rank:
-        raise UserError(f"batch size {per_rank_batch} per process is larger than the {per_rank} training images "
-                        f"each of the {world_size} process(es) reads: lower --batch-size")
-    return per_rank // per_rank_batch
+        return 1, per_rank
+    return per_rank // per_rank_batch, per_rank_batch

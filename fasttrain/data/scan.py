@@ -32,7 +32,10 @@ class Split:
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+    # ImageFolder's test exactly: the extension, nothing else. Hidden files (`.x.jpg`, macOS's `._x.jpg`) and
+    # files in hidden subfolders count, as they do there; one that is not an image is a bad file at training
+    # time (skipped with a warning), as `fasttrain check-data` reports it beforehand.
+    return name.lower().endswith(IMG_EXTENSIONS)
 
 
 def scan_split(root: str, allowed: set[str] | None = None) -> Split:
@@ -50,8 +53,7 @@ def scan_split(root: str, allowed: set[str] | None = None) -> Split:
     samples = []
     for label, cls in enumerate(classes):
         found = 0
-        for dirpath, dirnames, fnames in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for dirpath, _, fnames in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
             for fname in sorted(fnames):
                 path = os.path.abspath(os.path.join(dirpath, fname))
                 if _is_image(fname) and (allowed is None or path in allowed):
