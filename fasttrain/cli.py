@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "variants past the compiled rate, each compiled anew)")
     bn.add_argument("--repeats", type=int, default=None, metavar="N",
                     help="loader-only: run each loader N times, interleaved, and keep the best (default: 3 on CPU)")
+    bn.add_argument("--shards", nargs="?", const="auto", default=None, metavar="DIR",
+                    help="loader-only: each fasttrain loader also reads the same images as tar shards (DIR: made by "
+                    "`fasttrain shard` from DATA; without it they are written into the cache)")
     bn.add_argument("--from-json", default=None, metavar="PATH",
                     help="measure nothing: redraw the table and bench.png from an earlier bench.json")
     return p
