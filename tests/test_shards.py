@@ -275,3 +275,29 @@ def test_a_sample_that_fails_to_decode_is_skipped_by_key(clean, tmp_path, capsys
     tr, _ = loaders(max_bad=0)
     with pytest.raises(UserError, match=r"more than --max-bad-files=0 .*shard-\d+\.tar:\d{8}"):
         epoch(tr)
+
+
+def test_bench_times_each_loader_on_the_folder_and_on_its_shards(clean, tmp_path, monkeypatch, capsys):
+    """`fasttrain bench --shards`: each of fasttrain's loaders gets a twin reading the same images as shards
+    (written once into the cache), measured beside it, with its rate against the folder's."""
+    from dataclasses import replace
+
+    from fasttrain.bench.loaders import FASTTRAIN_LOADERS, BenchData, available_loaders
+    from fasttrain.bench.report import add_ratios, table
+    from fasttrain.bench.shards import bench_shards, shard_twins
+    from fasttrain.bench.suite import Plan, loader_section
+    folder, _ = clean
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    where = bench_shards(folder)
+    assert where.startswith(str(tmp_path / "cache")) and bench_shards(folder) == where
+    assert "already holds these shards" in capsys.readouterr().err  # the second call wrote nothing
+    cpu = torch.device("cpu")
+    kinds = [k for k in available_loaders(cpu)[0] if k in ("reference", "torchvision", "dali-cpu")]
+    plan = Plan(cpu, ["resnet18"], 1, 8, 8, image_size=32, loader_steps=(1, 2),
+                loaders=shard_twins(kinds, FASTTRAIN_LOADERS))
+    entries = loader_section(plan, replace(BenchData.scan(folder), shards=BenchData.scan(where)))
+    add_ratios(entries)
+    twins = {e["loader"]: e for e in entries if e["loader"].endswith("-shards")}
+    assert set(twins) == {f"{k}-shards" for k in kinds if k != "reference"}
+    assert all(e["vs_folder"] > 0 and e["timed_images"] == 16 for e in twins.values())
+    assert "x folder)" in table(entries)
