@@ -16,7 +16,9 @@ transpose kernel).
 
 One pipeline per split per run. Which files a batch holds is decided here, not by a DALI reader: the
 pipeline's input is an `external_source` that asks, for its g-th batch, for file names and labels
-(Stream.feed), and `fn.io.file.read` reads the files in DALI's own threads. The names come from a plan
+(Stream.feed), and `fn.io.file.read` reads the files in DALI's own threads (samples of tar shards,
+data/shards.py, come in as their bytes instead: DALI has no reader of a byte range that follows an
+external order, so the feed reads each with one pread). The names come from a plan
 that runs across epochs: iteration g of a pipeline built at (epoch e0, step s0) is step s0 + g of epoch e0,
 continuing into e0 + 1, ... So epochs follow each other without a new pipeline (nvJPEG and the hardware
 decoder are set up once per run), and the prefetch queue runs on into the next epoch's first batches.
