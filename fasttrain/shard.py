@@ -266,8 +266,11 @@ def shard_command(ns: argparse.Namespace) -> int:
     if _complete(ns.out, fingerprint):
         print(f"fasttrain: {ns.out} already holds these shards, complete: nothing to do", file=sys.stderr)
         return 0
-    for split in ("train", "val", S.PARTIAL):
-        os.makedirs(os.path.join(ns.out, split), exist_ok=True)
+    try:
+        for split in ("train", "val", S.PARTIAL):
+            os.makedirs(os.path.join(ns.out, split), exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write shards into {ns.out}: {e.strerror}") from None
     for name in (S.MANIFEST, S.CLASSES):  # from here on OUT is unfinished (.partial/ and no manifest)
         if os.path.exists(os.path.join(ns.out, name)):
             os.remove(os.path.join(ns.out, name))

@@ -197,7 +197,7 @@ def test_training_from_shards_equals_the_folder_and_resumes_mid_epoch(clean, tmp
     where a straight run does."""
     folder, sharded = clean
     monkeypatch.setattr("fasttrain.train.build_model", tiny_model)
-    args = ["--loader", loader, "--device", "cpu", "-j", "1", "-b", "16", "--image-size", "32", "--seed", "3",
+    args = ["--loader", loader, "--device", "cpu", "-j", "0", "-b", "16", "--image-size", "32", "--seed", "3",
             "-p", "2", "--lr", "0.05", "--epochs", "2"]
 
     def train(data, out, *extra, code=0):

@@ -37,6 +37,11 @@ def bench_shards(root: str, where: str | None = None) -> str:
     from ..data.demo import default_root
     from ..shard import shard_command
     if where and where != "auto":
+        from ..data.shards import load_manifest
+        source = load_manifest(where).get("source")
+        if source != os.path.abspath(root):
+            print(f"fasttrain bench: note: {where} was sharded from {source}, not from {root}: the two entries "
+                  "of a loader read different images", flush=True)
         return where
     tag = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:10]
     out = os.path.join(os.path.dirname(default_root()), f"shards-{os.path.basename(os.path.abspath(root))}-{tag}")

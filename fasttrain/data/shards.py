@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
+import gc
 import json
 import os
 from typing import NamedTuple
@@ -97,12 +99,14 @@ def parse_index(path: str) -> list[tuple[str, int, int]]:
         raise UserError(f"{path} is not a {IDX_VERSION} index of {len(lines)} samples (first line {head!r}): "
                         "rerun `fasttrain shard`")
     out = []
-    for line in lines:
-        parts = line.split(" ")
-        image = next((parts[i:i + 4] for i in range(0, len(parts), 4) if parts[i] != "cls"), None)
-        if image is None or len(parts) % 4:
-            raise UserError(f"{path}: a sample without an image: {line!r}")
-        out.append((image[3].partition(".")[0], int(image[1]), int(image[2])))
+    try:
+        for line in lines:  # `ext offset size name` per file of the sample; fasttrain writes the image first
+            parts = line.split(" ")
+            if parts[0] == "cls":
+                parts = parts[4:8]
+            out.append((parts[3].partition(".")[0], int(parts[1]), int(parts[2])))
+    except (IndexError, ValueError):
+        raise UserError(f"{path}: not an index line of an image and its label: {line!r}") from None
     return out
 
 
@@ -132,11 +136,30 @@ def load_manifest(root: str) -> dict:
     return manifest
 
 
+@contextlib.contextmanager
+def no_gc():
+    """Building a million small tuples triggers the cyclic garbage collector again and again, each pass over
+    everything built so far: half of read_split's time at ImageNet's size (benchmarks/RESULTS.md). Tuples
+    of ints and strings make no cycles, so nothing is lost by collecting after."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def read_split(root: str, split: str, manifest: dict) -> Split:
     """One split's samples in ImageFolder's order: (Member, label) where the folder has (path, label)."""
+    with no_gc():
+        return _read_split(root, split, manifest)
+
+
+def _read_split(root: str, split: str, manifest: dict) -> Split:
     info = manifest["splits"][split]
     first = info["class_first_key"]
-    samples = []
+    slots = [None] * info["scanned"]  # by key: ImageFolder's order without a sort
     for shard in info["shards"]:
         tar = os.path.abspath(os.path.join(root, shard["tar"]))
         try:
@@ -149,10 +172,13 @@ def read_split(root: str, split: str, manifest: dict) -> Split:
         members = parse_index(os.path.join(root, shard["idx"]))
         if len(members) != shard["samples"]:
             raise UserError(f"{shard['idx']} indexes {len(members)} samples, the manifest says {shard['samples']}")
-        samples += [(Member(tar, offset, nbytes, key), bisect.bisect_right(first, int(key)) - 1)
-                    for key, offset, nbytes in members]
-    samples.sort(key=lambda s: s[0].key)  # keys are zero-padded to one width: text order is number order
-    if len(samples) != info["samples"]:
+        for key, offset, nbytes in members:
+            i = int(key)
+            if not 0 <= i < len(slots):
+                raise UserError(f"{shard['idx']}: key {key} is past the {len(slots)} files the manifest counts")
+            slots[i] = (Member(tar, offset, nbytes, key), bisect.bisect_right(first, i) - 1)
+    samples = [s for s in slots if s is not None]
+    if len(samples) != info["samples"]:  # also a key given twice
         raise UserError(f"{root}: the {split} shards hold {len(samples)} samples, the manifest says {info['samples']}")
     if not samples:
         raise UserError(f"{root}: the {split} split has no samples (every file was bad?): see {MANIFEST}")
