@@ -96,6 +96,11 @@ class Checkpointer:
         ckpt_io.check_compatible(ck, ck["path"], self.cfg.model.arch, tuple(self.loaders.classes))
         epoch, step = int(ck.get("epoch", 0)), int(ck.get("step", 0))
         self.tr.load_state_dict(ck, global_step=epoch * len(self.loaders.train) + step)
+        if self.cfg.run.evaluate and self.cfg.run.eval_weights == "ema":  # fasttrain eval --eval-weights ema
+            if not ck.get("ema"):
+                raise UserError(f"checkpoint {ck['path']} holds no EMA weights (it was trained without --ema): "
+                                "drop --eval-weights ema")
+            self.tr.model.load_state_dict(ck["ema"])
         self.best_acc1 = float(ck.get("best_acc1", 0.0))  # the reference saves a tensor
         world, rank = self.dist.world_size, self.dist.rank
         rngs = ck.get("rng") or []

@@ -1,6 +1,7 @@
-"""Command line: `fasttrain train|eval|plot|demo-data|check-data|shard|bench`.
+"""Command line: `fasttrain train|eval|recipes|plot|demo-data|check-data|shard|bench`.
 
     fasttrain train                                   # embedded demo dataset, small model
+    fasttrain train /data/imagenet --recipe rn50-16ep # a named recipe (`fasttrain recipes` lists them)
     fasttrain train /data/imagenet -a resnet50 -b 256 --amp bf16 --channels-last --compile
     fasttrain train /data/imagenet --resume auto --output-dir runs/r50
     fasttrain eval /data/imagenet --checkpoint runs/r50/model_best.pth.tar
@@ -28,6 +29,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", metavar="NAME", default=None,
+                   help="a named recipe's options (`fasttrain recipes` lists them); --config and flags win")
     p.add_argument("--config", metavar="TOML", default=None,
                    help="TOML file of options (keys are the long flag names); flags given here win")
     for group, f in C.all_fields():
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint on DATA/val")
     _add_config_flags(ev)
     ev.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint to evaluate")
+    sub.add_parser("recipes", help="list the named training recipes and the published results they target")
     pl = sub.add_parser("plot", help="draw training curves of one or more runs (from their metrics.jsonl)")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (OUTPUT_DIR of fasttrain train)")
     pl.add_argument("--out", required=True, metavar="FILE.png", help="where to write the figure")
@@ -90,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
                     help="torch.compile mode of the compiled entries (as train --compile-mode)")
     bn.add_argument("--sections", default=None, metavar="LIST",
-                    help="comma list of loader,model,e2e,ceiling (default: loader,model,e2e; ceiling: model-only "
-                         "variants past the compiled rate, each compiled anew)")
+                    help="comma list of loader,model,e2e,ceiling,recipe (default: loader,model,e2e; ceiling: "
+                         "model-only variants past the compiled rate, each compiled anew; recipe: progressive "
+                         "resizing and BlurPool end to end)")
     bn.add_argument("--repeats", type=int, default=None, metavar="N",
                     help="loader-only: run each loader N times, interleaved, and keep the best (default: 3 on CPU)")
     bn.add_argument("--shards", nargs="?", const="auto", default=None, metavar="DIR",
@@ -110,17 +115,49 @@ DEMO_DEFAULTS = {("data", "batch_size"): 64, ("data", "image_size"): 64, ("data"
                  ("optim", "lr_schedule"): "cosine", ("run", "seed"): 0}
 
 
+# Options that say the same thing two ways: a layer (recipe, --config, flags) that sets one side drops the
+# other side set by a layer below it, so `--recipe rn50-16ep --lr 0.5` means lr 0.5, not the recipe's per-256
+# LR, and `--image-size 224` over a recipe turns its progressive resizing off.
+EXCLUSIVE = ((frozenset({("optim", "lr")}), frozenset({("optim", "lr_per_256")})),
+             (frozenset({("data", "image_size")}), frozenset({("data", "min_res"), ("data", "max_res")})))
+
+
+def _over(lower: dict, upper: dict, where: str) -> dict:
+    """`upper`'s values over `lower`'s."""
+    out = dict(lower)
+    for a, b in EXCLUSIVE:
+        if upper.keys() & a and upper.keys() & b:
+            raise UserError(f"{where} sets both {_flags(a)} and {_flags(b)}: give one of them")
+        for mine, other in ((a, b), (b, a)):
+            if upper.keys() & mine:
+                for key in other:
+                    out.pop(key, None)
+    out.update(upper)
+    return out
+
+
+def _flags(keys) -> str:
+    return "/".join(f"--{name.replace('_', '-')}" for _, name in sorted(keys))
+
+
 def parse_config(ns: argparse.Namespace) -> C.Config:
-    """Defaults < demo defaults (train without DATA) < TOML file < flags."""
-    values = C.load_toml(ns.config) if ns.config else {}
+    """Defaults < demo defaults (train without DATA) < recipe < TOML file < flags."""
+    flags = {}
     for key, value in vars(ns).items():
         if "." in key and value is not None:
             group, name = key.split(".", 1)
-            values[(group, name)] = value
+            flags[(group, name)] = value
+    values = {}
+    if getattr(ns, "recipe", None):
+        from . import recipes
+        values = recipes.load(ns.recipe)[0]
+    if ns.config:
+        values = _over(values, C.load_toml(ns.config), f"config file {ns.config}")
+    values = _over(values, flags, "the command line")
     demo = (ns.command == "train" and values.get(("data", "data")) is None
             and not values.get(("data", "dummy")) and values.get(("data", "loader")) != "synthetic")
     if demo:
-        values = {**DEMO_DEFAULTS, **values}
+        values = _over(DEMO_DEFAULTS, values, "")
     return C.build_config(values)
 
 
@@ -131,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = parse_config(ns)
             from .launch import launch
             return launch(cfg, eval_checkpoint=getattr(ns, "checkpoint", None))
+        if ns.command == "recipes":
+            from .recipes import recipes_command
+            return recipes_command()
         if ns.command == "plot":
             from .plot import plot_command
             return plot_command(ns)

@@ -11,9 +11,10 @@ Sections: loader only (reference ImageFolder+PIL loader, fasttrain's torchvision
 GPU when present, and the peers a user would pick instead: timm's loader when timm imports, torchvision's
 GPU decode on a GPU; same files, batch and worker count, every batch delivered to the training device);
 model only (synthetic on-device batches for each toggle combination); end to end (each loader feeding the
-model). Writes DIR/bench.json, DIR/bench.png and prints a table. The pieces: images.py (data), reference.py
-(the reference loop), peers.py (the peers), loaders.py, measure.py (the one timing loop), suite.py (the
-matrix), report.py (outputs).
+model); on request, --sections ceiling (model-only variants past the compiled rate) and --sections recipe
+(progressive resizing and BlurPool end to end against a fixed-size run: recipe.py). Writes DIR/bench.json,
+DIR/bench.png and prints a table. The pieces: images.py (data), reference.py (the reference loop), peers.py
+(the peers), loaders.py, measure.py (the one timing loop), suite.py (the matrix), report.py (outputs).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .report import add_ratios, environment, load_average, plot, table, write_js
 from .suite import Plan, Toggles, run_suite
 
 SECTIONS = ("loader", "model", "e2e")
-ALL_SECTIONS = SECTIONS + ("ceiling",)  # "ceiling" only when asked for: each of its entries compiles anew
+ALL_SECTIONS = SECTIONS + ("ceiling", "recipe")  # only when asked for: each of their entries trains anew
 
 
 def toggle_combos(device: torch.device, with_compile: bool, compile_mode: str = "default") -> list[Toggles]:
@@ -152,6 +153,11 @@ def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan)
         write_json(os.path.join(out, "bench.json"), entries, env, plan_doc)
 
     entries = run_suite(plan, data, sections, save)
+    if "recipe" in sections:
+        from .recipe import recipe_section
+        for arch in plan.archs:
+            entries += recipe_section(plan, data, arch)
+            save(entries)
     save(entries)
     render(out, {"environment": env, "plan": plan_doc, "entries": entries})
     print(f"fasttrain bench: wrote {os.path.join(out, 'bench.json')} and bench.png", flush=True)

@@ -19,7 +19,8 @@ import torch
 SECTION_TITLES = {"loader": "Loader only (decode + augment, batches delivered to the device)",
                   "model": "Model only (synthetic batches on the device)",
                   "e2e": "End to end (loader + model)",
-                  "ceiling": "Model only, variants past the compiled ceiling (x the reference loop)"}
+                  "ceiling": "Model only, variants past the compiled ceiling (x the reference loop)",
+                  "recipe": "Recipe knobs end to end (torchvision loader + model; x = against the fixed-size run)"}
 
 
 def git_commit() -> str | None:

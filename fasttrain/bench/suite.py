@@ -24,7 +24,8 @@ from ..data.base import Layout
 from ..data.torchvision_backend import PREFETCH_FACTOR
 from ..dist import DistInfo
 from ..metrics import DeviceMeter
-from ..optim import build_optimizer, build_scheduler
+from ..optim import build_optimizer
+from ..schedules import build_scheduler
 from ..train import AMP_DTYPES, build_trainer, wrap_model
 from .loaders import FASTTRAIN_LOADERS, BenchData, is_peer, open_loader
 from .measure import Timing, time_loop

@@ -11,6 +11,7 @@ import sys
 from ..config import DataConfig
 from ..dist import DistInfo
 from ..errors import UserError
+from ..schedules import Resolution
 from .base import Layout, Loaders, check_shard_sizes
 from .scan import scan_dataset
 
@@ -28,10 +29,11 @@ def resolve_backend(loader: str, device_type: str) -> str:
 def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int) -> Loaders:
     backend = resolve_backend(cfg.loader, layout.device.type)
     batch = dist.per_rank_batch(cfg.batch_size)
+    sizes = Resolution.from_config(cfg)  # train crop size per epoch (progressive resizing), val size
     if backend == "synthetic":
         from . import synthetic
-        train, val = synthetic.build(batch, dist.world_size, cfg.image_size, cfg.num_classes, layout, seed,
-                                     cfg.steps_per_epoch, dist.rank)
+        train, val = synthetic.build(batch, dist.world_size, sizes(0), cfg.num_classes, layout, seed,
+                                     cfg.steps_per_epoch, dist.rank, size_at=sizes, val_size=sizes.val_size)
         classes = tuple(str(i) for i in range(cfg.num_classes))
         return Loaders(train, val, classes, "synthetic", synthetic.TRAIN_SIZE, synthetic.VAL_SIZE)
 
@@ -62,7 +64,9 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int) ->
     elif backend == "torchvision":
         from . import torchvision_backend
         train, val = torchvision_backend.build(train_split, val_split, batch, workers, cfg.image_size, layout,
-                                               dist.rank, dist.world_size, seed, steps, cfg.max_bad_files)
+                                               dist.rank, dist.world_size, seed, steps, cfg.max_bad_files,
+                                               size_at=sizes, val_size=sizes.val_size,
+                                               crop_ratio=cfg.val_crop_ratio)
         name = "torchvision"
         from .decode import crop_decoder_available
         if not crop_decoder_available():

@@ -21,7 +21,9 @@ data/shards.py, come in as their bytes instead: DALI has no reader of a byte ran
 external order, so the feed reads each with one pread). The names come from a plan
 that runs across epochs: iteration g of a pipeline built at (epoch e0, step s0) is step s0 + g of epoch e0,
 continuing into e0 + 1, ... So epochs follow each other without a new pipeline (nvJPEG and the hardware
-decoder are set up once per run), and the prefetch queue runs on into the next epoch's first batches.
+decoder are set up once per run), and the prefetch queue runs on into the next epoch's first batches. The
+train crop size of each batch comes in the same way, per sample, as an argument input of the resize: with
+progressive resizing (--min-res/--max-res) the size changes between epochs inside the same pipeline.
 
 The same samples as the torchvision backend, by construction: epoch e on this rank reads exactly the files
 the torchvision backend's sampler gives it (DistributedSampler's permutation for seed + epoch at the GLOBAL
@@ -52,19 +54,22 @@ libraries, and the package is an optional extra (`pip install 'fasttrain[dali]'`
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
 import random
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
 from ..errors import UserError
-from .base import IMAGENET_MEAN, IMAGENET_STD, BadFileBudget, Layout, val_resize_size
+from ..schedules import Resolution
+from .base import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, val_resize_size
 from .decode import BadImage, decode_file
 from .scan import Split
 
@@ -100,21 +105,27 @@ class Spec:
     channels_last: bool
     half: bool                 # fp16 out of DALI (DALI has no bfloat16: bf16 is one cast on the torch side)
     padding: int = 0           # nvJPEG's host and device buffer padding, bytes (see decoder_padding)
+    crop_ratio: float = VAL_CROP_RATIO  # val: resize the short side to image_size / crop_ratio, center-crop
     encoded: bool = False      # the source hands over the images' bytes (tar shards), not file names to read
 
 
 def _pipeline(feed, train: bool, spec: Spec, seed: int, checkpoint: bytes | None = None,
               checkpointing: bool = True):
-    """`feed(batch_info)` -> (file names as uint8 arrays, labels): see Stream.feed. Train pipelines keep DALI
-    checkpoints (the source's iteration, every random op's state) unless `checkpointing` is off;
-    `checkpoint` restores one."""
+    """`feed(batch_info)` -> (file names as uint8 arrays, labels[, train crop sizes]): see DaliBatches.feed.
+    Train pipelines keep DALI checkpoints (the source's iteration, every random op's state) unless
+    `checkpointing` is off; `checkpoint` restores one."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = spec.device_id is not None
 
     def graph():
-        names, labels = fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True,
-                                           dtype=[types.UINT8, types.INT32])
+        if train:  # the crop size comes in with the file names, per sample: progressive resizing changes it
+            # between epochs in the same pipeline (an argument input to resize, not a constant of the graph)
+            names, labels, sizes = fn.external_source(source=feed, num_outputs=3, batch=True, batch_info=True,
+                                                      dtype=[types.UINT8, types.INT32, types.FLOAT])
+        else:
+            names, labels = fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True,
+                                               dtype=[types.UINT8, types.INT32])
         # Files are read in DALI's threads, not the training process's Python thread; samples of tar shards
         # come as bytes (DALI has no reader of a byte range: DaliBatches.source_of reads them, one pread each).
         jpegs = names if spec.encoded else fn.io.file.read(names)
@@ -127,11 +138,11 @@ def _pipeline(feed, train: bool, spec: Spec, seed: int, checkpoint: bytes | None
         if train:  # the torchvision backend's RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + flip
             images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=[0.08, 1.0],
                                                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **dec)
-            images = fn.resize(images, resize_x=size, resize_y=size)  # linear + antialias, as torchvision's
+            images = fn.resize(images, resize_x=sizes, resize_y=sizes)  # linear + antialias, as torchvision's
             crop, mirror = None, fn.random.coin_flip(probability=0.5)
-        else:  # resize the short side to size*256/224, center crop
+        else:  # resize the short side to size / crop_ratio (256/224 by default), center crop
             images = fn.decoders.image(jpegs, output_type=types.RGB, **dec)
-            images = fn.resize(images, resize_shorter=val_resize_size(size))
+            images = fn.resize(images, resize_shorter=val_resize_size(size, spec.crop_ratio))
             crop, mirror = (size, size), 0
         images = fn.crop_mirror_normalize(
             images, crop=crop, mirror=mirror, mean=[m * 255 for m in IMAGENET_MEAN],
@@ -344,18 +355,26 @@ class DaliBatches:
 
 
 class TrainBatches(DaliBatches):
-    """Exactly `steps` full batches per epoch on every rank: the torchvision backend's sampler order."""
+    """Exactly `steps` full batches per epoch on every rank: the torchvision backend's sampler order. The
+    crop size of every batch is `size_at(its epoch)`, fed in with its files."""
     train = True
 
-    def __init__(self, split: Split, steps: int, world_size: int, **kw):
+    def __init__(self, split: Split, steps: int, world_size: int, size_at: Callable[[int], int] | None = None,
+                 **kw):
         super().__init__(split, **kw)
         self.steps = steps
+        self.size_at = size_at or (lambda epoch: self.spec.image_size)
         self.sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=self.rank,
                                           shuffle=True, seed=self.seed, drop_last=True)
         self._order: tuple[int, list[int]] | None = None  # (epoch, its sample order): one epoch cached
 
     def __len__(self) -> int:
         return self.steps
+
+    def feed(self, info):
+        names, labels = super().feed(info)
+        size = self.size_at(self._locate(info.iteration)[0])
+        return names, labels, np.full(len(names), size, dtype=np.float32)
 
     def items(self, epoch: int) -> list[int]:
         """This rank's samples of an epoch, in order, before bad files are replaced."""
@@ -436,6 +455,9 @@ def build(train: Split, val: Split, per_rank_batch: int, workers: int, cfg, layo
                 hw_decoder_load=cfg.hw_decoder_load, channels_last=layout.channels_last,
                 half=layout.dtype in (torch.float16, torch.bfloat16),
                 padding=decoder_padding(train.samples, seed=seed) if gpu else 0, encoded=train.sharded)
-    shared = dict(spec=spec, layout=layout, budget=BadFileBudget(cfg.max_bad_files, dist.rank), bad=set(),
-                  seed=seed, rank=dist.rank)
-    return (TrainBatches(train, steps, dist.world_size, **shared), ValBatches(val, dist.world_size, **shared))
+    shared = dict(layout=layout, budget=BadFileBudget(cfg.max_bad_files, dist.rank), bad=set(), seed=seed,
+                  rank=dist.rank)
+    sizes = Resolution.from_config(cfg)
+    val_spec = dataclasses.replace(spec, image_size=sizes.val_size, crop_ratio=cfg.val_crop_ratio)
+    return (TrainBatches(train, steps, dist.world_size, size_at=sizes, spec=spec, **shared),
+            ValBatches(val, dist.world_size, spec=val_spec, **shared))
