@@ -198,7 +198,7 @@ def test_training_from_shards_equals_the_folder_and_resumes_mid_epoch(clean, tmp
     folder, sharded = clean
     monkeypatch.setattr("fasttrain.train.build_model", tiny_model)
     args = ["--loader", loader, "--device", "cpu", "-j", "0", "-b", "16", "--image-size", "32", "--seed", "3",
-            "-p", "2", "--lr", "0.05", "--epochs", "2"]
+            "-p", "2", "--lr", "0.05", "--epochs", "1"]
 
     def train(data, out, *extra, code=0):
         assert cli.main(["train", data, *args, "--output-dir", str(tmp_path / out), *extra]) == code
@@ -210,7 +210,7 @@ def test_training_from_shards_equals_the_folder_and_resumes_mid_epoch(clean, tmp
     assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
     keys = ("train_loss", "train_samples", "val_loss", "val_top1", "val_samples")
     assert [[r[k] for k in keys] for r in rows_a] == [[r[k] for k in keys] for r in rows_b]
-    assert [r["val_samples"] for r in rows_b] == [36, 36] and b["classes"] == a["classes"]
+    assert [r["val_samples"] for r in rows_b] == [36] and b["classes"] == a["classes"]
     calls = iter([0, signal.SIGTERM])  # sync points at steps 2, 4: stop at step 4
     monkeypatch.setattr("fasttrain.signals.stop_requested", lambda: next(calls, 0))
     c, _ = train(sharded, "stopped", code=143)
