@@ -1,4 +1,4 @@
-"""Command line: `fasttrain train|eval|recipes|plot|demo-data|check-data|bench`.
+"""Command line: `fasttrain train|eval|recipes|plot|demo-data|check-data|shard|bench`.
 
     fasttrain train                                   # embedded demo dataset, small model
     fasttrain train /data/imagenet --recipe rn50-16ep # a named recipe (`fasttrain recipes` lists them)
@@ -6,6 +6,7 @@
     fasttrain train /data/imagenet --resume auto --output-dir runs/r50
     fasttrain eval /data/imagenet --checkpoint runs/r50/model_best.pth.tar
     fasttrain plot runs/r50 runs/r18 --out curves.png   # val top-1 by epoch and by time, loss, lr, img/s
+    fasttrain shard /data/imagenet /scratch/shards -j 16 # tar shards (WebDataset layout); train reads them
     torchrun --nproc-per-node 8 -m fasttrain train /data/imagenet -a resnet50 -b 2048 --lr 0.8
 
 Every flag of the reference script (pytorch/examples imagenet/main.py) is accepted with its meaning, so
@@ -15,6 +16,7 @@ Every flag of the reference script (pytorch/examples imagenet/main.py) is accept
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import config as C
@@ -71,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N",
                     help="images above this many pixels are reported (PIL's decompression-bomb limit)")
     cd.add_argument("--min-side", type=int, default=8, metavar="PX", help="images below this side are reported")
+    sh = sub.add_parser("shard", help="write DATA as tar shards (WebDataset layout) that `fasttrain train` reads")
+    sh.add_argument("data", metavar="DATA", help="ImageFolder tree with train/ and val/")
+    sh.add_argument("out", metavar="OUT", help="where the shards go (outside DATA)")
+    sh.add_argument("--shard-size", type=float, default=256, metavar="MB", help="target shard size (default 256 MB)")
+    sh.add_argument("-j", "--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
+                    help="processes reading, checking and writing (default: the cores, at most 8)")
+    sh.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N", help="as check-data")
+    sh.add_argument("--min-side", type=int, default=8, metavar="PX", help="as check-data")
     bn = sub.add_parser("bench", help="measure img/s against the reference loop; writes bench.json/png")
     bn.add_argument("data", nargs="?", default=None, metavar="DATA")
     bn.add_argument("--out", default="runs/bench", metavar="DIR")
@@ -89,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "resizing and BlurPool end to end)")
     bn.add_argument("--repeats", type=int, default=None, metavar="N",
                     help="loader-only: run each loader N times, interleaved, and keep the best (default: 3 on CPU)")
+    bn.add_argument("--shards", nargs="?", const="auto", default=None, metavar="DIR",
+                    help="loader-only: each fasttrain loader also reads the same images as tar shards (DIR: made by "
+                    "`fasttrain shard` from DATA; without it they are written into the cache)")
     bn.add_argument("--from-json", default=None, metavar="PATH",
                     help="measure nothing: redraw the table and bench.png from an earlier bench.json")
     return p
@@ -169,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "check-data":
             from .data.check import check_data_command
             return check_data_command(ns)
+        if ns.command == "shard":
+            from .shard import shard_command
+            return shard_command(ns)
         if ns.command == "bench":
             from .bench import bench_command
             return bench_command(ns)

@@ -4,6 +4,7 @@
     fasttrain bench /data/imagenet --out runs/bench -j 16 -b 256 -a resnet50 -a resnet18
     fasttrain bench --quick --out /tmp/b              # seconds: checks that everything runs; rough numbers
     fasttrain bench --from-json runs/gpu/bench.json --out runs/gpu   # redraw table and PNG from a JSON
+    fasttrain bench --shards --sections loader        # each loader also reading the same images as tar shards
     make bench                                        # = fasttrain bench --out runs/bench
 
 Sections: loader only (reference ImageFolder+PIL loader, fasttrain's torchvision path, DALI CPU and DALI
@@ -28,7 +29,7 @@ import torch
 
 from ..errors import UserError
 from .images import bench_dataset
-from .loaders import BenchData, available_loaders
+from .loaders import FASTTRAIN_LOADERS, BenchData, available_loaders
 from .report import add_ratios, environment, load_average, plot, table, write_json
 from .suite import Plan, Toggles, run_suite
 
@@ -132,6 +133,10 @@ def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan)
     sections = tuple(s.strip() for s in (ns.sections or ",".join(SECTIONS)).split(","))
     root = ns.data or bench_dataset(default_images(ns, device.type == "cuda"))
     data = BenchData.scan(root)
+    if ns.shards:  # loader-only twins reading the same images from tar shards (bench/shards.py)
+        from .shards import bench_shards, shard_twins
+        data = replace(data, shards=BenchData.scan(bench_shards(root, ns.shards)))
+        plan.loaders = shard_twins(plan.loaders, FASTTRAIN_LOADERS)
     plan.num_classes = len(data.train.classes)  # the models' heads must fit the labels of the files read
     print(f"fasttrain bench: {device}, data {root} ({len(data.train)} images), loaders {', '.join(plan.loaders)}, "
           f"{plan.workers} workers, archs {', '.join(plan.archs)}", flush=True)

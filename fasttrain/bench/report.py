@@ -115,6 +115,7 @@ def table(entries: list[dict]) -> str:
     for e in entries:
         ratio = "ref" if e.get("reference") else f"{e['ratio_to_reference']:.2f}x"
         ceiling = f" ({100 * e['of_ceiling']:.0f}% of ceiling)" if e.get("of_ceiling") else ""
+        ceiling += f" ({e['vs_folder']:.2f}x folder)" if e.get("vs_folder") else ""
         loader = e["section"] == "loader"
         wait = None if loader else e["data_wait_fraction"]
         idle = None if loader else e.get("device_idle_fraction")

@@ -30,6 +30,7 @@ from ..train import AMP_DTYPES, build_trainer, wrap_model
 from .loaders import FASTTRAIN_LOADERS, BenchData, is_peer, open_loader
 from .measure import Timing, time_loop
 from .reference import ReferenceStep
+from .shards import unsharded
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,9 +137,15 @@ def loader_section(plan: Plan, data: BenchData) -> list[dict]:
                 f"{t.summary()['cpu_ms_per_image'] or 0:.2f} CPU ms/img")
             runs[kind].append(t)
     # Best of the repeats, as timeit does: noise only ever slows a run down.
-    return [entry("loader", f"loader/{k}", k, None, None, plan.loader_batch, plan.workers,
-                  max(ts, key=lambda t: t.images_per_sec), steps, reference=k == "reference", peer=is_peer(k),
-                  all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]) for k, ts in runs.items()]
+    out = [entry("loader", f"loader/{k}", k, None, None, plan.loader_batch, plan.workers,
+                 max(ts, key=lambda t: t.images_per_sec), steps, reference=k == "reference", peer=is_peer(k),
+                 all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]) for k, ts in runs.items()]
+    rates = {e["loader"]: e["images_per_sec"] for e in out}
+    for e in out:  # a loader reading tar shards against itself reading the folder (bench --shards)
+        base, sharded = unsharded(e["loader"])
+        if sharded and base in rates:
+            e["vs_folder"] = e["images_per_sec"] / rates[base]
+    return out
 
 
 def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int,

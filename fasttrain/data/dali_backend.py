@@ -16,7 +16,9 @@ transpose kernel).
 
 One pipeline per split per run. Which files a batch holds is decided here, not by a DALI reader: the
 pipeline's input is an `external_source` that asks, for its g-th batch, for file names and labels
-(Stream.feed), and `fn.io.file.read` reads the files in DALI's own threads. The names come from a plan
+(Stream.feed), and `fn.io.file.read` reads the files in DALI's own threads (samples of tar shards,
+data/shards.py, come in as their bytes instead: DALI has no reader of a byte range that follows an
+external order, so the feed reads each with one pread). The names come from a plan
 that runs across epochs: iteration g of a pipeline built at (epoch e0, step s0) is step s0 + g of epoch e0,
 continuing into e0 + 1, ... So epochs follow each other without a new pipeline (nvJPEG and the hardware
 decoder are set up once per run), and the prefetch queue runs on into the next epoch's first batches. The
@@ -53,6 +55,7 @@ libraries, and the package is an optional extra (`pip install 'fasttrain[dali]'`
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import random
@@ -103,6 +106,7 @@ class Spec:
     half: bool                 # fp16 out of DALI (DALI has no bfloat16: bf16 is one cast on the torch side)
     padding: int = 0           # nvJPEG's host and device buffer padding, bytes (see decoder_padding)
     crop_ratio: float = VAL_CROP_RATIO  # val: resize the short side to image_size / crop_ratio, center-crop
+    encoded: bool = False      # the source hands over the images' bytes (tar shards), not file names to read
 
 
 def _pipeline(feed, train: bool, spec: Spec, seed: int, checkpoint: bytes | None = None,
@@ -122,7 +126,9 @@ def _pipeline(feed, train: bool, spec: Spec, seed: int, checkpoint: bytes | None
         else:
             names, labels = fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True,
                                                dtype=[types.UINT8, types.INT32])
-        jpegs = fn.io.file.read(names)  # in DALI's threads, not the training process's Python thread
+        # Files are read in DALI's threads, not the training process's Python thread; samples of tar shards
+        # come as bytes (DALI has no reader of a byte range: DaliBatches.source_of reads them, one pread each).
+        jpegs = names if spec.encoded else fn.io.file.read(names)
         dec = dict(device="cpu")
         if gpu:
             dec = dict(device="mixed", hw_decoder_load=spec.hw_decoder_load)
@@ -163,7 +169,7 @@ def decoder_padding(samples, n: int = 256, seed: int = 0) -> int:
     largest = 0
     for path, _ in random.Random(seed).sample(list(samples), min(n, len(samples))):
         try:
-            with Image.open(path) as im:  # the header only: no pixels are decoded
+            with Image.open(path if isinstance(path, str) else io.BytesIO(path.read())) as im:  # header only
                 largest = max(largest, im.width * im.height * 3)
         except Exception:
             continue  # a bad file is the decoder's business, and reported there
@@ -173,7 +179,7 @@ def decoder_padding(samples, n: int = 256, seed: int = 0) -> int:
 def _find_bad(message: str, paths: list[str]) -> tuple[str, str] | None:
     """(path, reason) of the file DALI failed on: the one its message names, else the first of `paths`
     that decode_file cannot decode either."""
-    named = [p for p in dict.fromkeys(paths) if p in message]
+    named = [p for p in dict.fromkeys(paths) if str(p) in message]
     for path in sorted(named, key=len, reverse=True)[:1] + [p for p in dict.fromkeys(paths) if p not in named]:
         try:
             decode_file(path)
@@ -220,8 +226,23 @@ class DaliBatches:
         """external_source's callback: file names and labels of the pipeline's batch `info.iteration`."""
         idx = self._batch(*self._locate(info.iteration))
         self._fed[info.iteration] = idx
-        names = [np.frombuffer(os.fsencode(self.samples[i][0]), dtype=np.uint8) for i in idx]
+        names = [self.source_of(i) for i in idx]
         return names, np.array([self.samples[i][1] for i in idx], dtype=np.int32).reshape(-1, 1)
+
+    def source_of(self, i: int) -> np.ndarray:
+        """What the pipeline's source gets for sample i: its file name, or for a sample of a tar shard its
+        bytes (unreadable ones become bytes no decoder takes: DALI fails on them and _recover names them)."""
+        ref = self.samples[i][0]
+        if isinstance(ref, str):
+            return np.frombuffer(os.fsencode(ref), dtype=np.uint8)
+        try:
+            return np.frombuffer(ref.read(), dtype=np.uint8)
+        except OSError:
+            return np.frombuffer(b"unreadable sample", dtype=np.uint8)
+
+    def good(self, i: int) -> bool:
+        """Not a known bad file. Bad files are kept by name (str): a checkpoint holds their names."""
+        return str(self.samples[i][0]) not in self.bad
 
     # -- passes -------------------------------------------------------------------------------------------
     def _start(self) -> tuple[int, int]:
@@ -301,7 +322,7 @@ class DaliBatches:
         if found is None:
             raise RuntimeError(f"DALI failed on one of the {len(window)} files from {window[0] if window else '?'}"
                                f" on, and none of them fails to decode with torchvision or PIL: {err}") from err
-        path, reason = found
+        path, reason = str(found[0]), found[1]
         self.bad.add(path)
         self.budget.report(path, reason)
         self._build(at, _seed(self.seed, self.rank, self.train, *at, len(self.bad)))
@@ -365,7 +386,7 @@ class TrainBatches(DaliBatches):
     def _batch(self, epoch: int, step: int) -> list[int]:
         items, b = self.items(epoch), self.spec.batch
         idx = items[step * b:(step + 1) * b]
-        if not self.bad or all(self.samples[i][0] not in self.bad for i in idx):
+        if not self.bad or all(self.good(i) for i in idx):
             return idx
         # A bad file's place goes to the next good file of the epoch's order (the same on a resumed run).
         out = []
@@ -373,7 +394,7 @@ class TrainBatches(DaliBatches):
             k = step * b + j
             for n in range(len(items)):
                 i = items[(k + n) % len(items)]
-                if self.samples[i][0] not in self.bad:
+                if self.good(i):
                     break
             else:
                 raise UserError(f"no file of this epoch's {len(items)} could be decoded (first: "
@@ -409,17 +430,17 @@ class ValBatches(DaliBatches):
 
     def _batch(self, epoch: int, step: int) -> list[int]:
         idx = self.items[step * self.spec.batch:(step + 1) * self.spec.batch]
-        return [i for i in idx if self.samples[i][0] not in self.bad]
+        return [i for i in idx if self.good(i)]
 
     def feed(self, info):
         if self._batch(*self._locate(info.iteration)):
             return super().feed(info)
         # Only bad files in this batch. DALI wants at least one sample: feed a good one, drop the batch.
-        good = next((i for i in self.items if self.samples[i][0] not in self.bad), None)
+        good = next((i for i in self.items if self.good(i)), None)
         if good is None:
             raise UserError(f"no val file of this process could be decoded (first: {self.samples[self.items[0]][0]})")
         self._fed[info.iteration] = []
-        return [np.frombuffer(os.fsencode(self.samples[good][0]), dtype=np.uint8)], np.zeros((1, 1), np.int32)
+        return [self.source_of(good)], np.zeros((1, 1), np.int32)
 
 
 def build(train: Split, val: Split, per_rank_batch: int, workers: int, cfg, layout: Layout, dist, seed: int,
@@ -433,7 +454,7 @@ def build(train: Split, val: Split, per_rank_batch: int, workers: int, cfg, layo
                 if gpu else None,
                 hw_decoder_load=cfg.hw_decoder_load, channels_last=layout.channels_last,
                 half=layout.dtype in (torch.float16, torch.bfloat16),
-                padding=decoder_padding(train.samples, seed=seed) if gpu else 0)
+                padding=decoder_padding(train.samples, seed=seed) if gpu else 0, encoded=train.sharded)
     shared = dict(layout=layout, budget=BadFileBudget(cfg.max_bad_files, dist.rank), bad=set(), seed=seed,
                   rank=dist.rank)
     sizes = Resolution.from_config(cfg)
