@@ -12,6 +12,7 @@ only the loader differs.
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -180,7 +181,7 @@ def model_section(plan: Plan, arch: str) -> tuple[list[dict], tuple[Toggles, Cal
     ref = ReferenceStep(arch, plan.num_classes, plan.device)
     x = torch.randn(b, 3, size, size, device=plan.device)
     y = torch.randint(0, plan.num_classes, (b,), device=plan.device)
-    t = time_loop(iter(lambda: (x, y), None), ref, plan.device, *steps)
+    t = time_loop(itertools.repeat((x, y)), ref, plan.device, *steps)
     out = [entry("model", f"model/{arch}/reference", "synthetic", arch, Toggles(), b, None, t, steps, reference=True)]
     log(f"model {arch} reference loop: {t.images_per_sec:.1f} img/s")
     del ref, x, y
@@ -205,7 +206,7 @@ def ceiling_section(plan: Plan, arch: str) -> list[dict]:
     ref = ReferenceStep(arch, plan.num_classes, plan.device)
     x = torch.randn(plan.model_batch, 3, size, size, device=plan.device)
     y = torch.randint(0, plan.num_classes, (plan.model_batch,), device=plan.device)
-    t = time_loop(iter(lambda: (x, y), None), ref, plan.device, *steps)
+    t = time_loop(itertools.repeat((x, y)), ref, plan.device, *steps)
     out = [entry("ceiling", f"ceiling/{arch}/reference", "synthetic", arch, Toggles(), plan.model_batch, None, t,
                  steps, reference=True)]
     del ref, x, y
