@@ -104,10 +104,10 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
   echo "cpus: $(nproc)"
   "$PY" - <<'PY' 2>&1 || true
-import sys, torch, torchvision
+import importlib, sys, torch, torchvision
 def version(module):
     try:
-        return __import__(module).__version__
+        return importlib.import_module(module).__version__
     except Exception as e:
         return f"not importable ({type(e).__name__})"
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
