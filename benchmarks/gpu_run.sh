@@ -29,7 +29,8 @@
 # (ResNet-50) and 23 s (ResNet-18); the peers add about 50 s (2 loader-only entries, 4 end-to-end ones);
 # drawing the JPEGs ~15 s: about 290 s expected on an H100, cut at LIMIT_S=350. The resume check's three
 # short runs take about 60-75 s, set-up ~10 s: about 370-435 s in all, and TOTAL_S=470 bounds it.
-# Results, the only files under OUT: env.txt, bench/{bench.json,bench.log,goals.txt,bench.png}, resume.txt.
+# Results, the only files under OUT: env.txt, bench/{bench.json,bench.log,goals.txt,bench.png}, resume.txt,
+# profile.txt, profile-metrics.jsonl, trace.json.gz (step 6; PROFILE=0 leaves it out, ~80 s).
 # Checkpoints and the generated JPEGs go under SCRATCH and FASTTRAIN_CACHE, outside OUT. No matplotlib
 # there? Then render the PNG elsewhere: fasttrain bench --from-json DIR/bench.json --out DIR.
 # Knobs (environment): OUT (default runs/gpu), SCRATCH (/tmp/fasttrain-gpu-run), WORKERS (16), BATCH (256),
@@ -103,10 +104,10 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
   echo "cpus: $(nproc)"
   "$PY" - <<'PY' 2>&1 || true
-import sys, torch, torchvision
+import importlib, sys, torch, torchvision
 def version(module):
     try:
-        return __import__(module).__version__
+        return importlib.import_module(module).__version__
     except Exception as e:
         return f"not importable ({type(e).__name__})"
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
@@ -132,6 +133,26 @@ if (( dali )) && [[ "${RESUME_CHECK:-1}" == 1 ]]; then
   "$PY" benchmarks/resume_check.py --time-limit "$left" "${resume[@]}" -- train "$data" "${train[@]}" \
     > "$OUT/resume.txt" 2>&1 || true
   grep -E "^resume_check:|run exit:|resumed from|replaying|Error" "$OUT/resume.txt" | head -20 || true
+fi
+# Where the time goes (issue 12): a torch.profiler trace of 4 steps of the best ResNet-50 path (DALI GPU,
+# bf16, channels_last, compiled), after the compile warm-up; GPU idle and data wait per epoch in
+# metrics.jsonl. Results: profile.txt (the run's output, top-10 ops by device time), profile-metrics.jsonl,
+# and the trace gzipped when under 16 MiB.
+if (( dali )) && [[ "${PROFILE:-1}" == 1 ]]; then
+  data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES))")
+  left=$(( TOTAL_S + 120 - SECONDS ))
+  (( left < 60 )) && left=60
+  rm -rf "$SCRATCH/profile"
+  timeout --signal=INT --kill-after=20 "$left" "$PY" -m fasttrain train "$data" -a resnet50 --loader dali \
+    -j "$WORKERS" -b "${BATCH:-256}" --epochs 2 -p 4 --seed 0 --amp bf16 --channels-last --compile \
+    --profile 10:14 --no-tensorboard --output-dir "$SCRATCH/profile" > "$OUT/profile.txt" 2>&1 || true
+  cp "$SCRATCH/profile/metrics.jsonl" "$OUT/profile-metrics.jsonl" 2>/dev/null || true
+  for t in "$SCRATCH"/profile/profile/*.json; do
+    [[ -f "$t" ]] || continue
+    gzip -c "$t" > "$SCRATCH/trace.json.gz"
+    (( $(stat -c %s "$SCRATCH/trace.json.gz") < 16000000 )) && cp "$SCRATCH/trace.json.gz" "$OUT/trace.json.gz"
+  done
+  grep -E "GPU idle|data wait|epoch [0-9]:|Error|trace" "$OUT/profile.txt" | head -20 || true
 fi
 echo "gpu_run: done in ${SECONDS}s"
 exit "$status"

@@ -4,7 +4,8 @@ Keys the reference script writes (`epoch, arch, state_dict, best_acc1, optimizer
 meaning (`epoch` = the next epoch to run), so its tools can read ours and ours read its; fasttrain adds
 `step` (steps done in that epoch), `seed` (the run's seed: data order and augmentation), `scaler`, `rng`
 (every rank's generators), `data` (every rank's loader position), `meters`, `skipped_steps`, `classes`,
-`config`, `val_top1` (this model's own val accuracy, for `fasttrain eval`).
+`config`, `val_top1` (this model's own val accuracy, for `fasttrain eval`), `ema` (with --ema: the averaged
+weights, a state_dict with the model's keys).
 
 Everything in a checkpoint is a tensor or a plain Python value (RNG states included), so it loads with
 `torch.load(path, weights_only=True)`, and that is the only way fasttrain loads one: a file from elsewhere

@@ -1,11 +1,13 @@
-"""Command line: `fasttrain train|eval|predict|plot|demo-data|check-data|bench`.
+"""Command line: `fasttrain train|eval|predict|recipes|plot|demo-data|check-data|shard|bench`.
 
     fasttrain train                                   # embedded demo dataset, small model
+    fasttrain train /data/imagenet --recipe rn50-16ep # a named recipe (`fasttrain recipes` lists them)
     fasttrain train /data/imagenet -a resnet50 -b 256 --amp bf16 --channels-last --compile
     fasttrain train /data/imagenet --resume auto --output-dir runs/r50
     fasttrain eval /data/imagenet --checkpoint runs/r50/model_best.pth.tar
     fasttrain predict runs/r50/model_best.pth.tar cat.jpg dog.jpg       # top-5 class names of each image
     fasttrain plot runs/r50 runs/r18 --out curves.png   # val top-1 by epoch and by time, loss, lr, img/s
+    fasttrain shard /data/imagenet /scratch/shards -j 16 # tar shards (WebDataset layout); train reads them
     torchrun --nproc-per-node 8 -m fasttrain train /data/imagenet -a resnet50 -b 2048 --lr 0.8
 
 Every flag of the reference script (pytorch/examples imagenet/main.py) is accepted with its meaning, so
@@ -15,6 +17,7 @@ Every flag of the reference script (pytorch/examples imagenet/main.py) is accept
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import config as C
@@ -43,6 +46,9 @@ def _fmt(value) -> str:
 def _add_config_flags(p: argparse.ArgumentParser, only: dict[str, tuple[str, ...]] | None = None) -> None:
     """The options of config.py as flags (`only`: {group: field names}, for eval); DATA optional for train
     (the demo dataset), required otherwise."""
+    if only is None:
+        p.add_argument("--recipe", metavar="NAME", default=None,
+                       help="a named recipe's options (`fasttrain recipes` lists them); --config and flags win")
     p.add_argument("--config", metavar="TOML", default=None,
                    help="TOML file of options (keys are the long flag names, as OUTPUT_DIR/config.toml of a run "
                    "holds them); flags given here win")
@@ -112,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-k", "--top", type=int, default=5, metavar="K", help="classes to print per image (default: 5)")
     pr.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                     help="where to run the model (default: auto = a GPU if there is one)")
+    sub.add_parser("recipes", help="list the named training recipes and the published results they target")
     pl = sub.add_parser("plot", help="draw training curves of one or more runs (from their metrics.jsonl)")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (OUTPUT_DIR of fasttrain train)")
     pl.add_argument("--out", required=True, metavar="FILE.png", help="where to write the figure")
@@ -129,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "89478485)")
     cd.add_argument("--min-side", type=int, default=8, metavar="PX",
                     help="images below this side are reported (default: 8)")
+    sh = sub.add_parser("shard", help="write DATA as tar shards (WebDataset layout) that `fasttrain train` reads")
+    sh.add_argument("data", metavar="DATA", help="ImageFolder tree with train/ and val/")
+    sh.add_argument("out", metavar="OUT", help="where the shards go (outside DATA)")
+    sh.add_argument("--shard-size", type=float, default=256, metavar="MB", help="target shard size (default: 256)")
+    sh.add_argument("-j", "--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
+                    help="processes reading, checking and writing (default: the cores, at most 8)")
+    sh.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N", help="as check-data")
+    sh.add_argument("--min-side", type=int, default=8, metavar="PX", help="as check-data")
     bn = sub.add_parser("bench", help="measure img/s against the reference loop; writes bench.json/png")
     bn.add_argument("data", nargs="?", default=None, metavar="DATA",
                     help="dataset root holding train/ in ImageFolder layout (default: generated JPEGs, see --images)")
@@ -149,10 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
                     help="torch.compile mode of the compiled entries (as train --compile-mode)")
     bn.add_argument("--sections", default=None, metavar="LIST",
-                    help="comma list of loader,model,e2e,ceiling (default: loader,model,e2e; ceiling: model-only "
-                         "variants past the compiled rate, each compiled anew)")
+                    help="comma list of loader,model,e2e,ceiling,recipe (default: loader,model,e2e; ceiling: "
+                         "model-only variants past the compiled rate, each compiled anew; recipe: progressive "
+                         "resizing and BlurPool end to end)")
     bn.add_argument("--repeats", type=int, default=None, metavar="N",
                     help="loader-only: run each loader N times, interleaved, and keep the best (default: 3 on CPU)")
+    bn.add_argument("--shards", nargs="?", const="auto", default=None, metavar="DIR",
+                    help="loader-only: each fasttrain loader also reads the same images as tar shards (DIR: made by "
+                    "`fasttrain shard` from DATA; without it they are written into the cache)")
     bn.add_argument("--from-json", default=None, metavar="PATH",
                     help="measure nothing: redraw the table and bench.png from an earlier bench.json")
     return p
@@ -166,17 +185,48 @@ DEMO_DEFAULTS = {("data", "batch_size"): 64, ("data", "image_size"): 64, ("data"
                  ("optim", "lr_schedule"): "cosine", ("run", "seed"): 0}
 
 
+# Options that say the same thing two ways (config.EXCLUSIVE): a layer (recipe, --config, flags) that sets one
+# side drops the other side set by a layer below it, so `--recipe rn50-16ep --lr 0.5` means lr 0.5, not the
+# recipe's per-256 LR, and `--image-size 224` over a recipe turns its progressive resizing off.
+EXCLUSIVE = C.EXCLUSIVE
+
+
+def _over(lower: dict, upper: dict, where: str) -> dict:
+    """`upper`'s values over `lower`'s."""
+    out = dict(lower)
+    for a, b in EXCLUSIVE:
+        if upper.keys() & a and upper.keys() & b:
+            raise UserError(f"{where} sets both {_flags(a)} and {_flags(b)}: give one of them")
+        for mine, other in ((a, b), (b, a)):
+            if upper.keys() & mine:
+                for key in other:
+                    out.pop(key, None)
+    out.update(upper)
+    return out
+
+
+def _flags(keys) -> str:
+    return "/".join(f"--{name.replace('_', '-')}" for _, name in sorted(keys))
+
+
 def parse_config(ns: argparse.Namespace) -> C.Config:
-    """Defaults < demo defaults (train without DATA) < TOML file < flags."""
-    values = C.load_toml(ns.config) if ns.config else {}
+    """Defaults < demo defaults (train without DATA) < recipe < TOML file < flags."""
+    flags = {}
     for key, value in vars(ns).items():
         if "." in key and value is not None:
             group, name = key.split(".", 1)
-            values[(group, name)] = value
+            flags[(group, name)] = value
+    values = {}
+    if getattr(ns, "recipe", None):
+        from . import recipes
+        values = recipes.load(ns.recipe)[0]
+    if ns.config:
+        values = _over(values, C.load_toml(ns.config), f"config file {ns.config}")
+    values = _over(values, flags, "the command line")
     demo = (ns.command == "train" and values.get(("data", "data")) is None
             and not values.get(("data", "dummy")) and values.get(("data", "loader")) != "synthetic")
     if demo:
-        values = {**DEMO_DEFAULTS, **values}
+        values = _over(DEMO_DEFAULTS, values, "")
     return C.build_config(values)
 
 
@@ -190,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "predict":
             from .predict import predict_command
             return predict_command(ns)
+        if ns.command == "recipes":
+            from .recipes import recipes_command
+            return recipes_command()
         if ns.command == "plot":
             from .plot import plot_command
             return plot_command(ns)
@@ -201,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "check-data":
             from .data.check import check_data_command
             return check_data_command(ns)
+        if ns.command == "shard":
+            from .shard import shard_command
+            return shard_command(ns)
         if ns.command == "bench":
             from .bench import bench_command
             return bench_command(ns)

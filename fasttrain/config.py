@@ -41,6 +41,17 @@ class DataConfig:
                           help="mini-batch size per node, split across the node's processes as in the reference")
     image_size: int = opt(224, "--image-size", metavar="PX",
                           help="train crop size; val resizes the short side to size*256/224, then center-crops")
+    # Progressive resizing and the validation size (see schedules.py): both loaders take the size per epoch.
+    min_res: int = opt(0, "--min-res", metavar="PX",
+                       help="progressive resizing: train crop size up to epoch --start-ramp (0 = off: --image-size)")
+    max_res: int = opt(0, "--max-res", metavar="PX", help="progressive resizing: train crop size from --end-ramp on")
+    start_ramp: int = opt(0, "--start-ramp", metavar="EPOCH", help="progressive resizing: last epoch at --min-res")
+    end_ramp: int = opt(0, "--end-ramp", metavar="EPOCH", help="progressive resizing: first epoch at --max-res")
+    res_step: int = opt(32, "--res-step", metavar="PX", help="progressive resizing: sizes are multiples of this")
+    val_res: int = opt(0, "--val-res", metavar="PX",
+                       help="validation center-crop size (0 = the last train size: --max-res or --image-size)")
+    val_crop_ratio: float = opt(224 / 256, "--val-crop-ratio", metavar="R",
+                                help="validation resizes the short side to val size / R, then center-crops")
     dummy: bool = opt(False, "--dummy", help="use synthetic data (same as --loader synthetic)")
     num_classes: int = opt(1000, "--num-classes", metavar="N", help="classes of the synthetic data")
     steps_per_epoch: int = opt(0, "--steps-per-epoch", metavar="N",
@@ -69,6 +80,9 @@ class DataConfig:
 class ModelConfig:
     arch: str = opt("resnet18", "-a", "--arch", metavar="ARCH",
                     help="any torchvision classification model (default: resnet18)")
+    blurpool: bool = opt(False, "--blurpool",
+                         help="blur (3x3 binomial) before every strided conv with 16+ input channels, as FFCV does "
+                         "to torchvision ResNets; the state_dict keys stay torchvision's")
     pretrained: bool = opt(False, "--pretrained", help="start from pretrained weights (needs --weights)")
     weights: str | None = opt(None, "--weights", metavar="PATH",
                               help="local file of pretrained weights (nothing is downloaded)")
@@ -81,15 +95,25 @@ class OptimConfig:
     lr: float = opt(0.1, "--lr", "--learning-rate", metavar="LR", help="initial learning rate")
     momentum: float = opt(0.9, "--momentum", metavar="M", help="SGD momentum")
     weight_decay: float = opt(1e-4, "--wd", "--weight-decay", metavar="W", help="weight decay")
-    lr_schedule: str = opt("step", "--lr-schedule", choices=("step", "cosine"),
-                           help="step = 0.1x every 30 epochs as the reference; cosine = to zero at the end")
-    warmup_epochs: float = opt(0.0, "--warmup-epochs", metavar="E", help="linear LR warm-up, in epochs")
+    lr_per_256: float = opt(0.0, "--lr-per-256", metavar="LR",
+                            help="LR per 256 images of the global batch: --lr = LR x global batch / 256 "
+                            "(0 = off: --lr as given); the later of --lr and --lr-per-256 wins")
+    lr_schedule: str = opt("step", "--lr-schedule", choices=("step", "cosine", "linear", "triangular"),
+                           help="per step: step = 0.1x every 30 epochs as the reference; cosine, linear = to zero "
+                           "at the end; triangular = FFCV's: up to --lr-peak-epoch, then linearly to zero")
+    warmup_epochs: float = opt(0.0, "--warmup-epochs", metavar="E",
+                               help="linear LR warm-up, in epochs (step, cosine, linear)")
+    lr_peak_epoch: float = opt(2.0, "--lr-peak-epoch", metavar="E", help="triangular: the epoch the LR peaks at")
+    optimizer: str = opt("sgd", "--opt", choices=("sgd", "lars", "adamw", "lamb"),
+                         help="optimizer: SGD with momentum as the reference; LARS as MLPerf's ResNet-50 (for "
+                         "global batches of thousands); AdamW or LAMB (betas 0.9, 0.999; --momentum unused; they "
+                         "want a far lower --lr, e.g. 0.001 x global batch / 512, and a larger --wd, e.g. 0.05)")
+    no_bn_wd: bool = opt(False, "--no-bn-wd", help="no weight decay on BatchNorm weights and biases (LARS: always)")
+    ema: float = opt(0.0, "--ema", metavar="DECAY",
+                     help="keep an exponential moving average of the weights (e.g. 0.9999), validated each epoch "
+                     "as val_top1_ema; 0 = off")
     label_smoothing: float = opt(0.0, "--label-smoothing", metavar="S", help="cross-entropy label smoothing")
-    # issue 14's knobs from timm (issue 16 adds "lars" to --opt's choices).
-    optimizer: str = opt("sgd", "--opt", choices=("sgd", "adamw", "lamb"),
-                         help="optimizer: SGD with momentum as the reference; AdamW or LAMB (betas 0.9, 0.999; "
-                         "--momentum unused; they want a far lower --lr, e.g. 0.001 x global batch / 512, and "
-                         "a larger --wd, e.g. 0.05)")
+    # knobs from timm
     clip_grad: float = opt(0.0, "--clip-grad", metavar="NORM",
                            help="clip the gradients' total L2 norm to NORM before each optimizer step (0 = off)")
     grad_accum_steps: int = opt(1, "--grad-accum-steps", metavar="N",
@@ -128,6 +152,10 @@ class RunConfig:
                       help="checkpoint to resume from (ours or the reference script's); 'auto' = "
                       "OUTPUT_DIR/checkpoint.pth.tar if present (needs --output-dir)")
     evaluate: bool = opt(False, "-e", "--evaluate", help="evaluate the model on the validation set and exit")
+    val_tta: str = opt("none", "--val-tta", choices=("none", "flip"),
+                       help="test-time augmentation: flip = average the logits of each val image and its mirror")
+    eval_weights: str = opt("model", "--eval-weights", choices=("model", "ema"),
+                            help="with -e / fasttrain eval: score the checkpoint's weights or their --ema average")
     checkpoint_interval: int = opt(0, "--checkpoint-interval", metavar="STEPS",
                                    help="also checkpoint every STEPS train steps, whatever -p is (0 = only at "
                                    "epoch ends)")
@@ -165,8 +193,9 @@ GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run":
 # them, how to run the model, and how to launch. Arch and image size come from the checkpoint.
 EVAL_OPTIONS = {
     "data": ("data", "loader", "workers", "batch_size", "hw_decoder_load", "prefetch", "file_list", "max_bad_files",
-             "val_steps"),
-    "run": ("device", "amp", "channels_last", "compile", "compile_mode", "cudnn_benchmark", "print_freq"),
+             "val_steps", "val_res", "val_crop_ratio"),
+    "run": ("device", "amp", "channels_last", "compile", "compile_mode", "cudnn_benchmark", "print_freq", "val_tta",
+            "eval_weights"),
     "dist": tuple(f.name for f in dataclasses.fields(DistConfig)),
 }
 
@@ -190,6 +219,12 @@ class Config:
             known = {f.name for f in dataclasses.fields(klass)}
             groups[name] = klass(**{k: v for k, v in d.get(name, {}).items() if k in known})
         return cls(**groups)
+
+
+# Options that say the same thing two ways, (plain side, opt-in side): one layer of settings (a recipe, a TOML
+# file, the flags) may set only one side of each (cli.py), and config.toml writes only the side in use.
+EXCLUSIVE = ((frozenset({("optim", "lr")}), frozenset({("optim", "lr_per_256")})),
+             (frozenset({("data", "image_size")}), frozenset({("data", "min_res"), ("data", "max_res")})))
 
 
 def all_fields():
@@ -220,6 +255,11 @@ def load_toml(path: str) -> dict[tuple[str, str], Any]:
         raise UserError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    return toml_values(raw, path)
+
+
+def toml_values(raw: dict[str, Any], path: str) -> dict[tuple[str, str], Any]:
+    """Flat TOML keys -> {(group, field): value}. Unknown keys are an error."""
     index = key_index()
     out = {}
     for key, value in raw.items():
@@ -291,6 +331,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--hw-decoder-load must be between 0 and 1, got {cfg.data.hw_decoder_load}")
     if cfg.run.print_freq < 1:
         raise UserError(f"--print-freq must be at least 1, got {cfg.run.print_freq}")
+    validate_recipe_knobs(cfg)
     if cfg.run.profile is not None:
         profile_window(cfg.run.profile)  # a malformed window is an error now, not after the data is scanned
     if cfg.run.resume == "auto" and not cfg.run.output_dir:
@@ -332,3 +373,37 @@ def profile_window(spec: str) -> tuple[int, int]:
         return int(a), int(b)
     raise UserError(f"--profile must be START:END train steps of the first epoch with START < END, e.g. 20:30 "
                     f"(steps 20..29, counted from 0), got {spec!r}")
+
+
+def validate_recipe_knobs(cfg: Config) -> None:
+    """Progressive resizing, validation size, LR schedule, EMA: the options recipes set."""
+    d, o = cfg.data, cfg.optim
+    if bool(d.min_res) != bool(d.max_res):
+        raise UserError("progressive resizing needs both --min-res and --max-res (or neither)")
+    if d.min_res and not 16 <= d.min_res <= d.max_res:
+        raise UserError(f"--min-res must be at least 16 and at most --max-res, got {d.min_res} and {d.max_res}")
+    if d.start_ramp < 0 or d.end_ramp < d.start_ramp:
+        raise UserError(f"--end-ramp must be at least --start-ramp (>= 0), got {d.start_ramp} and {d.end_ramp}")
+    if d.res_step < 1:
+        raise UserError(f"--res-step must be at least 1, got {d.res_step}")
+    if d.val_res and d.val_res < 16:
+        raise UserError(f"--val-res must be at least 16 pixels (or 0), got {d.val_res}")
+    if not 0.0 < d.val_crop_ratio <= 1.0:
+        raise UserError(f"--val-crop-ratio must be in (0, 1], got {d.val_crop_ratio}")
+    if o.lr_per_256 < 0:
+        raise UserError(f"--lr-per-256 must be positive (or 0 = off), got {o.lr_per_256}")
+    if o.lr_schedule == "triangular":
+        if o.warmup_epochs:
+            raise UserError("--lr-schedule triangular warms up to --lr-peak-epoch: drop --warmup-epochs")
+        if not 0 <= o.lr_peak_epoch < o.epochs and not cfg.run.evaluate:
+            raise UserError(f"--lr-peak-epoch must be at least 0 and below --epochs ({o.epochs}), "
+                            f"got {o.lr_peak_epoch}")
+    if not 0.0 <= o.ema < 1.0:
+        raise UserError(f"--ema is a decay in [0, 1) (e.g. 0.9999; 0 = off), got {o.ema}")
+
+
+def resolve_lr(optim: OptimConfig, global_batch: int) -> OptimConfig:
+    """--lr-per-256 x global batch / 256 as --lr (returns a new OptimConfig; unchanged without it)."""
+    if not optim.lr_per_256:
+        return optim
+    return dataclasses.replace(optim, lr=optim.lr_per_256 * global_batch / 256)

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 from . import dist as D
-from .metrics import DeviceMeter, Progress
+from .errors import UserError
+from .metrics import DeviceMeter, GpuIdle, Progress
 
 
 class NonFiniteLoss(RuntimeError):
@@ -43,6 +44,7 @@ class Trainer:
     clip_grad: float = 0.0          # max total gradient norm (--clip-grad); 0 = off
     mix: Callable | None = None     # MixUp/CutMix of a batch: (images, labels) -> (images, soft labels)
     skipped_steps: int = 0
+    ema: object = None              # ema.EMA of the weights with --ema, updated after every optimizer step
     _nonfinite: torch.Tensor | None = field(default=None, repr=False)
     _window: list = field(default_factory=list, repr=False)  # this window's (loss, logits, labels) so far
 
@@ -81,6 +83,8 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)  # after the step: the next window starts from nothing
+        if self.ema is not None:
+            self.ema.update(self.model)  # on the device, no sync
         for loss, logits, labels in window:
             bad = ~torch.isfinite(loss)
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
@@ -94,15 +98,19 @@ class Trainer:
         return contextlib.nullcontext() if no_sync is None else no_sync()
 
     def state_dict(self) -> dict:
-        """The reference's keys (state_dict, optimizer, scheduler) and ours (scaler, skipped_steps)."""
+        """The reference's keys (state_dict, optimizer, scheduler) and ours (scaler, skipped_steps, ema)."""
         return {"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, ck: dict, global_step: int) -> None:
         """From our checkpoint or the reference script's (its StepLR counts epochs, ours counts steps: its
         schedule is not loaded, ours is set to `global_step`, the steps the checkpoint had done)."""
         self.model.load_state_dict(ck["state_dict"])
+        groups = len((ck.get("optimizer") or {}).get("param_groups", []))
+        if groups not in (0, len(self.optimizer.param_groups)):
+            raise UserError("the checkpoint was trained with other --no-bn-wd/--opt settings (its optimizer has "
+                            "another number of parameter groups): resume with the settings it was trained with")
         if ck.get("optimizer"):
             how = [{k: g[k] for k in ("foreach", "fused") if k in g} for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(ck["optimizer"])
@@ -119,6 +127,11 @@ class Trainer:
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         self.skipped_steps = int(ck.get("skipped_steps", 0))  # --on-nan skip: counted over the whole run
+        if self.ema is not None:
+            if ck.get("ema"):
+                self.ema.load_state_dict(ck["ema"])
+            else:  # a run that starts averaging on resume
+                self.ema.reset(self.model)
 
     def _grads_finite(self) -> bool:
         # A host sync per step, paid only with --on-nan skip (fp16's GradScaler skips non-finite steps itself).
@@ -146,6 +159,7 @@ class EpochStats:
     data_time_fraction: float
     steps_done: int        # index of the next step; == len(loader) when the epoch finished
     stopped: bool = False  # a stop was requested (SIGTERM): the run should save and exit
+    gpu_idle_fraction: float | None = None  # metrics.GpuIdle: the GPU waiting between steps (None on CPU)
 
 
 def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq: int, save_every: int,
@@ -166,9 +180,13 @@ def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq
     total = len(loader) // tr.accum_steps
     step, data_time, stopped = start_step, 0.0, False
     t0 = t_data = time.perf_counter()
+    idle = GpuIdle(tr.dist.device)
     for images, labels in loader:
         data_time += time.perf_counter() - t_data
-        if not tr.train_step(images, labels, meter):  # inside an accumulation window: no step yet
+        idle.start()
+        stepped = tr.train_step(images, labels, meter)
+        idle.end()
+        if not stepped:  # inside an accumulation window: no optimizer step yet
             t_data = time.perf_counter()
             continue
         step += 1
@@ -177,6 +195,7 @@ def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq
             tr.check_finite()  # host sync: reads the device-side flag
             if show:
                 stats = reduce_meter(meter, tr.dist, timed=meter.n - n0)  # a collective: same steps everywhere
+                idle.collect()  # after reduce_meter's host sync: the step's end event is done
                 now = time.perf_counter()
                 progress.update(step, stats, stats["timed"] / (now - t0), data_time / (now - t0))
             stopped = at_sync(step, meter)
@@ -186,9 +205,11 @@ def train_one_epoch(tr: Trainer, loader, epoch: int, start_step: int, print_freq
     if tr.dist.device.type == "cuda":
         torch.cuda.synchronize(tr.dist.device)  # so the wall time below covers the work, not its launch
     elapsed = time.perf_counter() - t0
+    idle.collect()
     stats = reduce_meter(meter, tr.dist, timed=meter.n - n0)  # the epoch's numbers cover every rank
     return EpochStats(stats["loss"], stats["top1"], stats["top5"], stats["samples"],
-                      stats["timed"] / max(elapsed, 1e-9), data_time / max(elapsed, 1e-9), step, stopped)
+                      stats["timed"] / max(elapsed, 1e-9), data_time / max(elapsed, 1e-9), step, stopped,
+                      idle.fraction())
 
 
 def reduce_meter(meter: DeviceMeter, dist: D.DistInfo, timed: int = 0) -> dict[str, float]:

@@ -32,12 +32,24 @@ def use_demo_data(cfg: Config) -> None:
 
 
 def prepare_eval(cfg: Config, checkpoint: str) -> None:
-    """`fasttrain eval DATA --checkpoint PATH`: the checkpoint's arch and image size, validation only."""
+    """`fasttrain eval DATA --checkpoint PATH`: the checkpoint's arch (with --blurpool if it had it) and image
+    size, validation only; the validation size, crop ratio and TTA of its run unless given here."""
     from .checkpoint import load
+    from .config import DataConfig
     ck = load(checkpoint)
     saved = ck.get("config") or {}
-    cfg.model.arch = saved.get("model", {}).get("arch", ck.get("arch", cfg.model.arch))
-    cfg.data.image_size = saved.get("data", {}).get("image_size", cfg.data.image_size)
+    model, data, optim = saved.get("model", {}), saved.get("data", {}), saved.get("optim", {})
+    cfg.model.arch = model.get("arch", ck.get("arch", cfg.model.arch))
+    cfg.model.blurpool = model.get("blurpool", cfg.model.blurpool)  # its layers: the keys do not tell
+    # its optimizer's layout, so the checkpoint's optimizer state loads (an evaluation does not use it)
+    cfg.optim.optimizer = optim.get("optimizer", cfg.optim.optimizer)
+    cfg.optim.no_bn_wd = optim.get("no_bn_wd", cfg.optim.no_bn_wd)
+    cfg.data.image_size = data.get("image_size", cfg.data.image_size)
+    for key in ("min_res", "max_res", "val_res", "val_crop_ratio"):  # validated as the run was, unless given
+        if getattr(cfg.data, key) == getattr(DataConfig, key) and key in data:
+            setattr(cfg.data, key, data[key])
+    if cfg.run.val_tta == "none":
+        cfg.run.val_tta = saved.get("run", {}).get("val_tta", "none")
     cfg.run.resume, cfg.run.evaluate = checkpoint, True  # nothing is written: no output folder
 
 

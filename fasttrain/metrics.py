@@ -131,3 +131,43 @@ class JsonlWriter:
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+class GpuIdle:
+    """The share of a stretch of training in which the GPU ran no train step: CUDA events recorded on the
+    compute stream just before and just after each step; the stream reaches "before" only once the host has
+    handed it the next batch and the previous step is done, so a gap from one step's "after" to the next
+    one's "before" is the GPU waiting for input (or for the host). Unlike `data_time_fraction` (host time
+    blocked in the loader) it is what a user can act on: near 0, the loader keeps up even if the host waits.
+    No sync of its own: events are read at the print steps' existing sync, and only once done. On a CPU
+    device there is no such thing (fraction() is None). `event` makes the events (tests pass a fake)."""
+
+    def __init__(self, device: torch.device, event: Callable[[], object] | None = None):
+        self.on = device.type == "cuda" or event is not None
+        self.event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self.marks: list = []          # [start, end, start, end, ...] not read yet
+        self.last_end = None           # the last end read, to time the gap to the next start
+        self.idle_ms = self.busy_ms = 0.0
+
+    def _mark(self) -> None:
+        if self.on:
+            ev = self.event()
+            ev.record()
+            self.marks.append(ev)
+
+    start = end = _mark
+
+    def collect(self) -> None:
+        """Add up the steps whose end event is done (call at a point that already synced)."""
+        n = 0
+        while n + 1 < len(self.marks) and self.marks[n + 1].query():
+            s, e = self.marks[n], self.marks[n + 1]
+            if self.last_end is not None:
+                self.idle_ms += max(0.0, self.last_end.elapsed_time(s))
+            self.busy_ms += s.elapsed_time(e)
+            self.last_end, n = e, n + 2
+        del self.marks[:n]
+
+    def fraction(self) -> float | None:
+        total = self.idle_ms + self.busy_ms
+        return self.idle_ms / total if self.on and total > 0 else None

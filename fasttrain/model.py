@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torchvision
 
+from .blurpool import apply_blurpool
 from .config import ModelConfig
 from .errors import UserError
 
@@ -31,9 +32,24 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     check_arch(cfg.arch)
     kwargs = {"aux_logits": False, "init_weights": True} if cfg.arch in ("inception_v3", "googlenet") else {}
     model = torchvision.models.get_model(cfg.arch, weights=None, num_classes=num_classes, **kwargs)
+    if cfg.blurpool and not apply_blurpool(model):
+        raise UserError(f"--blurpool: {cfg.arch} has no strided convolution with 16 or more input channels "
+                        "(it is meant for ResNets)")
     if cfg.pretrained or cfg.weights:
         load_weights(model, cfg.weights)
     return model
+
+
+class FlipTTA(torch.nn.Module):
+    """--val-tta flip: the mean of the logits of the images and of their mirror images (FFCV sums them; the
+    mean gives the same predictions and a loss on the usual scale). Wraps the raw model, holds no state."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x) + self.model(x.flip(3))) / 2
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:

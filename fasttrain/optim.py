@@ -1,27 +1,44 @@
-"""The optimizer (--opt): SGD as the reference (momentum, weight decay on every parameter), or timm's AdamW
-and LAMB (build_adaptive); and a per-step LR schedule.
+"""The optimizer (--opt): SGD as the reference (momentum, weight decay on every parameter), optionally without
+weight decay on BatchNorm and biases (--no-bn-wd); LARS as MLPerf's ResNet-50 uses it (--opt lars); or timm's
+AdamW and LAMB (--opt adamw, --opt lamb: build_adaptive).
 
-The fused CUDA kernel is used where available (one launch for all parameters; faster than foreach for
-ResNet-50 on an H100: benchmarks/ANCHORS.md), foreach elsewhere.
+The fused CUDA kernel is used for SGD where available (one launch for all parameters; faster than foreach
+for ResNet-50 on an H100: benchmarks/ANCHORS.md), foreach elsewhere. The LR schedule is schedules.py's.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from .config import OptimConfig
 
+LARS_ETA = 0.001  # MLPerf's trust coefficient (its reference's `eeta`)
+
+
+def param_groups(params: list[torch.nn.Parameter], cfg: OptimConfig) -> list[dict]:
+    """One group, or with --no-bn-wd / LARS two: weights (ndim > 1), and BatchNorm weights and all biases
+    (ndim <= 1) without weight decay. By shape rather than by name (FFCV's `'bn' in name`), so a ResNet's
+    downsample BatchNorms and the classifier's bias are caught too. LARS also leaves the second group out of
+    its trust ratio, as MLPerf's skip list ('batch_normalization', 'bias') does."""
+    if not (cfg.no_bn_wd or cfg.optimizer == "lars"):
+        return [{"params": params}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "trust": False}]
+
 
 def build_optimizer(params, cfg: OptimConfig, device: torch.device, fused: bool | None = None) -> torch.optim.Optimizer:
-    """SGD; fused (one kernel for all parameters) on CUDA unless `fused` says otherwise, foreach elsewhere.
-    AdamW and LAMB: build_adaptive."""
-    params = list(params)
+    """SGD (fused on CUDA unless `fused` says otherwise, foreach elsewhere), LARS, AdamW or LAMB."""
+    params = [p for p in params if p.requires_grad]
+    groups = param_groups(params, cfg)
     if cfg.optimizer in ADAPTIVE:
-        return build_adaptive(params, cfg, device)
+        return build_adaptive(groups, cfg, device)
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    for g in groups:
+        g.pop("trust", None)
     fused = device.type == "cuda" if fused is None else fused
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           **({"fused": True} if fused else {"foreach": True}))
     if fused and cfg.momentum:
         # The fused kernel creates a missing momentum buffer with empty_like and fills it in the same launch,
@@ -30,43 +47,68 @@ def build_optimizer(params, cfg: OptimConfig, device: torch.device, fused: bool 
         # first step would make of it (with dampening 0: buf = momentum * 0 + grad), so the step is the same
         # whether or not the first one is skipped. tests/test_train.py checks it against foreach.
         for p in params:
-            if p.requires_grad:
-                opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return opt
 
 
-def lr_factor(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
-    """LR multiplier at a global step: linear warm-up, then step (0.1x every 30 epochs) or cosine."""
-    epoch = step / steps_per_epoch
-    if epoch < cfg.warmup_epochs:
-        return (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
-    if cfg.lr_schedule == "step":
-        return 0.1 ** (int(epoch) // 30)
-    span = max(cfg.epochs - cfg.warmup_epochs, 1e-9)
-    return 0.5 * (1.0 + math.cos(math.pi * min((epoch - cfg.warmup_epochs) / span, 1.0)))
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling (You et al. 2017) as in MLPerf's ResNet-50 reference (its
+    lars_optimizer.py): for each weight tensor w with gradient g,
+
+        trust = eta * |w| / (|g| + weight_decay * |w|)      (1 where |w| or |g| is 0)
+        v     = momentum * v + lr * trust * (g + weight_decay * w)
+        w     = w - v
+
+    and for a group with trust=False (BatchNorm, biases) v = momentum * v + lr * g. The LR sits inside the
+    momentum buffer, as there. Norms and the trust ratio stay on the device: no host sync. A loop over the
+    parameters (~10 small kernels each): public foreach ops for norms do not exist, and LARS is meant for
+    large per-GPU batches whose steps are long."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = LARS_ETA,
+                 trust: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, trust=trust))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, m = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.add(p, alpha=wd) if wd else p.grad
+                if group["trust"]:
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                    trust = group["eta"] * w_norm / (g_norm + wd * w_norm)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+                    update = g * (trust * lr)
+                else:
+                    update = g * lr
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = update.clone()  # v = momentum * 0 + update
+                else:
+                    state["momentum_buffer"].mul_(m).add_(update)
+                p.sub_(state["momentum_buffer"])
+        return loss
 
 
-def build_scheduler(optimizer, cfg: OptimConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per train step; its state_dict (last_epoch = steps done) resumes it exactly."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch))
-
-
-def lr_at(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> float:
-    """The LR the schedule gives global train step `step` (0-based) of the first parameter group; reads the
-    schedule, changes nothing."""
-    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step)
-
-
-# AdamW and LAMB, as timm offers them (--opt adamw, --opt lamb): weight decay on every parameter as for SGD.
+# AdamW and LAMB, as timm offers them (--opt adamw, --opt lamb): weight decay on every parameter as for SGD
+# (on weights only with --no-bn-wd).
 ADAPTIVE = ("adamw", "lamb")
 BETAS = (0.9, 0.999)
 
 
-def build_adaptive(params: list, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_adaptive(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    for g in groups:
+        g.pop("trust", None)
     if cfg.optimizer == "adamw":
         fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=BETAS, weight_decay=cfg.weight_decay, **fast)
-    return Lamb(params, lr=cfg.lr, betas=BETAS, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, weight_decay=cfg.weight_decay, **fast)
+    return Lamb(groups, lr=cfg.lr, betas=BETAS, weight_decay=cfg.weight_decay)
 
 
 class Lamb(torch.optim.Optimizer):

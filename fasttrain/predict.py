@@ -3,28 +3,30 @@
     fasttrain predict runs/r50/model_best.pth.tar cat.jpg dog.png -k 3
     cat.jpg: tabby_cat 71.2%, tiger_cat 20.3%, egyptian_cat 6.1%
 
-The checkpoint says the arch, the image size and the class names (the folder names of DATA/train); a
-reference checkpoint, which keeps no names, prints class indices. Images go through the val transform
-(resize the short side to size*256/224, centre crop) and ImageNet normalization, as in validation. A file
+The checkpoint says the arch, the validation size and crop ratio, and the class names (the folder names of
+DATA/train); a reference checkpoint, which keeps no names, prints class indices (at 224 px). Images go
+through the run's val transform (resize the short side to size / crop ratio, centre crop) and ImageNet normalization, as in validation. A file
 that cannot be read is reported on stderr and the others are still predicted (exit status 1 then).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
 
 from . import checkpoint as ckpt_io
-from .config import ModelConfig
+from .config import DataConfig, ModelConfig
 from .data.base import IMAGENET_MEAN, IMAGENET_STD
 from .data.decode import BadImage
 from .data.torchvision_backend import ValTransform
 from .errors import UserError
+from .schedules import Resolution
 
 
-def load_classifier(path: str, device: torch.device) -> tuple[torch.nn.Module, list[str], int]:
-    """(model in eval mode, class names, image size) from a checkpoint."""
+def load_classifier(path: str, device: torch.device) -> tuple[torch.nn.Module, list[str], ValTransform]:
+    """(model in eval mode, class names, the run's val transform) from a checkpoint."""
     from .model import build_model
     ck = ckpt_io.load(path)
     state = ckpt_io.model_state(ck, path)
@@ -32,16 +34,19 @@ def load_classifier(path: str, device: torch.device) -> tuple[torch.nn.Module, l
     arch = config.get("model", {}).get("arch") or ck.get("arch")
     if not arch:
         raise UserError(f"checkpoint {path} does not say its arch: not a fasttrain or reference checkpoint")
-    size = int(config.get("data", {}).get("image_size", 224))
+    data = config.get("data", {})
+    saved = DataConfig(**{f.name: data[f.name] for f in dataclasses.fields(DataConfig) if f.name in data})
+    size, crop_ratio = Resolution.from_config(saved).val_size, saved.val_crop_ratio  # as the run validated
     classes = ck.get("classes")
     if classes is None:  # the reference's: as many as its classifier has rows
         rows = [v.shape[0] for k, v in state.items() if k.endswith("weight") and v.ndim == 2]  # the last: the head
         if not rows:
             raise UserError(f"checkpoint {path} has no classifier layer to count its classes by")
         classes = [str(i) for i in range(rows[-1])]
-    model = build_model(ModelConfig(arch=arch), len(classes))
+    blurpool = bool(config.get("model", {}).get("blurpool", False))  # its layers: the keys do not tell
+    model = build_model(ModelConfig(arch=arch, blurpool=blurpool), len(classes))
     model.load_state_dict(state)
-    return model.to(device).eval(), list(classes), size
+    return model.to(device).eval(), list(classes), ValTransform(size, crop_ratio)
 
 
 @torch.no_grad()
@@ -60,8 +65,8 @@ def predict_command(ns) -> int:
     if ns.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is visible (use --device cpu)")
     device = torch.device("cuda" if ns.device != "cpu" and torch.cuda.is_available() else "cpu")
-    model, classes, size = load_classifier(ns.checkpoint, device)
-    transform, k, failed = ValTransform(size), min(ns.top, len(classes)), 0
+    model, classes, transform = load_classifier(ns.checkpoint, device)
+    k, failed = min(ns.top, len(classes)), 0
     for path in ns.images:
         try:
             image = transform.load(path)

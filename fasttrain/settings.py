@@ -16,7 +16,8 @@ import dataclasses
 import json
 import os
 
-from .config import Config, all_fields
+from .config import EXCLUSIVE, GROUPS, Config, all_fields
+from .schedules import Resolution
 
 
 def toml_key(f: dataclasses.Field) -> str:
@@ -38,16 +39,27 @@ def to_toml(cfg: Config) -> str:
     """Every option as `key = value`, grouped by section in comments. None ("not set") is left out: TOML has
     no null, and a missing key is the default None again."""
     lines = ["# fasttrain: the resolved settings of this run; `fasttrain train --config config.toml` reads it back"]
-    group_now = None
+    group_now, unused = None, unused_sides(cfg)
     for group, f in all_fields():
         value = getattr(getattr(cfg, group), f.name)
-        if value is None:
+        if value is None or (group, f.name) in unused:
             continue
         if group != group_now:
             lines.append(f"\n# {group}")
             group_now = group
         lines.append(f"{toml_key(f)} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def unused_sides(cfg: Config) -> set[tuple[str, str]]:
+    """Of each pair of options that say the same thing two ways (config.EXCLUSIVE), the side not in use: the
+    plain side (--lr, --image-size) when the opt-in side (--lr-per-256, --min-res/--max-res) is set, else the
+    opt-in side. A TOML file that set both would be refused."""
+    unused = set()
+    for plain, opt_in in EXCLUSIVE:
+        used = any(getattr(getattr(cfg, g), n) != getattr(GROUPS[g], n) for g, n in opt_in)
+        unused |= plain if used else opt_in
+    return unused
 
 
 def write_toml(cfg: Config, path: str) -> None:
@@ -75,8 +87,14 @@ def describe(cfg: Config, dist, loaders, threads: str, config_path: str | None) 
     warm = f", warm-up {o.warmup_epochs:g} epoch{'s' if o.warmup_epochs != 1 else ''}" if o.warmup_epochs else ""
     extras = [f"clip-grad {o.clip_grad:g}" if o.clip_grad else "", f"label smoothing {o.label_smoothing:g}"
               if o.label_smoothing else "", f"mixup {o.mixup:g}" if o.mixup else "",
-              f"cutmix {o.cutmix:g}" if o.cutmix else ""]
-    momentum = f" momentum {o.momentum:g}" if o.optimizer == "sgd" else ""
+              f"cutmix {o.cutmix:g}" if o.cutmix else "", "no weight decay on BatchNorm and biases"
+              if o.no_bn_wd and o.optimizer != "lars" else "", f"EMA {o.ema:g}" if o.ema else ""]
+    momentum = f" momentum {o.momentum:g}" if o.optimizer in ("sgd", "lars") else ""
+    res = Resolution.from_config(d)
+    crops = (f"{d.min_res}-{d.max_res} px crops (progressive, epochs {d.start_ramp}-{d.end_ramp})"
+             if res.progressive else f"{d.image_size} px crops")
+    crops += f", val {res.val_size} px" + (", flip TTA" if r.val_tta == "flip" else "")
+    crops += ", BlurPool" if cfg.model.blurpool else ""
     augment = (f"; AutoAugment {d.auto_augment}" if d.auto_augment else
                f"; RandAugment magnitude {d.randaugment}" if d.randaugment else "")
     val = f" (--val-steps {d.val_steps}: {loaders.val_size} of them)" if d.val_steps else ""
@@ -87,7 +105,7 @@ def describe(cfg: Config, dist, loaders, threads: str, config_path: str | None) 
         f"  loader   {loaders.name}, {loaders.workers} worker{'s' if loaders.workers != 1 else ''} per process"
         f"{augment}{loaders.detail}",
         f"  model    {cfg.model.arch}{' from ' + cfg.model.weights if cfg.model.weights else ''}, "
-        f"{d.image_size} px crops",
+        f"{crops}",
         f"  batch    {global_batch} global = {loaders.batch} per process x {procs}{accum}; {loaders.steps} "
         f"steps an epoch",
         f"  optim    {o.optimizer} lr {o.lr:g}{momentum} wd {o.weight_decay:g}, {sched}{warm}"

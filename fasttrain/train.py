@@ -7,6 +7,7 @@ restore -> compile/DDP -> loop.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import random
 import signal
@@ -21,14 +22,17 @@ from . import dist as D
 from . import settings
 from . import signals
 from .checkpointer import Checkpointer, Start, log0, output_dir, read_resume, warn0
-from .config import Config, RunConfig, resolve_toggles
+from .config import Config, RunConfig, resolve_lr, resolve_toggles
 from .data import build_loaders
 from .data.base import Layout
+from .ema import EMA
 from .engine import Trainer, evaluate, train_one_epoch
+from .errors import UserError
 from .metrics import Progress
 from .mix import build_mix
-from .model import build_model
-from .optim import build_optimizer, build_scheduler
+from .model import FlipTTA, build_model
+from .optim import build_optimizer
+from .schedules import Resolution, build_scheduler
 from .watch import Watch
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,17 +57,48 @@ def run_seed(cfg_seed: int | None, ck: dict | None, dist: D.DistInfo) -> int:
     return D.broadcast_object(seed, dist)
 
 
-def wrap_model(model: torch.nn.Module, run: RunConfig, dist: D.DistInfo):
+VAL_SHAPES = 2  # input shapes of a val pass: its full batches and its last, smaller one
+DYNAMO_RECOMPILE_LIMIT = 8  # torch's default for graphs per function, where torch.compile cannot set it
+
+
+def compile_options(shapes: int) -> dict:
+    """torch.compile arguments for a forward that will see `shapes` input shapes (progressive resizing: one
+    per distinct train size). dynamic=False: every shape gets its own static graph (static kernels, and
+    CUDA graphs with reduce-overhead), compiled the first time it comes and reused after, so a run compiles
+    at most once per distinct size and never per step; cuDNN's autotuner (--cudnn-benchmark) likewise tunes
+    once per new shape. Dynamo keeps a bounded number of graphs per function and runs eagerly past it, so
+    the bound is sized to the schedule where torch.compile takes one (recompile_limit, with
+    isolate_recompiles so the train, val and EMA compiles of one model do not share it); 2 to spare for a
+    guard on something other than the shape. Where it cannot be set (older torch) and the run needs more
+    than the default 8 graphs, dynamic shapes (torch's default) are used instead: one dynamic graph for
+    every size after the first."""
+    params = inspect.signature(torch.compile).parameters
+    if "recompile_limit" in params:
+        kw = {"dynamic": False, "recompile_limit": shapes + 2}
+        if "isolate_recompiles" in params:
+            kw["isolate_recompiles"] = True
+        return kw
+    return {"dynamic": False} if shapes + 2 * VAL_SHAPES <= DYNAMO_RECOMPILE_LIMIT else {}
+
+
+def wrap_model(model: torch.nn.Module, run: RunConfig, dist: D.DistInfo, train_shapes: int = 1):
     """(train forward, eval forward). DDP first, then compile: dynamo's DDPOptimizer splits the graph at
     bucket boundaries so gradient all-reduce overlaps the backward. Eval uses the un-DDP'd module, so
-    validation needs no collective per batch and ranks may hold different numbers of val batches."""
+    validation needs no collective per batch and ranks may hold different numbers of val batches.
+    `train_shapes`: the distinct train input sizes of the run (progressive resizing)."""
     train_fwd = model
     if dist.distributed:
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         train_fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
     if run.compile:
-        return torch.compile(train_fwd, mode=run.compile_mode), torch.compile(model, mode=run.compile_mode)
-    return train_fwd, model
+        train_fwd = torch.compile(train_fwd, mode=run.compile_mode, **compile_options(train_shapes))
+    return train_fwd, eval_forward(model, run)
+
+
+def eval_forward(model: torch.nn.Module, run: RunConfig):
+    """A raw model (or the EMA's) for validation: with --val-tta flip inside FlipTTA, compiled if --compile."""
+    fwd = FlipTTA(model) if run.val_tta == "flip" else model
+    return torch.compile(fwd, mode=run.compile_mode, **compile_options(VAL_SHAPES)) if run.compile else fwd
 
 
 def build_trainer(cfg: Config, dist: D.DistInfo, num_classes: int, steps_per_epoch: int):
@@ -75,14 +110,19 @@ def build_trainer(cfg: Config, dist: D.DistInfo, num_classes: int, steps_per_epo
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.run.amp == "fp16")
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)  # also takes soft labels
+    ema = EMA(model, cfg.optim.ema) if cfg.optim.ema and not cfg.run.evaluate else None
     return Trainer(model, model, optimizer, scheduler, scaler, criterion, AMP_DTYPES[cfg.run.amp], dist,
                    cfg.run.on_nan, accum_steps=cfg.optim.grad_accum_steps, clip_grad=cfg.optim.clip_grad,
-                   mix=build_mix(cfg.optim, num_classes))
+                   mix=build_mix(cfg.optim, num_classes), ema=ema)
 
 
 def run(cfg: Config, dist: D.DistInfo) -> int:
     """Train (or with -e, only evaluate). Returns the exit status: 0, or 128 + the signal after a stop."""
     cfg.run = resolve_toggles(cfg.run, dist.device.type)
+    global_batch = dist.per_rank_batch(cfg.data.batch_size) * dist.world_size
+    cfg.optim = resolve_lr(cfg.optim, global_batch)
+    if cfg.optim.lr_per_256 and not cfg.run.evaluate:
+        log0(dist, f"lr {cfg.optim.lr:g} = --lr-per-256 {cfg.optim.lr_per_256:g} x global batch {global_batch} / 256")
     out = cfg.run.output_dir if cfg.run.evaluate else output_dir(cfg, dist)  # an evaluation writes nothing
     ck = read_resume(cfg.run.resume, out, dist)  # read once, on rank 0; every rank gets it
     seed = run_seed(cfg.run.seed, ck, dist)
@@ -117,13 +157,21 @@ def _evaluate(cfg: Config, dist: D.DistInfo, loaders, ck: dict | None, threads: 
     what = "a fresh model (no --resume)"
     if ck:
         ckpt_io.check_compatible(ck, ck["path"], cfg.model.arch, tuple(loaders.classes))
-        tr.model.load_state_dict(ck["state_dict"])
-        what = f"{ck['path']} (saved at epoch {int(ck.get('epoch', 0))} step {int(ck.get('step', 0))})"
+        weights = ck["state_dict"]
+        if cfg.run.eval_weights == "ema":  # fasttrain eval --eval-weights ema
+            if not ck.get("ema"):
+                raise UserError(f"checkpoint {ck['path']} holds no EMA weights (it was trained without --ema): "
+                                "drop --eval-weights ema")
+            weights = ck["ema"]
+        tr.model.load_state_dict(weights)
+        what = (f"{ck['path']}{' (EMA weights)' * (cfg.run.eval_weights == 'ema')} (saved at epoch "
+                f"{int(ck.get('epoch', 0))} step {int(ck.get('step', 0))})")
+    elif cfg.run.eval_weights == "ema":
+        raise UserError("--eval-weights ema needs a checkpoint trained with --ema (--resume PATH)")
     log0(dist, f"evaluating {what}: {cfg.model.arch} at {cfg.data.image_size} px on {loaders.val_size} val images "
                f"of {cfg.data.data or 'synthetic data'}; {loaders.name}, {loaders.batch} per process x "
                f"{dist.world_size}, {loaders.workers} workers; {dist.device}, amp {cfg.run.amp}; {threads}")
-    _, eval_fwd = wrap_model(tr.model, cfg.run, dist)
-    res = evaluate(eval_fwd, loaders.val, tr.criterion, tr.amp_dtype, dist,
+    res = evaluate(eval_forward(tr.model, cfg.run), loaders.val, tr.criterion, tr.amp_dtype, dist,
                    Progress(len(loaders.val), "Test", dist.is_main), cfg.run.print_freq)
     log0(dist, f"val: Acc@1 {res['val_top1']:.3f} Acc@5 {res['val_top5']:.3f} loss {res['val_loss']:.6f} "
                f"on {res['val_samples']} images")
@@ -146,13 +194,17 @@ def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str, loaders, ck: dict |
                    f"nothing to train: --start-epoch {start.epoch} is not below --epochs {cfg.optim.epochs}")
         return 0
     t_compile = time.perf_counter()
-    tr.forward, eval_fwd = wrap_model(tr.model, cfg.run, dist)
+    sizes = Resolution.from_config(cfg.data)
+    tr.forward, eval_fwd = wrap_model(tr.model, cfg.run, dist, len(sizes.sizes(start.epoch, cfg.optim.epochs)))
+    ema_fwd = eval_forward(tr.ema.module, cfg.run) if tr.ema is not None else None
     watch = Watch(cfg, dist, out, tr, loaders, start)
     saver.wall_seconds = watch.clock.wall_seconds  # kept in every checkpoint: the run's time across resumes
     signals.install()  # from here on, SIGTERM or Ctrl-C means: save at the next sync point, then exit
     for epoch in range(start.epoch, cfg.optim.epochs):
         resumed = epoch == start.epoch
         step0 = start.step if resumed else 0
+        if sizes.progressive and (resumed or sizes(epoch) != sizes(epoch - 1)):
+            log0(dist, f"epoch {epoch}: train crops of {sizes(epoch)} px (progressive resizing)")
         progress = watch.progress(epoch, step0)
         stats = train_one_epoch(tr, watch.train_batches(resumed), epoch, step0, cfg.run.print_freq,
                                 cfg.run.checkpoint_interval, progress,
@@ -170,6 +222,9 @@ def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str, loaders, ck: dict |
         val_progress = watch.val_progress(len(loaders.val))
         val = evaluate(eval_fwd, loaders.val, tr.criterion, tr.amp_dtype, dist, val_progress, cfg.run.print_freq)
         val_progress.close()
+        if ema_fwd is not None:  # the averaged weights, on the same images
+            ema = evaluate(ema_fwd, loaders.val, tr.criterion, tr.amp_dtype, dist)
+            val.update({f"{k}_ema": v for k, v in ema.items() if k != "val_samples"})
         watch.end_epoch(epoch, stats, val, time.perf_counter() - t_val, max(saver.best_acc1, val["val_top1"]))
         saver.end_epoch(epoch, val["val_top1"])  # after the metrics row (see Watch.end_epoch)
     watch.finish()

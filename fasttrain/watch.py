@@ -15,8 +15,8 @@ from .checkpointer import Start, log0
 from .config import Config, profile_window
 from .errors import UserError
 from .metrics import JsonlWriter, Progress, read_jsonl
-from .optim import lr_at
 from .profiling import ProfiledBatches
+from .schedules import Resolution, lr_at
 
 
 class Watch:
@@ -25,6 +25,7 @@ class Watch:
         writes = dist.is_main
         self.metrics = JsonlWriter(os.path.join(out, "metrics.jsonl"), writes, keep_before_epoch=start.epoch)
         self.steps = loaders.steps  # optimizer steps an epoch
+        self.sizes = Resolution.from_config(cfg.data)  # train crop size per epoch (progressive resizing)
         self.clock = monitor.RunClock(start.wall_seconds, cfg.optim.epochs, self.steps)
         self.tb = tb.TensorBoard(os.path.join(out, "tb"), writes and tb.wanted(cfg.run.tensorboard),
                                  tb.purge_step(start.epoch, start.step, self.steps), cfg.to_dict())
@@ -70,15 +71,21 @@ class Watch:
                   "train_top1": stats.top1, "train_top5": stats.top5, **val, "train_samples": stats.samples,
                   "train_images_per_sec": stats.images_per_sec, "data_time_fraction": stats.data_time_fraction,
                   "skipped_steps": self.tr.skipped_steps, "best_acc1": best_acc1, "time": time.time(),
+                  "image_size": self.sizes(epoch), "val_image_size": self.sizes.val_size,
                   **self.time_and_memory(val_seconds)}
+        if stats.gpu_idle_fraction is not None:
+            record["gpu_idle_fraction"] = stats.gpu_idle_fraction
         self.metrics.write(record)
         self.tb.epoch((epoch + 1) * self.steps, record)
         gpu = f", GPU peak {record['gpu_max_mem_mb']:.0f} MiB" if "gpu_max_mem_mb" in record else ""
+        idle = f", GPU idle {100 * record['gpu_idle_fraction']:.0f}%" if "gpu_idle_fraction" in record else ""
         host = f"host {record['host_rss_mb']:.0f} MiB" if record["host_rss_mb"] is not None else "host ?"
         log0(self.dist, f"epoch {epoch}: train loss {stats.loss:.4f} top1 {stats.top1:.2f} | val loss "
                         f"{val['val_loss']:.4f} top1 {val['val_top1']:.2f} top5 {val['val_top5']:.2f} "
-                        f"({val['val_samples']} images) | {stats.images_per_sec:.0f} img/s, "
-                        f"data wait {100 * stats.data_time_fraction:.0f}% | {record['epoch_seconds']:.1f} s, "
+                        f"({val['val_samples']} images)"
+                        + (f", EMA top1 {val['val_top1_ema']:.2f}" if "val_top1_ema" in val else "")
+                        + f" | {stats.images_per_sec:.0f} img/s, "
+                        f"data wait {100 * stats.data_time_fraction:.0f}%{idle} | {record['epoch_seconds']:.1f} s, "
                         f"run {monitor.fmt_seconds(record['wall_seconds'])}, ETA "
                         f"{monitor.fmt_seconds(self.clock.eta_after(epoch))}"
                         f" | {host}{gpu}")

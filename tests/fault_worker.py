@@ -100,6 +100,12 @@ def _patch_steps():
             # only, and torchrun passes it on. Without torchrun, this process's own group (the test's job).
             os.killpg(os.getpgid(os.getppid()) if "TORCHELASTIC_RUN_ID" in os.environ else os.getpgrp(),
                       signal.SIGINT)
+            # Under torchrun the signal comes back through torchrun, which may take a while on a loaded
+            # machine: wait for it here, so the stop lands at the next sync point, as a test expects.
+            from fasttrain.signals import stop_requested
+            deadline = time.monotonic() + 30
+            while not stop_requested() and time.monotonic() < deadline:
+                time.sleep(0.01)
         if nan_at == (rank, count[0]):
             crit = self.criterion
             self.criterion = lambda logits, y: crit(logits, y) * float("nan")

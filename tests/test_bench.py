@@ -20,7 +20,7 @@ from fasttrain.bench.peers import peer_status
 from fasttrain.bench.report import add_ratios, table
 from fasttrain.data import dali_backend
 
-from .conftest import REPO
+from .conftest import REPO, run_group
 
 MODEL_COMBOS = {"fp32", "fp32+channels_last", "bf16", "bf16+channels_last"}
 HAS_TIMM = peer_status(torch.device("cpu"))["timm"] is None
@@ -397,6 +397,25 @@ def test_torchvision_gpu_decode_peer_runs_on_any_device(tiny_data):
     assert lo - 1e-4 <= images.min() and images.max() <= hi + 1e-4 and images.std() > 0.1
     assert len(train) % 8 == 0  # so one epoch is every file once, shuffled
     assert sorted(int(y) for _, ys in batches for y in ys) == sorted(label for _, label in train.samples)
+
+
+def test_gpu_decode_peer_workers_stay_under_the_open_file_limit(tiny_data):
+    """Each worker hands over one shared block a batch, not one per file: with a file descriptor per file,
+    16 workers x 2 batches x 256 files ran past the H200 machine's open-file limit and the bench hung. Here:
+    2 workers, batches of 64 files, a limit of 100 open files per process."""
+    script = f"""
+import resource, torch
+resource.setrlimit(resource.RLIMIT_NOFILE, (100, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from fasttrain.bench.peers import gpu_decode_batches
+from fasttrain.data.scan import scan_dataset
+if __name__ == "__main__":
+    train, _ = scan_dataset({tiny_data!r})
+    n = sum(1 for _ in gpu_decode_batches(train, 64, 2, 16, torch.device("cpu"), repeat=16))
+    print("batches", n)
+"""
+    proc = run_group([sys.executable, "-c", script], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"batches {96 * 16 // 64}" in proc.stdout
 
 
 @pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed")

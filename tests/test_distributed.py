@@ -95,7 +95,7 @@ def test_shards_disjoint_cover_and_reshuffle():
         for rank in range(world):
             s = ResumableSampler(n, rank, world, seed=5, batch=batch, steps=steps)
             s.set_epoch(epoch)
-            shards.append([i for i, _ in s])
+            shards.append([item[0] for item in s])
         assert all(len(sh) == steps * batch for sh in shards)  # same number of steps on every rank
         assert not set(shards[0]) & set(shards[1])
         epochs.append(shards)

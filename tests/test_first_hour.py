@@ -100,6 +100,28 @@ def test_settings_printed_config_toml_round_trip_and_a_finished_run(tiny_data, t
     assert (out / "metrics.jsonl").read_text() == before
 
 
+def test_config_toml_keeps_one_side_of_each_pair(tmp_path):
+    """--lr-per-256 and progressive resizing (a recipe's way of saying lr and size): config.toml writes the
+    side in use only, since --config refuses a file that sets both --lr and --lr-per-256 (or --image-size
+    and --min-res/--max-res); read back, the run gets the same LR and sizes."""
+    from fasttrain.config import resolve_lr
+    from fasttrain.schedules import Resolution
+    parse = lambda *a: cli.parse_config(cli.build_parser().parse_args(["train", *a]))  # noqa: E731
+    cfg = parse("DATA", "--lr-per-256", "0.5", "--min-res", "160", "--max-res", "192", "--end-ramp", "3")
+    cfg.optim = resolve_lr(cfg.optim, 512)  # as a run does before writing config.toml
+    path = tmp_path / "config.toml"
+    settings.write_toml(cfg, str(path))
+    text = path.read_text()
+    assert "lr-per-256 = 0.5" in text and "\nlr = " not in text and "image-size" not in text
+    again = parse("--config", str(path))
+    assert settings.to_toml(again) == text
+    assert resolve_lr(again.optim, 512).lr == cfg.optim.lr == 1.0
+    assert Resolution.from_config(again.data) == Resolution.from_config(cfg.data)
+    plain = parse("DATA", "--lr", "0.2")
+    text = settings.to_toml(plain)
+    assert "lr = 0.2" in text and "lr-per-256" not in text and "min-res" not in text and "image-size = 224" in text
+
+
 def test_cpu_share_of_threads_and_workers(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu_share, "cores", lambda: 8)

@@ -215,3 +215,35 @@ def test_host_memory_check_catches_a_leak(large_images, tmp_path):
     """The check above can fail: a run that keeps 24 MiB more each epoch goes past the bound."""
     rows = train_for_memory(large_images, tmp_path / "leak", "torchvision", env={"FT_TEST_LEAK_MB": "24"})
     assert growth_mb(rows) > BOUND_MB, [round(r["host_rss_mb"]) for r in rows]
+
+
+def test_gpu_idle_is_the_gaps_between_steps_read_only_once_done():
+    """metrics.GpuIdle, as train_one_epoch uses it, with fake CUDA events on a fake clock: idle is the time
+    from one step's end to the next one's start, over idle + busy; an event not done yet is left for the
+    next collect(), so reading it never waits on the GPU."""
+    from fasttrain.metrics import GpuIdle
+    clock = {"t": 0.0, "done_until": float("inf")}
+
+    class Event:
+        def record(self):
+            self.t = clock["t"]
+
+        def query(self):
+            return self.t <= clock["done_until"]
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    idle = GpuIdle(torch.device("cpu"), event=Event)
+    for start, end in ((0, 1), (3, 4), (4, 5)):  # GPU waited 2 s for the 2nd batch, none for the 3rd
+        clock["t"] = start
+        idle.start()
+        clock["t"] = end
+        idle.end()
+    clock["done_until"] = 4.5  # the last step's end event has not happened yet
+    idle.collect()
+    assert idle.fraction() == pytest.approx(2 / 4) and len(idle.marks) == 2
+    clock["done_until"] = float("inf")
+    idle.collect()
+    assert idle.fraction() == pytest.approx(2 / 5) and idle.marks == []
+    assert GpuIdle(torch.device("cpu")).fraction() is None  # no GPU, no figure

@@ -4,15 +4,17 @@
     fasttrain bench /data/imagenet --out runs/bench -j 16 -b 256 -a resnet50 -a resnet18
     fasttrain bench --quick --out /tmp/b              # seconds: checks that everything runs; rough numbers
     fasttrain bench --from-json runs/gpu/bench.json --out runs/gpu   # redraw table and PNG from a JSON
+    fasttrain bench --shards --sections loader        # each loader also reading the same images as tar shards
     make bench                                        # = fasttrain bench --out runs/bench
 
 Sections: loader only (reference ImageFolder+PIL loader, fasttrain's torchvision path, DALI CPU and DALI
 GPU when present, and the peers a user would pick instead: timm's loader when timm imports, torchvision's
 GPU decode on a GPU; same files, batch and worker count, every batch delivered to the training device);
 model only (synthetic on-device batches for each toggle combination); end to end (each loader feeding the
-model). Writes DIR/bench.json, DIR/bench.png and prints a table. The pieces: images.py (data), reference.py
-(the reference loop), peers.py (the peers), loaders.py, measure.py (the one timing loop), suite.py (the
-matrix), report.py (outputs).
+model); on request, --sections ceiling (model-only variants past the compiled rate) and --sections recipe
+(progressive resizing and BlurPool end to end against a fixed-size run: recipe.py). Writes DIR/bench.json,
+DIR/bench.png and prints a table. The pieces: images.py (data), reference.py (the reference loop), peers.py
+(the peers), loaders.py, measure.py (the one timing loop), suite.py (the matrix), report.py (outputs).
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ import torch
 
 from ..errors import UserError
 from .images import bench_dataset
-from .loaders import BenchData, available_loaders
+from .loaders import FASTTRAIN_LOADERS, BenchData, available_loaders
 from .report import add_ratios, environment, load_average, plot, table, write_json
 from .suite import Plan, Toggles, run_suite
 
 SECTIONS = ("loader", "model", "e2e")
-ALL_SECTIONS = SECTIONS + ("ceiling",)  # "ceiling" only when asked for: each of its entries compiles anew
+ALL_SECTIONS = SECTIONS + ("ceiling", "recipe")  # only when asked for: each of their entries trains anew
 
 
 def toggle_combos(device: torch.device, with_compile: bool, compile_mode: str = "default") -> list[Toggles]:
@@ -131,6 +133,10 @@ def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan)
     sections = tuple(s.strip() for s in (ns.sections or ",".join(SECTIONS)).split(","))
     root = ns.data or bench_dataset(default_images(ns, device.type == "cuda"))
     data = BenchData.scan(root)
+    if ns.shards:  # loader-only twins reading the same images from tar shards (bench/shards.py)
+        from .shards import bench_shards, shard_twins
+        data = replace(data, shards=BenchData.scan(bench_shards(root, ns.shards)))
+        plan.loaders = shard_twins(plan.loaders, FASTTRAIN_LOADERS)
     plan.num_classes = len(data.train.classes)  # the models' heads must fit the labels of the files read
     print(f"fasttrain bench: {device}, data {root} ({len(data.train)} images), loaders {', '.join(plan.loaders)}, "
           f"{plan.workers} workers, archs {', '.join(plan.archs)}", flush=True)
@@ -147,6 +153,11 @@ def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan)
         write_json(os.path.join(out, "bench.json"), entries, env, plan_doc)
 
     entries = run_suite(plan, data, sections, save)
+    if "recipe" in sections:
+        from .recipe import recipe_section
+        for arch in plan.archs:
+            entries += recipe_section(plan, data, arch)
+            save(entries)
     save(entries)
     render(out, {"environment": env, "plan": plan_doc, "entries": entries})
     print(f"fasttrain bench: wrote {os.path.join(out, 'bench.json')} and bench.png", flush=True)

@@ -36,6 +36,7 @@ from ..data.scan import Split, scan_dataset
 from ..dist import DistInfo
 from .peers import PEERS, peer_batches, peer_status
 from .reference import reference_dataset, reference_loader
+from .shards import unsharded
 
 
 FASTTRAIN_LOADERS = ("torchvision", "dali-cpu", "dali-gpu")
@@ -71,6 +72,7 @@ class BenchData:
     root: str
     train: Split
     val: Split
+    shards: "BenchData | None" = None  # the same images as tar shards (bench --shards: bench/shards.py)
 
     @classmethod
     def scan(cls, root: str) -> "BenchData":
@@ -99,6 +101,9 @@ def open_loader(kind: str, data: BenchData, batch: int, workers: int, image_size
     """Yield an iterable of (images, labels) batches; workers and pipelines are shut down on exit.
     raw_reference: hand out the reference DataLoader itself (CPU float batches), for the reference step
     to copy as the script does."""
+    kind, sharded = unsharded(kind)
+    if sharded:  # a fasttrain loader reading the same images from tar shards
+        data = data.shards
     repeat = data.repeat_for(batches_needed * batch)
     closers = []
     if kind == "reference":

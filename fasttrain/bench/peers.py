@@ -36,6 +36,9 @@ from ..data.base import IMAGENET_MEAN, IMAGENET_STD, Layout
 from ..data.scan import Split
 
 PEERS = ("timm", "tv-gpu-decode")
+# A worker that delivers no batch in this long raises (RuntimeError) and the bench leaves the peer out,
+# instead of waiting for ever on a stalled worker (as it once did for the whole rest of a GPU session).
+PEER_BATCH_TIMEOUT_S = 120
 
 
 def peer_status(device: torch.device) -> dict[str, str | None]:
@@ -103,7 +106,12 @@ class _FileBytes(Dataset):
 
 
 def _bytes_and_labels(items):
-    return [data for data, _ in items], torch.tensor([label for _, label in items], dtype=torch.int64)
+    """One batch's files packed into one uint8 tensor with their lengths: a worker hands the main process one
+    shared-memory block a batch, not one per file (one file descriptor each: 16 workers x 2 batches x 256
+    files ran past the GPU machine's open-file limit and the DataLoader hung)."""
+    lengths = torch.tensor([len(data) for data, _ in items], dtype=torch.int64)
+    return torch.cat([data for data, _ in items]), lengths, torch.tensor([label for _, label in items],
+                                                                         dtype=torch.int64)
 
 
 def gpu_decode_batches(train: Split, batch: int, workers: int, image_size: int, device: torch.device,
@@ -113,11 +121,13 @@ def gpu_decode_batches(train: Split, batch: int, workers: int, image_size: int, 
     import torchvision.io
     from torchvision.transforms import v2
     loader = DataLoader(_FileBytes(train.samples * repeat), batch_size=batch, shuffle=True, num_workers=workers,
-                        collate_fn=_bytes_and_labels, drop_last=True)
+                        collate_fn=_bytes_and_labels, drop_last=True,
+                        timeout=PEER_BATCH_TIMEOUT_S if workers else 0)
     augment = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    for data, labels in loader:
+    for packed, lengths, labels in loader:
+        data = list(torch.split(packed, lengths.tolist()))
         images = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
         x = torch.stack([augment(img) for img in images]).float()
         yield x.sub_(mean).div_(std), labels.to(device, non_blocking=True)

@@ -19,7 +19,8 @@ import torch
 SECTION_TITLES = {"loader": "Loader only (decode + augment, batches delivered to the device)",
                   "model": "Model only (synthetic batches on the device)",
                   "e2e": "End to end (loader + model)",
-                  "ceiling": "Model only, variants past the compiled ceiling (x the reference loop)"}
+                  "ceiling": "Model only, variants past the compiled ceiling (x the reference loop)",
+                  "recipe": "Recipe knobs end to end (torchvision loader + model; x = against the fixed-size run)"}
 
 
 def git_commit() -> str | None:
@@ -114,6 +115,7 @@ def table(entries: list[dict]) -> str:
     for e in entries:
         ratio = "ref" if e.get("reference") else f"{e['ratio_to_reference']:.2f}x"
         ceiling = f" ({100 * e['of_ceiling']:.0f}% of ceiling)" if e.get("of_ceiling") else ""
+        ceiling += f" ({e['vs_folder']:.2f}x folder)" if e.get("vs_folder") else ""
         loader = e["section"] == "loader"
         wait = None if loader else e["data_wait_fraction"]
         idle = None if loader else e.get("device_idle_fraction")

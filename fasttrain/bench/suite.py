@@ -12,6 +12,7 @@ only the loader differs.
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -24,11 +25,13 @@ from ..data.base import Layout
 from ..data.torchvision_backend import PREFETCH_FACTOR
 from ..dist import DistInfo
 from ..metrics import DeviceMeter
-from ..optim import build_optimizer, build_scheduler
+from ..optim import build_optimizer
+from ..schedules import build_scheduler
 from ..train import AMP_DTYPES, build_trainer, wrap_model
 from .loaders import FASTTRAIN_LOADERS, BenchData, is_peer, open_loader
 from .measure import Timing, time_loop
 from .reference import ReferenceStep
+from .shards import unsharded
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,9 +138,15 @@ def loader_section(plan: Plan, data: BenchData) -> list[dict]:
                 f"{t.summary()['cpu_ms_per_image'] or 0:.2f} CPU ms/img")
             runs[kind].append(t)
     # Best of the repeats, as timeit does: noise only ever slows a run down.
-    return [entry("loader", f"loader/{k}", k, None, None, plan.loader_batch, plan.workers,
-                  max(ts, key=lambda t: t.images_per_sec), steps, reference=k == "reference", peer=is_peer(k),
-                  all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]) for k, ts in runs.items()]
+    out = [entry("loader", f"loader/{k}", k, None, None, plan.loader_batch, plan.workers,
+                 max(ts, key=lambda t: t.images_per_sec), steps, reference=k == "reference", peer=is_peer(k),
+                 all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]) for k, ts in runs.items()]
+    rates = {e["loader"]: e["images_per_sec"] for e in out}
+    for e in out:  # a loader reading tar shards against itself reading the folder (bench --shards)
+        base, sharded = unsharded(e["loader"])
+        if sharded and base in rates:
+            e["vs_folder"] = e["images_per_sec"] / rates[base]
+    return out
 
 
 def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int,
@@ -172,7 +181,7 @@ def model_section(plan: Plan, arch: str) -> tuple[list[dict], tuple[Toggles, Cal
     ref = ReferenceStep(arch, plan.num_classes, plan.device)
     x = torch.randn(b, 3, size, size, device=plan.device)
     y = torch.randint(0, plan.num_classes, (b,), device=plan.device)
-    t = time_loop(iter(lambda: (x, y), None), ref, plan.device, *steps)
+    t = time_loop(itertools.repeat((x, y)), ref, plan.device, *steps)
     out = [entry("model", f"model/{arch}/reference", "synthetic", arch, Toggles(), b, None, t, steps, reference=True)]
     log(f"model {arch} reference loop: {t.images_per_sec:.1f} img/s")
     del ref, x, y
@@ -197,7 +206,7 @@ def ceiling_section(plan: Plan, arch: str) -> list[dict]:
     ref = ReferenceStep(arch, plan.num_classes, plan.device)
     x = torch.randn(plan.model_batch, 3, size, size, device=plan.device)
     y = torch.randint(0, plan.num_classes, (plan.model_batch,), device=plan.device)
-    t = time_loop(iter(lambda: (x, y), None), ref, plan.device, *steps)
+    t = time_loop(itertools.repeat((x, y)), ref, plan.device, *steps)
     out = [entry("ceiling", f"ceiling/{arch}/reference", "synthetic", arch, Toggles(), plan.model_batch, None, t,
                  steps, reference=True)]
     del ref, x, y

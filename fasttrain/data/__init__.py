@@ -12,6 +12,7 @@ from ..config import DataConfig
 from ..dist import DistInfo
 from ..errors import UserError
 from ..cpu_share import workers_per_process
+from ..schedules import Resolution
 from .base import Layout, Loaders, check_shard_sizes
 from .scan import Split, scan_dataset
 
@@ -51,10 +52,11 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int, ac
     augment = augmentation(cfg)
     backend = resolve_backend(cfg.loader, layout.device.type, augment is not None)
     batch = dist.per_rank_batch(cfg.batch_size)
+    sizes = Resolution.from_config(cfg)  # train crop size per epoch (progressive resizing), val size
     if backend == "synthetic":
         from . import synthetic
-        train, val = synthetic.build(batch, dist.world_size, cfg.image_size, cfg.num_classes, layout, seed,
-                                     0, dist.rank, cfg.val_steps)
+        train, val = synthetic.build(batch, dist.world_size, sizes(0), cfg.num_classes, layout, seed,
+                                     0, dist.rank, cfg.val_steps, size_at=sizes, val_size=sizes.val_size)
         train.steps = train_steps(train.steps, cfg.steps_per_epoch, accum, batch)
         classes = tuple(str(i) for i in range(cfg.num_classes))
         val_size = sum(synthetic.val_share(r, dist.world_size, batch, cfg.val_steps) for r in range(dist.world_size))
@@ -89,7 +91,9 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int, ac
     elif backend == "torchvision":
         from . import torchvision_backend
         train, val = torchvision_backend.build(train_split, val_split, batch, workers, cfg.image_size, layout,
-                                               dist.rank, dist.world_size, seed, steps, cfg.max_bad_files, augment)
+                                               dist.rank, dist.world_size, seed, steps, cfg.max_bad_files,
+                                               augment, size_at=sizes, val_size=sizes.val_size,
+                                               crop_ratio=cfg.val_crop_ratio)
         name = "torchvision"
         from .decode import crop_decoder_available
         if not crop_decoder_available():

@@ -19,9 +19,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def val_resize_size(image_size: int) -> int:
-    """The reference resizes to 256 for a 224 crop; keep that ratio for other sizes."""
-    return int(round(image_size * 256 / 224))
+VAL_CROP_RATIO = 224 / 256  # the reference's: resize to 256, center-crop 224
+
+
+def val_resize_size(image_size: int, crop_ratio: float = VAL_CROP_RATIO) -> int:
+    """The short side before the center crop: the reference resizes to 256 for a 224 crop; keep that ratio
+    (or --val-crop-ratio) for other sizes."""
+    return int(round(image_size / crop_ratio))
 
 
 class Batches(Protocol):

@@ -20,6 +20,7 @@ import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 
+from ..errors import UserError
 from .scan import scan_dataset
 
 EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".pgm": "PPM", ".bmp": "BMP",
@@ -28,14 +29,18 @@ EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".
 
 def check_file(path: str, min_side: int = 8, max_pixels: int = 89_478_485) -> dict:
     """{'path', 'error': str|None, 'info': [str]} for one file."""
-    from PIL import Image
-    out = {"path": path, "error": None, "info": []}
     try:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as e:
-        out["error"] = f"unreadable ({e.strerror})"
-        return out
+        return {"path": path, "error": f"unreadable ({e.strerror})", "info": []}
+    return check_bytes(path, data, min_side, max_pixels)
+
+
+def check_bytes(path: str, data: bytes, min_side: int = 8, max_pixels: int = 89_478_485) -> dict:
+    """check_file on a file's bytes already read (`fasttrain shard` checks what it writes)."""
+    from PIL import Image
+    out = {"path": path, "error": None, "info": []}
     if not data:
         out["error"] = "empty file (0 bytes)"
         return out
@@ -69,7 +74,14 @@ def check_file(path: str, min_side: int = 8, max_pixels: int = 89_478_485) -> di
 
 
 def _check(args):
-    return check_file(*args)
+    path, *limits = args
+    if isinstance(path, str):
+        return check_file(path, *limits)
+    try:  # a sample inside a tar shard (data/shards.py): checking shards after a copy decodes each sample
+        data = path.read()
+    except OSError as e:
+        return {"path": str(path), "error": f"unreadable ({e.strerror})", "info": []}
+    return check_bytes(str(path), data, *limits)
 
 
 def check_data(data: str, workers: int = 2, min_side: int = 8, max_pixels: int = 89_478_485) -> dict:
@@ -89,6 +101,10 @@ def check_data(data: str, workers: int = 2, min_side: int = 8, max_pixels: int =
 
 
 def check_data_command(ns) -> int:
+    from .shards import is_sharded
+    if ns.write_clean_list and is_sharded(ns.data):
+        raise UserError(f"{ns.data} is a sharded dataset: --write-clean-list is for ImageFolder trees (`fasttrain "
+                        "shard` already left the bad files out)")
     report = check_data(ns.data, ns.workers, ns.min_side, ns.max_pixels)
     for problem in report["tree_problems"]:
         print(f"tree: {problem}")

@@ -16,10 +16,14 @@ transpose kernel).
 
 One pipeline per split per run. Which files a batch holds is decided here, not by a DALI reader: the
 pipeline's input is an `external_source` that asks, for its g-th batch, for file names and labels
-(Stream.feed), and `fn.io.file.read` reads the files in DALI's own threads. The names come from a plan
+(Stream.feed), and `fn.io.file.read` reads the files in DALI's own threads (samples of tar shards,
+data/shards.py, come in as their bytes instead: DALI has no reader of a byte range that follows an
+external order, so the feed reads each with one pread). The names come from a plan
 that runs across epochs: iteration g of a pipeline built at (epoch e0, step s0) is step s0 + g of epoch e0,
 continuing into e0 + 1, ... So epochs follow each other without a new pipeline (nvJPEG and the hardware
-decoder are set up once per run), and the prefetch queue runs on into the next epoch's first batches.
+decoder are set up once per run), and the prefetch queue runs on into the next epoch's first batches. The
+train crop size of each batch comes in the same way, per sample, as an argument input of the resize: with
+progressive resizing (--min-res/--max-res) the size changes between epochs inside the same pipeline.
 
 The same samples as the torchvision backend, by construction: epoch e on this rank reads exactly the files
 the torchvision backend's sampler gives it (DistributedSampler's permutation for seed + epoch at the GLOBAL
@@ -50,18 +54,22 @@ libraries, and the package is an optional extra (`pip install 'fasttrain[dali]'`
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import math
 import os
 import random
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
 from ..errors import UserError
-from .base import IMAGENET_MEAN, IMAGENET_STD, BadFileBudget, Layout, val_resize_size
+from ..schedules import Resolution
+from .base import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, val_resize_size
 from .decode import BadImage, decode_file
 from .scan import Split
 
@@ -97,21 +105,30 @@ class Spec:
     channels_last: bool
     half: bool                 # fp16 out of DALI (DALI has no bfloat16: bf16 is one cast on the torch side)
     padding: int = 0           # nvJPEG's host and device buffer padding, bytes (see decoder_padding)
+    crop_ratio: float = VAL_CROP_RATIO  # val: resize the short side to image_size / crop_ratio, center-crop
+    encoded: bool = False      # the source hands over the images' bytes (tar shards), not file names to read
 
 
 def _pipeline(feed, train: bool, spec: Spec, seed: int, checkpoint: bytes | None = None,
               checkpointing: bool = True):
-    """`feed(batch_info)` -> (file names as uint8 arrays, labels): see Stream.feed. Train pipelines keep DALI
-    checkpoints (the source's iteration, every random op's state) unless `checkpointing` is off;
-    `checkpoint` restores one."""
+    """`feed(batch_info)` -> (file names as uint8 arrays, labels[, train crop sizes]): see DaliBatches.feed.
+    Train pipelines keep DALI checkpoints (the source's iteration, every random op's state) unless
+    `checkpointing` is off; `checkpoint` restores one."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = spec.device_id is not None
 
     def graph():
-        names, labels = fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True,
-                                           dtype=[types.UINT8, types.INT32])
-        jpegs = fn.io.file.read(names)  # in DALI's threads, not the training process's Python thread
+        if train:  # the crop size comes in with the file names, per sample: progressive resizing changes it
+            # between epochs in the same pipeline (an argument input to resize, not a constant of the graph)
+            names, labels, sizes = fn.external_source(source=feed, num_outputs=3, batch=True, batch_info=True,
+                                                      dtype=[types.UINT8, types.INT32, types.FLOAT])
+        else:
+            names, labels = fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True,
+                                               dtype=[types.UINT8, types.INT32])
+        # Files are read in DALI's threads, not the training process's Python thread; samples of tar shards
+        # come as bytes (DALI has no reader of a byte range: DaliBatches.source_of reads them, one pread each).
+        jpegs = names if spec.encoded else fn.io.file.read(names)
         dec = dict(device="cpu")
         if gpu:
             dec = dict(device="mixed", hw_decoder_load=spec.hw_decoder_load)
@@ -121,11 +138,11 @@ def _pipeline(feed, train: bool, spec: Spec, seed: int, checkpoint: bytes | None
         if train:  # the torchvision backend's RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + flip
             images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=[0.08, 1.0],
                                                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **dec)
-            images = fn.resize(images, resize_x=size, resize_y=size)  # linear + antialias, as torchvision's
+            images = fn.resize(images, resize_x=sizes, resize_y=sizes)  # linear + antialias, as torchvision's
             crop, mirror = None, fn.random.coin_flip(probability=0.5)
-        else:  # resize the short side to size*256/224, center crop
+        else:  # resize the short side to size / crop_ratio (256/224 by default), center crop
             images = fn.decoders.image(jpegs, output_type=types.RGB, **dec)
-            images = fn.resize(images, resize_shorter=val_resize_size(size))
+            images = fn.resize(images, resize_shorter=val_resize_size(size, spec.crop_ratio))
             crop, mirror = (size, size), 0
         images = fn.crop_mirror_normalize(
             images, crop=crop, mirror=mirror, mean=[m * 255 for m in IMAGENET_MEAN],
@@ -152,7 +169,7 @@ def decoder_padding(samples, n: int = 256, seed: int = 0) -> int:
     largest = 0
     for path, _ in random.Random(seed).sample(list(samples), min(n, len(samples))):
         try:
-            with Image.open(path) as im:  # the header only: no pixels are decoded
+            with Image.open(path if isinstance(path, str) else io.BytesIO(path.read())) as im:  # header only
                 largest = max(largest, im.width * im.height * 3)
         except Exception:
             continue  # a bad file is the decoder's business, and reported there
@@ -162,7 +179,7 @@ def decoder_padding(samples, n: int = 256, seed: int = 0) -> int:
 def _find_bad(message: str, paths: list[str]) -> tuple[str, str] | None:
     """(path, reason) of the file DALI failed on: the one its message names, else the first of `paths`
     that decode_file cannot decode either."""
-    named = [p for p in dict.fromkeys(paths) if p in message]
+    named = [p for p in dict.fromkeys(paths) if str(p) in message]
     for path in sorted(named, key=len, reverse=True)[:1] + [p for p in dict.fromkeys(paths) if p not in named]:
         try:
             decode_file(path)
@@ -209,8 +226,23 @@ class DaliBatches:
         """external_source's callback: file names and labels of the pipeline's batch `info.iteration`."""
         idx = self._batch(*self._locate(info.iteration))
         self._fed[info.iteration] = idx
-        names = [np.frombuffer(os.fsencode(self.samples[i][0]), dtype=np.uint8) for i in idx]
+        names = [self.source_of(i) for i in idx]
         return names, np.array([self.samples[i][1] for i in idx], dtype=np.int32).reshape(-1, 1)
+
+    def source_of(self, i: int) -> np.ndarray:
+        """What the pipeline's source gets for sample i: its file name, or for a sample of a tar shard its
+        bytes (unreadable ones become bytes no decoder takes: DALI fails on them and _recover names them)."""
+        ref = self.samples[i][0]
+        if isinstance(ref, str):
+            return np.frombuffer(os.fsencode(ref), dtype=np.uint8)
+        try:
+            return np.frombuffer(ref.read(), dtype=np.uint8)
+        except OSError:
+            return np.frombuffer(b"unreadable sample", dtype=np.uint8)
+
+    def good(self, i: int) -> bool:
+        """Not a known bad file. Bad files are kept by name (str): a checkpoint holds their names."""
+        return str(self.samples[i][0]) not in self.bad
 
     # -- passes -------------------------------------------------------------------------------------------
     def _start(self) -> tuple[int, int]:
@@ -290,7 +322,7 @@ class DaliBatches:
         if found is None:
             raise RuntimeError(f"DALI failed on one of the {len(window)} files from {window[0] if window else '?'}"
                                f" on, and none of them fails to decode with torchvision or PIL: {err}") from err
-        path, reason = found
+        path, reason = str(found[0]), found[1]
         self.bad.add(path)
         self.budget.report(path, reason)
         self._build(at, _seed(self.seed, self.rank, self.train, *at, len(self.bad)))
@@ -323,18 +355,26 @@ class DaliBatches:
 
 
 class TrainBatches(DaliBatches):
-    """Exactly `steps` full batches per epoch on every rank: the torchvision backend's sampler order."""
+    """Exactly `steps` full batches per epoch on every rank: the torchvision backend's sampler order. The
+    crop size of every batch is `size_at(its epoch)`, fed in with its files."""
     train = True
 
-    def __init__(self, split: Split, steps: int, world_size: int, **kw):
+    def __init__(self, split: Split, steps: int, world_size: int, size_at: Callable[[int], int] | None = None,
+                 **kw):
         super().__init__(split, **kw)
         self.steps = steps
+        self.size_at = size_at or (lambda epoch: self.spec.image_size)
         self.sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=self.rank,
                                           shuffle=True, seed=self.seed, drop_last=True)
         self._order: tuple[int, list[int]] | None = None  # (epoch, its sample order): one epoch cached
 
     def __len__(self) -> int:
         return self.steps
+
+    def feed(self, info):
+        names, labels = super().feed(info)
+        size = self.size_at(self._locate(info.iteration)[0])
+        return names, labels, np.full(len(names), size, dtype=np.float32)
 
     def items(self, epoch: int) -> list[int]:
         """This rank's samples of an epoch, in order, before bad files are replaced."""
@@ -346,7 +386,7 @@ class TrainBatches(DaliBatches):
     def _batch(self, epoch: int, step: int) -> list[int]:
         items, b = self.items(epoch), self.spec.batch
         idx = items[step * b:(step + 1) * b]
-        if not self.bad or all(self.samples[i][0] not in self.bad for i in idx):
+        if not self.bad or all(self.good(i) for i in idx):
             return idx
         # A bad file's place goes to the next good file of the epoch's order (the same on a resumed run).
         out = []
@@ -354,7 +394,7 @@ class TrainBatches(DaliBatches):
             k = step * b + j
             for n in range(len(items)):
                 i = items[(k + n) % len(items)]
-                if self.samples[i][0] not in self.bad:
+                if self.good(i):
                     break
             else:
                 raise UserError(f"no file of this epoch's {len(items)} could be decoded (first: "
@@ -390,17 +430,17 @@ class ValBatches(DaliBatches):
 
     def _batch(self, epoch: int, step: int) -> list[int]:
         idx = self.items[step * self.spec.batch:(step + 1) * self.spec.batch]
-        return [i for i in idx if self.samples[i][0] not in self.bad]
+        return [i for i in idx if self.good(i)]
 
     def feed(self, info):
         if self._batch(*self._locate(info.iteration)):
             return super().feed(info)
         # Only bad files in this batch. DALI wants at least one sample: feed a good one, drop the batch.
-        good = next((i for i in self.items if self.samples[i][0] not in self.bad), None)
+        good = next((i for i in self.items if self.good(i)), None)
         if good is None:
             raise UserError(f"no val file of this process could be decoded (first: {self.samples[self.items[0]][0]})")
         self._fed[info.iteration] = []
-        return [np.frombuffer(os.fsencode(self.samples[good][0]), dtype=np.uint8)], np.zeros((1, 1), np.int32)
+        return [self.source_of(good)], np.zeros((1, 1), np.int32)
 
 
 def build(train: Split, val: Split, per_rank_batch: int, workers: int, cfg, layout: Layout, dist, seed: int,
@@ -414,7 +454,10 @@ def build(train: Split, val: Split, per_rank_batch: int, workers: int, cfg, layo
                 if gpu else None,
                 hw_decoder_load=cfg.hw_decoder_load, channels_last=layout.channels_last,
                 half=layout.dtype in (torch.float16, torch.bfloat16),
-                padding=decoder_padding(train.samples, seed=seed) if gpu else 0)
-    shared = dict(spec=spec, layout=layout, budget=BadFileBudget(cfg.max_bad_files, dist.rank), bad=set(),
-                  seed=seed, rank=dist.rank)
-    return (TrainBatches(train, steps, dist.world_size, **shared), ValBatches(val, dist.world_size, **shared))
+                padding=decoder_padding(train.samples, seed=seed) if gpu else 0, encoded=train.sharded)
+    shared = dict(layout=layout, budget=BadFileBudget(cfg.max_bad_files, dist.rank), bad=set(), seed=seed,
+                  rank=dist.rank)
+    sizes = Resolution.from_config(cfg)
+    val_spec = dataclasses.replace(spec, image_size=sizes.val_size, crop_ratio=cfg.val_crop_ratio)
+    return (TrainBatches(train, steps, dist.world_size, size_at=sizes, spec=spec, **shared),
+            ValBatches(val, dist.world_size, spec=val_spec, **shared))

@@ -32,10 +32,14 @@ class BadImage(Exception):
         self.path, self.reason = path, reason
 
 
-def read_bytes(path: str) -> bytes:
+def read_bytes(path) -> bytes:
+    """A file's bytes, or a sample's inside a tar shard (a shards.Member, which reads itself)."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        if isinstance(path, str):
+            with open(path, "rb") as fh:
+                data = fh.read()
+        else:
+            data = path.read()
     except OSError as e:
         raise BadImage(path, f"unreadable ({e.strerror})") from None
     if not data:

@@ -18,6 +18,7 @@ stat per file. Measured figures: benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -37,39 +38,47 @@ def jpeg_problem(path: str) -> str | None:
     """Why a file that starts like a JPEG is not a whole one; None when it is whole or not a JPEG at all."""
     try:
         with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            head = fh.read(HEAD)
-            if head[:2] != b"\xff\xd8":
-                return None
-            pos, frame = 2, False
-            while True:
-                while pos + 4 > len(head) and len(head) < size:
-                    head += fh.read(HEAD)
-                if pos + 4 > len(head):
-                    return f"truncated JPEG: it ends inside its header ({size} bytes)"
-                if head[pos] != 0xFF:
-                    return f"corrupt JPEG header: no marker at byte {pos}"
-                marker = head[pos + 1]
-                if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill byte, standalone markers
-                    pos += 1 if marker == 0xFF else 2
-                    continue
-                if marker == 0xD9:
-                    return "corrupt JPEG: it ends before its image data"
-                length = int.from_bytes(head[pos + 2:pos + 4], "big")
-                if length < 2 or pos + 2 + length > size:
-                    return f"truncated JPEG: a header segment runs past the end of the file ({size} bytes)"
-                frame |= marker in SOF
-                pos += 2 + length
-                if marker == 0xDA:
-                    break
-            if not frame:
-                return "corrupt JPEG header: no frame header before the image data"
-            fh.seek(max(pos, size - TAIL))
-            if b"\xff\xd9" in fh.read() or (size - pos > TAIL and _eoi_after(fh, pos)):
-                return None
-            return "truncated JPEG: no end-of-image marker after the image data"
+            return _problem(fh, os.fstat(fh.fileno()).st_size)
     except OSError:
         return None  # missing or unreadable: the loaders name it (DALI's error is clean for those)
+
+
+def jpeg_problem_bytes(data: bytes) -> str | None:
+    """jpeg_problem of a file's bytes already read (`fasttrain shard` checks each sample it writes)."""
+    return _problem(io.BytesIO(data), len(data))
+
+
+def _problem(fh, size: int) -> str | None:
+    head = fh.read(HEAD)
+    if head[:2] != b"\xff\xd8":
+        return None
+    pos, frame = 2, False
+    while True:
+        while pos + 4 > len(head) and len(head) < size:
+            head += fh.read(HEAD)
+        if pos + 4 > len(head):
+            return f"truncated JPEG: it ends inside its header ({size} bytes)"
+        if head[pos] != 0xFF:
+            return f"corrupt JPEG header: no marker at byte {pos}"
+        marker = head[pos + 1]
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill byte, standalone markers
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xD9:
+            return "corrupt JPEG: it ends before its image data"
+        length = int.from_bytes(head[pos + 2:pos + 4], "big")
+        if length < 2 or pos + 2 + length > size:
+            return f"truncated JPEG: a header segment runs past the end of the file ({size} bytes)"
+        frame |= marker in SOF
+        pos += 2 + length
+        if marker == 0xDA:
+            break
+    if not frame:
+        return "corrupt JPEG header: no frame header before the image data"
+    fh.seek(max(pos, size - TAIL))
+    if b"\xff\xd9" in fh.read() or (size - pos > TAIL and _eoi_after(fh, pos)):
+        return None
+    return "truncated JPEG: no end-of-image marker after the image data"
 
 
 def _eoi_after(fh, pos: int) -> bool:
@@ -124,7 +133,10 @@ def broken_jpegs(paths: list[str], dist: DistInfo, threads: int) -> dict[str, st
 
 def drop_broken_jpegs(train: Split, val: Split, dist: DistInfo, threads: int, max_bad: int) -> tuple[Split, Split]:
     """The splits without their broken JPEGs, each named in a warning (rank 0) and counted against
-    --max-bad-files; past it, the same error the loaders give."""
+    --max-bad-files; past it, the same error the loaders give. Tar shards are not checked again: `fasttrain
+    shard` ran this check on every sample it wrote, and left out those that failed."""
+    if train.sharded and val.sharded:
+        return train, val
     bad = broken_jpegs([p for split in (train, val) for p, _ in split.samples], dist, threads)
     if not bad:
         return train, val

@@ -21,7 +21,8 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 class Split:
     root: str
     classes: tuple[str, ...]
-    samples: tuple[tuple[str, int], ...]  # (absolute path, label)
+    samples: tuple[tuple[str, int], ...]  # (absolute path, label); from tar shards (shards.Member, label)
+    sharded: bool = False                 # read from `fasttrain shard`'s tar shards (data/shards.py)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -92,7 +93,14 @@ def read_file_list(path: str) -> set[str]:
 
 def scan_dataset(data: str, file_list: str | None = None, problems: list[str] | None = None) -> tuple[Split, Split]:
     """Scan DATA/train and DATA/val; their class lists must be the same. With `problems`, every tree error is
-    appended there instead of raised, and the splits hold what could be scanned."""
+    appended there instead of raised, and the splits hold what could be scanned. DATA may also be the output
+    of `fasttrain shard`: then the samples are byte ranges of its tar shards, in the folder's order."""
+    from . import shards
+    if shards.is_sharded(data):
+        return shards.read_sharded(data, file_list)
+    if shards.unfinished(data):
+        raise UserError(f"{data} is an unfinished `fasttrain shard` output (no {shards.MANIFEST} yet): run the "
+                        "same `fasttrain shard DATA OUT` again to finish it")
     if not os.path.isdir(data):  # nothing to go on with, even for check-data
         raise UserError(f"dataset folder {data} does not exist (expected DATA/train and DATA/val)")
     for split in ("train", "val"):

@@ -6,6 +6,8 @@ but one batch is made on the device and handed out again, so nothing but the mod
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .base import Layout
@@ -14,22 +16,35 @@ TRAIN_SIZE, VAL_SIZE = 1_281_167, 50_000
 
 
 class SyntheticBatches:
-    """`steps` batches of `batch` images, the last one cut to `last` images when given."""
+    """`steps` batches of `batch` images, the last one cut to `last` images when given. With `size_at`, the
+    images of epoch e are size_at(e) pixels square (progressive resizing): one batch made per size."""
 
     def __init__(self, steps: int, batch: int, image_size: int, num_classes: int, layout: Layout, seed: int,
-                 last: int | None = None):
+                 last: int | None = None, size_at: Callable[[int], int] | None = None):
+        self.batch, self.layout, self.seed, self.size_at = batch, layout, seed, size_at or (lambda e: image_size)
         g = torch.Generator().manual_seed(seed)
         images = torch.randn(batch, 3, image_size, image_size, generator=g)
         self.labels = torch.randint(0, num_classes, (batch,), generator=g).to(layout.device)
-        fmt = torch.channels_last if layout.channels_last else torch.contiguous_format
-        self.images = images.to(layout.device, layout.dtype).contiguous(memory_format=fmt)
+        self.made = {image_size: self._place(images)}  # size -> its batch on the device
+        self.images = self.made[image_size]
         self.steps, self.start, self.last = steps, 0, batch if last is None else last
+
+    def _place(self, images: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.layout.channels_last else torch.contiguous_format
+        return images.to(self.layout.device, self.layout.dtype).contiguous(memory_format=fmt)
+
+    def _images(self, size: int) -> torch.Tensor:
+        if size not in self.made:
+            g = torch.Generator().manual_seed(self.seed)
+            self.made[size] = self._place(torch.randn(self.batch, 3, size, size, generator=g))
+        return self.made[size]
 
     def __len__(self):
         return self.steps
 
     def set_epoch(self, epoch: int, start_step: int = 0):
         self.start = start_step
+        self.images = self._images(self.size_at(epoch))
 
     def __iter__(self):
         for i in range(self.start, self.steps):
@@ -49,14 +64,16 @@ def val_share(rank: int, world_size: int, per_rank_batch: int, val_steps: int = 
 
 
 def build(per_rank_batch: int, world_size: int, image_size: int, num_classes: int, layout: Layout, seed: int,
-          steps_limit: int, rank: int = 0, val_steps: int = 0):
-    """Train: full batches, every rank the same number. Val: rank r scores samples r, r+W, ... of 50,000, so
-    the ranks together score exactly 50,000, as with real data (with --val-steps N, N batches of them)."""
+          steps_limit: int, rank: int = 0, val_steps: int = 0, size_at: Callable[[int], int] | None = None,
+          val_size: int | None = None):
+    """Train: full batches, every rank the same number, `size_at(epoch)` pixels (default image_size). Val:
+    rank r scores samples r, r+W, ... of 50,000, so the ranks together score exactly 50,000, as with real
+    data (with --val-steps N, N batches of them), at `val_size` (default image_size)."""
     steps = TRAIN_SIZE // world_size // per_rank_batch
     if steps_limit:
         steps = min(steps, steps_limit)
     val_samples = val_share(rank, world_size, per_rank_batch, val_steps)
     val_steps = -(-val_samples // per_rank_batch)
-    return (SyntheticBatches(steps, per_rank_batch, image_size, num_classes, layout, seed),
-            SyntheticBatches(val_steps, per_rank_batch, image_size, num_classes, layout, seed + 1,
+    return (SyntheticBatches(steps, per_rank_batch, image_size, num_classes, layout, seed, size_at=size_at),
+            SyntheticBatches(val_steps, per_rank_batch, val_size or image_size, num_classes, layout, seed + 1,
                              last=val_samples - (val_steps - 1) * per_rank_batch))

@@ -13,13 +13,14 @@ import contextlib
 import math
 import random
 import sys
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from ..errors import UserError
-from .base import IMAGENET_MEAN, IMAGENET_STD, BadFileBudget, Layout, val_resize_size
+from .base import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, val_resize_size
 from .decode import BadImage, decode_bytes, decode_file, decode_jpeg_box, jpeg_size, read_bytes
 from .scan import Split
 
@@ -59,31 +60,31 @@ class TrainTransform:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, image: torch.Tensor, rng: random.Random | None) -> torch.Tensor:
-        """The crop of a decoded image."""
+    def __call__(self, image: torch.Tensor, rng: random.Random | None, size: int | None = None) -> torch.Tensor:
+        """The crop of a decoded image, resized to `size` (default: the size given at construction)."""
         rng = rng or random.Random()
         top, left, h, w = self.box(image.shape[-2], image.shape[-1], rng)
-        return self._finish(image[:, top:top + h, left:left + w], rng)
+        return self._finish(image[:, top:top + h, left:left + w], rng, size)
 
-    def load(self, path: str, rng: random.Random | None) -> torch.Tensor:
+    def load(self, path: str, rng: random.Random | None, size: int | None = None) -> torch.Tensor:
         """The crop of an image file, decoding only its box where it can: the same pixels and the same random
-        draws as __call__(decode_file(path), rng). Raises BadImage."""
+        draws as __call__(decode_file(path), rng, size). Raises BadImage."""
         rng = rng or random.Random()
         data = read_bytes(path)
-        size = jpeg_size(data)
-        if size is None:
-            return self(decode_bytes(path, data), rng)
-        top, left, h, w = self.box(*size, rng)
+        shape = jpeg_size(data)
+        if shape is None:
+            return self(decode_bytes(path, data), rng, size)
+        top, left, h, w = self.box(*shape, rng)
         region = decode_jpeg_box(data, top, left, h, w)
         if region is None:  # libjpeg refused the fast path: the full decode decides whether the file is bad
             image = decode_bytes(path, data)
-            if tuple(image.shape[-2:]) != size:  # a header the decoders disagree with: draw a box that fits
-                return self(image, rng)
+            if tuple(image.shape[-2:]) != shape:  # a header the decoders disagree with: draw a box that fits
+                return self(image, rng, size)
             region = image[:, top:top + h, left:left + w]
-        return self._finish(region, rng)
+        return self._finish(region, rng, size)
 
-    def _finish(self, region: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        image = F.resize(region, self.size, antialias=True)
+    def _finish(self, region: torch.Tensor, rng: random.Random, size: int | None) -> torch.Tensor:
+        image = F.resize(region, [size, size] if size else self.size, antialias=True)
         image = image.flip(-1) if rng.random() < 0.5 else image
         if self.augment is None:
             return image
@@ -96,15 +97,15 @@ class TrainTransform:
 
 
 class ValTransform:
-    """The reference's val transform: resize the short side to size*256/224, centre crop."""
+    """The reference's val transform: resize the short side to size / crop_ratio (224/256), centre crop."""
 
-    def __init__(self, size: int):
-        self.resize, self.size = val_resize_size(size), [size, size]
+    def __init__(self, size: int, crop_ratio: float = VAL_CROP_RATIO):
+        self.resize, self.size = val_resize_size(size, crop_ratio), [size, size]
 
-    def __call__(self, image: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, rng: random.Random | None = None, size: int | None = None) -> torch.Tensor:
         return F.center_crop(F.resize(image, [self.resize], antialias=True), self.size)  # [n]: the short side
 
-    def load(self, path: str, rng: random.Random | None = None) -> torch.Tensor:
+    def load(self, path: str, rng: random.Random | None = None, size: int | None = None) -> torch.Tensor:
         """Raises BadImage. The whole image is decoded: the resize's filter reaches past the centre crop."""
         return self(decode_file(path), rng)
 
@@ -119,12 +120,13 @@ class ImageFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key):
-        seed = None
-        if isinstance(key, tuple):  # (index, seed) from ResumableSampler: augmentation depends only on these,
-            key, seed = key         # not on which worker or how many, so a resumed run crops the same way
+        seed = size = None
+        if isinstance(key, tuple):  # (index, seed[, size]) from ResumableSampler: augmentation depends only on
+            key, seed, *size = key  # these, not on which worker or how many, so a resumed run crops the same
+            size = size[0] if size else None  # way; the epoch's crop size travels with the index
         path, label = self.samples[key]
         try:
-            return self.transform.load(path, None if seed is None else random.Random(seed)), label, None
+            return self.transform.load(path, None if seed is None else random.Random(seed), size), label, None
         except BadImage as e:
             return None, label, (e.path, e.reason)
 
@@ -160,12 +162,16 @@ class ShardSampler(Sampler):
 
 class ResumableSampler(Sampler):
     """Train: DistributedSampler's per-epoch shuffle and shard, truncated to whole batches, able to start
-    mid-epoch (after `start_step` batches) so a resumed run sees the same next batch."""
+    mid-epoch (after `start_step` batches) so a resumed run sees the same next batch. Each index goes out
+    with its augmentation seed and the epoch's crop size (`size_at(epoch)`): the persistent workers learn
+    the size of an epoch from its indices, nothing in them has to be rebuilt."""
 
-    def __init__(self, n: int, rank: int, world_size: int, seed: int, batch: int, steps: int):
+    def __init__(self, n: int, rank: int, world_size: int, seed: int, batch: int, steps: int,
+                 size_at: Callable[[int], int | None] = lambda epoch: None):
         self.inner = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                         drop_last=True)
         self.batch, self.steps, self.start, self.seed, self.epoch, self.n = batch, steps, 0, seed, 0, n
+        self.size_at = size_at
 
     def set_epoch(self, epoch: int, start_step: int = 0):
         self.inner.set_epoch(epoch)
@@ -173,7 +179,8 @@ class ResumableSampler(Sampler):
 
     def __iter__(self):
         base = (self.seed * 1_000_003 + self.epoch) * self.n
-        return iter((i, (base + i) % 2**63) for i in list(self.inner)[self.start:self.steps * self.batch])
+        size = self.size_at(self.epoch)
+        return iter((i, (base + i) % 2**63, size) for i in list(self.inner)[self.start:self.steps * self.batch])
 
     def __len__(self):
         return self.steps * self.batch - self.start
@@ -287,7 +294,12 @@ class DeviceBatches:
 
 
 def build(train: Split, val: Split, per_rank_batch: int, workers: int, image_size: int, layout: Layout,
-          rank: int, world_size: int, seed: int, steps: int, max_bad_files: int, augment=None):
+          rank: int, world_size: int, seed: int, steps: int, max_bad_files: int, augment=None,
+          size_at: Callable[[int], int] | None = None, val_size: int | None = None,
+          crop_ratio: float = VAL_CROP_RATIO):
+    """`augment`: AutoAugment/RandAugment after the flip (None: the reference's augmentation only);
+    `size_at(epoch)`: the train crop size of an epoch (default: image_size always); `val_size`: the val
+    center crop (default: image_size)."""
     budget = BadFileBudget(max_bad_files, rank)
     pin = layout.device.type == "cuda"
     # Its own generator: starting an epoch's iterator draws worker seeds from it, not from the training
@@ -295,9 +307,11 @@ def build(train: Split, val: Split, per_rank_batch: int, workers: int, image_siz
     common = dict(batch_size=per_rank_batch, num_workers=workers, collate_fn=collate, pin_memory=pin,
                   persistent_workers=workers > 0, prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
                   generator=torch.Generator().manual_seed(seed + rank))
-    train_sampler = ResumableSampler(len(train), rank, world_size, seed, per_rank_batch, steps)
-    train_dl = DataLoader(ImageFiles(train, TrainTransform(image_size, augment)), sampler=train_sampler, drop_last=True,
-                          **common)
-    val_dl = DataLoader(ImageFiles(val, ValTransform(image_size)), sampler=ShardSampler(len(val), rank, world_size),
+    train_sampler = ResumableSampler(len(train), rank, world_size, seed, per_rank_batch, steps,
+                                     size_at or (lambda epoch: image_size))
+    train_dl = DataLoader(ImageFiles(train, TrainTransform(image_size, augment)), sampler=train_sampler,
+                          drop_last=True, **common)
+    val_dl = DataLoader(ImageFiles(val, ValTransform(val_size or image_size, crop_ratio)),
+                        sampler=ShardSampler(len(val), rank, world_size),
                         **common)
     return DeviceBatches(train_dl, layout, budget, steps), DeviceBatches(val_dl, layout, budget)
