@@ -5,12 +5,13 @@ mask, so `taskset` and cgroup cpusets count). Of those:
 - loader workers: `-j` as given (per node, split across the node's processes, as the reference); by
   default the reference's 4, capped at the process's cores, since more workers than cores only queue
   (and PyTorch warns about it once per DataLoader);
-- torch's intra-op threads: on a CPU device, the cores the workers leave (at least 1). Every thread of
-  torch's OpenMP pool spins at each op's barrier while a worker wants the same core: on the 2-core machine
-  a 2-epoch tiny run took 17 s with torch's default of 2 threads against 3 s with 1 (benchmarks/RESULTS.md).
-  On a GPU the process's share of the cores. `--multiprocessing-distributed` spawns processes that would
-  each start with one thread per core of the machine: this is what gives them their share, as torchrun's
-  OMP_NUM_THREADS does.
+- torch's intra-op threads: the process's share of the cores, on a CPU device as on a GPU. For one process
+  that is torch's own default (one thread per core); `--multiprocessing-distributed` spawns processes that
+  would each start with one thread per core of the machine: this gives them their share, as torchrun's
+  OMP_NUM_THREADS does. Loader workers are not subtracted: on a quiet 2-core machine the demo (-j 2) ran
+  1.7x faster with 2 threads than with 1 (its workers need little CPU), while on the same machine shared
+  with other jobs 1 thread was 2.3-2.9x faster, OpenMP's threads spinning at each op's barrier against
+  the other processes (both measured: benchmarks/RESULTS.md). A busy machine: OMP_NUM_THREADS=1.
 The count is only ever lowered from what torch has (a caller that chose fewer keeps them), and an explicit
 OMP_NUM_THREADS in the environment wins outright (torchrun sets it to 1 for more than one process per node).
 """
@@ -48,25 +49,21 @@ def workers_per_process(node_workers: int | None, local_world_size: int) -> tupl
     return want, ""
 
 
-def intra_op_threads(device_type: str, local_world_size: int, workers: int) -> tuple[int, str]:
+def intra_op_threads(local_world_size: int) -> tuple[int, str]:
     """(torch threads this process should use, why)."""
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
-    share = cores_per_process(local_world_size)
-    cores_text = f"{share} core{'s' if share > 1 else ''} per process"
-    if device_type == "cpu":
-        want, why = max(1, share - workers), f"{cores_text} - {workers} loader workers"
-    else:
-        want, why = share, cores_text
+    want = cores_per_process(local_world_size)
+    why = f"{want} core{'s' if want > 1 else ''} per process"
     have = torch.get_num_threads()
     if have < want:
         return have, f"{have} set by the caller"
     return want, why
 
 
-def apply(device_type: str, local_world_size: int, workers: int) -> tuple[int, str]:
+def apply(local_world_size: int) -> tuple[int, str]:
     """Set this process's intra-op threads (see the module docstring); returns what intra_op_threads says."""
-    n, why = intra_op_threads(device_type, local_world_size, workers)
+    n, why = intra_op_threads(local_world_size)
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n, why

@@ -131,7 +131,7 @@ def run(cfg: Config, dist: D.DistInfo) -> int:
     layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
     loaders = build_loaders(cfg.data, dist, layout, seed, cfg.optim.grad_accum_steps)
     threads_before = torch.get_num_threads()
-    threads = cpu_share.describe(*cpu_share.apply(dist.device.type, dist.local_world_size, loaders.workers))
+    threads = cpu_share.describe(*cpu_share.apply(dist.local_world_size))
     try:
         if cfg.run.evaluate:
             return _evaluate(cfg, dist, loaders, ck, threads)

@@ -34,12 +34,19 @@ def make_tree(root, n_train=24, n_val=9, classes=CLASSES[:4], size=(40, 48), see
 def one_torch_thread():
     """Tests train tiny models in the pytest process: with torch's default of one OpenMP thread per core,
     on the 2-core CI machine its threads spin at every barrier while a DataLoader worker or DALI thread wants
-    a core, which made a one-epoch tiny run ~5x slower here (3 s against 17 s for 2 epochs, under load)."""
+    a core, which made a one-epoch tiny run ~5x slower here (3 s against 17 s for 2 epochs, under load).
+    The training processes the tests start get one thread too (OMP_NUM_THREADS, which fasttrain honours),
+    unless a test says otherwise: the tests are about behaviour, and the CI machine is shared."""
     import torch
-    threads = torch.get_num_threads()
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
 
 
 @pytest.fixture(scope="session")

@@ -220,7 +220,7 @@ def _free_port():
 
 def test_reference_spawn_flags_and_each_process_gets_its_share_of_the_cores(odd_data, tmp_path):
     """--multiprocessing-distributed --nproc-per-node 2 on CPU: each spawned process runs torch with its share
-    of the cores (cores / 2 processes, less its loader workers: -j 0 here), as torchrun's OMP_NUM_THREADS
+    of the cores (cores / 2 processes), as torchrun's OMP_NUM_THREADS
     gives it; spawned children used to start one thread per core each (here 5-7x slower than torchrun)."""
     from fasttrain.cpu_share import cores
     log = tmp_path / "threads.log"

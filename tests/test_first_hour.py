@@ -71,7 +71,7 @@ def test_settings_printed_config_toml_round_trip_and_a_finished_run(tiny_data, t
             "--val-steps", "1", "--output-dir", str(out)]
     assert cli.main(argv) == 0
     story = capsys.readouterr().out
-    threads = cpu_share.describe(*cpu_share.intra_op_threads("cpu", 1, 0))
+    threads = cpu_share.describe(*cpu_share.intra_op_threads(1))
     for line in (f"settings (written to {out}/config.toml):", f"  data     {tiny_data}: 96 train / 16 val images "
                  "(--val-steps 1: 16 of them), 4 classes", "  loader   torchvision, 0 workers per process",
                  "  batch    16 global = 16 per process x 1 process; 2 steps an epoch",
@@ -126,16 +126,15 @@ def test_cpu_share_of_threads_and_workers(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu_share, "cores", lambda: 8)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # torch's default: one per core
-    assert cpu_share.intra_op_threads("cpu", 1, 2)[0] == 6     # the workers' cores left to them
-    assert cpu_share.intra_op_threads("cpu", 2, 0)[0] == 4     # two processes: half each
-    assert cpu_share.intra_op_threads("cpu", 2, 6)[0] == 1     # at least one
-    assert cpu_share.intra_op_threads("cuda", 2, 4)[0] == 4    # on a GPU, the process's cores
+    assert cpu_share.intra_op_threads(1) == (8, "8 cores per process")  # torch's default for one process
+    assert cpu_share.intra_op_threads(2)[0] == 4                 # two processes: half each
+    assert cpu_share.intra_op_threads(16)[0] == 1                # at least one
     assert cpu_share.workers_per_process(None, 4) == (1, "")   # the reference's 4 a node, split
     assert cpu_share.workers_per_process(8, 2) == (4, "")      # -j as given, split
     monkeypatch.setattr(cpu_share, "cores", lambda: 2)
     n, why = cpu_share.workers_per_process(None, 1)
     assert n == 2 and "capped at the 2 cores" in why and cpu_share.workers_per_process(4, 1) == (4, "")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)   # a caller chose fewer: kept
-    assert cpu_share.intra_op_threads("cpu", 1, 0)[0] == 1
+    assert cpu_share.intra_op_threads(1) == (1, "1 set by the caller")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")                  # the user's (or torchrun's) choice wins
-    assert cpu_share.intra_op_threads("cpu", 1, 0) == (1, "OMP_NUM_THREADS=3")
+    assert cpu_share.intra_op_threads(1) == (1, "OMP_NUM_THREADS=3")
