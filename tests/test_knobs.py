@@ -157,3 +157,23 @@ def test_predict_prints_class_names(tiny_data, tmp_path, capsys):
     assert cli.main(["predict", str(path), str(tmp_path / "missing.jpg"), images[0], "--device", "cpu"]) == 1
     captured = capsys.readouterr()
     assert "missing.jpg: unreadable" in captured.err and captured.out.startswith(f"{images[0]}: {classes[2]} ")
+
+
+def test_predict_uses_the_runs_val_size_crop_and_blurpool(tmp_path):
+    """A recipe's checkpoint (progressive resizing up to 40 px, val crop ratio 0.5, BlurPool layers): predict
+    builds the model with BlurPool (its weights load) and the val transform the run validated with."""
+    from fasttrain.blurpool import BlurConv2d, apply_blurpool
+    from fasttrain.predict import load_classifier, predict
+    model = torchvision.models.resnet18(num_classes=3)
+    assert apply_blurpool(model) > 0
+    path = tmp_path / "ck.pth.tar"
+    torch.save({"epoch": 4, "arch": "resnet18", "state_dict": model.state_dict(), "classes": ["a", "b", "c"],
+                "config": {"model": {"arch": "resnet18", "blurpool": True},
+                           "data": {"image_size": 32, "min_res": 16, "max_res": 40, "end_ramp": 2,
+                                    "val_crop_ratio": 0.5}}}, path)
+    loaded, classes, transform = load_classifier(str(path), torch.device("cpu"))
+    assert classes == ["a", "b", "c"] and transform.size == [40, 40] and transform.resize == 80
+    # BlurPool adds no weights, so a plain model would load them too, silently, and predict otherwise
+    blurred = [sum(isinstance(m, BlurConv2d) for m in net.modules()) for net in (loaded, model)]
+    assert blurred[0] == blurred[1] > 0
+    assert predict(loaded, torch.zeros(1, 3, 40, 40, dtype=torch.uint8)).shape == (1, 3)
