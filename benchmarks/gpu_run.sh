@@ -28,9 +28,12 @@
 # Time plan: the first H200 run's matrix, without peers, took 217 s, of which torch.compile warm-up 46 s
 # (ResNet-50) and 23 s (ResNet-18); the peers add about 50 s (2 loader-only entries, 4 end-to-end ones);
 # drawing the JPEGs ~15 s: about 290 s expected on an H100, cut at LIMIT_S=350. The resume check's three
-# short runs take about 60-75 s, set-up ~10 s: about 370-435 s in all, and TOTAL_S=470 bounds it.
+# short runs take about 60-75 s, set-up ~10 s: about 370-435 s in all, and TOTAL_S=470 bounds it. The
+# profile (step 6) then gets what is left of TOTAL_S + 120 s: it took 87 s on the H200 (compile 71 s), so
+# the whole script ends within ~590 s; a 15-minute device lease has room for it once (the second H200 run,
+# with LIMIT_S=330 TOTAL_S=430, left the resume check 18 s too few for its uninterrupted run).
 # Results, the only files under OUT: env.txt, bench/{bench.json,bench.log,goals.txt,bench.png}, resume.txt,
-# profile.txt, profile-metrics.jsonl, trace.json.gz (step 6; PROFILE=0 leaves it out, ~80 s).
+# profile.txt, profile-metrics.jsonl, trace.json.gz (step 6; PROFILE=0 leaves it out).
 # Checkpoints and the generated JPEGs go under SCRATCH and FASTTRAIN_CACHE, outside OUT. No matplotlib
 # there? Then render the PNG elsewhere: fasttrain bench --from-json DIR/bench.json --out DIR.
 # Knobs (environment): OUT (default runs/gpu), SCRATCH (/tmp/fasttrain-gpu-run), WORKERS (16), BATCH (256),
