@@ -51,7 +51,33 @@ def build_optimizer(params, cfg: OptimConfig, device: torch.device, fused: bool 
     return opt
 
 
-class LARS(torch.optim.Optimizer):
+class PerTensor(torch.optim.Optimizer):
+    """An optimizer whose update is written per tensor (LARS, LAMB: a trust ratio of norms per tensor):
+    step() runs the closure as torch's optimizers do, then `update(p, group)` for each parameter with a
+    gradient."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.update(p, group)
+        return loss
+
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+
+def trust_ratio(w_norm: torch.Tensor, ratio: torch.Tensor, other_norm: torch.Tensor) -> torch.Tensor:
+    """`ratio` where both norms are above 0, else 1 (a zero tensor or update keeps the plain LR); on the device."""
+    return torch.where((w_norm > 0) & (other_norm > 0), ratio, torch.ones_like(ratio))
+
+
+class LARS(PerTensor):
     """Layer-wise adaptive rate scaling (You et al. 2017) as in MLPerf's ResNet-50 reference (its
     lars_optimizer.py): for each weight tensor w with gradient g,
 
@@ -68,32 +94,21 @@ class LARS(torch.optim.Optimizer):
                  trust: bool = True):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, trust=trust))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd, m = group["lr"], group["weight_decay"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.add(p, alpha=wd) if wd else p.grad
-                if group["trust"]:
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
-                    trust = group["eta"] * w_norm / (g_norm + wd * w_norm)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
-                    update = g * (trust * lr)
-                else:
-                    update = g * lr
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = update.clone()  # v = momentum * 0 + update
-                else:
-                    state["momentum_buffer"].mul_(m).add_(update)
-                p.sub_(state["momentum_buffer"])
-        return loss
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        lr, wd, m = group["lr"], group["weight_decay"], group["momentum"]
+        g = p.grad.add(p, alpha=wd) if wd else p.grad
+        if group["trust"]:
+            w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+            trust = trust_ratio(w_norm, group["eta"] * w_norm / (g_norm + wd * w_norm), g_norm)
+            update = g * (trust * lr)
+        else:
+            update = g * lr
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = update.clone()  # v = momentum * 0 + update
+        else:
+            state["momentum_buffer"].mul_(m).add_(update)
+        p.sub_(state["momentum_buffer"])
 
 
 # AdamW and LAMB, as timm offers them (--opt adamw, --opt lamb): weight decay on every parameter as for SGD
@@ -111,7 +126,7 @@ def build_adaptive(groups: list[dict], cfg: OptimConfig, device: torch.device) -
     return Lamb(groups, lr=cfg.lr, betas=BETAS, weight_decay=cfg.weight_decay)
 
 
-class Lamb(torch.optim.Optimizer):
+class Lamb(PerTensor):
     """LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning"), as timm's Lamb without its
     built-in gradient clipping (that is --clip-grad here). For each tensor w with gradient g, at step t:
 
@@ -126,30 +141,19 @@ class Lamb(torch.optim.Optimizer):
                  weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            (b1, b2), eps, wd, lr = group["betas"], group["eps"], group["weight_decay"], group["lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(p.grad, 1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                update = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_().add_(eps))
-                if wd:
-                    update.add_(p, alpha=wd)
-                w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                p.sub_(update * (trust * lr))
-        return loss
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        (b1, b2), eps, wd, lr = group["betas"], group["eps"], group["weight_decay"], group["lr"]
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(p.grad, 1 - b1)
+        v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+        update = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_().add_(eps))
+        if wd:
+            update.add_(p, alpha=wd)
+        w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+        p.sub_(update * (trust_ratio(w_norm, w_norm / u_norm, u_norm) * lr))
