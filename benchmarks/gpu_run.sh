@@ -128,9 +128,14 @@ if [[ -f "$OUT/bench/bench.json" ]]; then
   "$PY" benchmarks/check_goals.py "$OUT/bench/bench.json" | tee "$OUT/bench/goals.txt" || true  # exit 1: a goal SHORT
 fi
 
+# The bench's generated JPEGs (drawn once into FASTTRAIN_CACHE; made here if the bench stopped before), for
+# the resume check and the profile.
+if (( dali )); then
+  data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES))")
+fi
+
 # Also after a bench cut short by LIMIT_S: the resume check gets what is left of TOTAL_S (at least 60 s).
 if (( dali )) && [[ "${RESUME_CHECK:-1}" == 1 ]]; then
-  data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES))")
   left=$(( TOTAL_S - SECONDS - 5 ))
   (( left < 60 )) && left=60
   "$PY" benchmarks/resume_check.py --time-limit "$left" "${resume[@]}" -- train "$data" "${train[@]}" \
@@ -142,7 +147,6 @@ fi
 # metrics.jsonl. Results: profile.txt (the run's output, top-10 ops by device time), profile-metrics.jsonl,
 # and the trace gzipped when under 16 MiB.
 if (( dali )) && [[ "${PROFILE:-1}" == 1 ]]; then
-  data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES))")
   left=$(( TOTAL_S + 120 - SECONDS ))
   (( left < 60 )) && left=60
   rm -rf "$SCRATCH/profile"
