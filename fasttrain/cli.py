@@ -185,16 +185,13 @@ DEMO_DEFAULTS = {("data", "batch_size"): 64, ("data", "image_size"): 64, ("data"
                  ("optim", "lr_schedule"): "cosine", ("run", "seed"): 0}
 
 
-# Options that say the same thing two ways (config.EXCLUSIVE): a layer (recipe, --config, flags) that sets one
-# side drops the other side set by a layer below it, so `--recipe rn50-16ep --lr 0.5` means lr 0.5, not the
-# recipe's per-256 LR, and `--image-size 224` over a recipe turns its progressive resizing off.
-EXCLUSIVE = C.EXCLUSIVE
-
-
 def _over(lower: dict, upper: dict, where: str) -> dict:
-    """`upper`'s values over `lower`'s."""
+    """`upper`'s values over `lower`'s. Of the options that say the same thing two ways (config.EXCLUSIVE), a
+    layer (recipe, --config, flags) that sets one side drops the other side set by a layer below it, so
+    `--recipe rn50-16ep --lr 0.5` means lr 0.5, not the recipe's per-256 LR, and `--image-size 224` over a
+    recipe turns its progressive resizing off."""
     out = dict(lower)
-    for a, b in EXCLUSIVE:
+    for a, b in C.EXCLUSIVE:
         if upper.keys() & a and upper.keys() & b:
             raise UserError(f"{where} sets both {_flags(a)} and {_flags(b)}: give one of them")
         for mine, other in ((a, b), (b, a)):
