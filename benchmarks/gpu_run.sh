@@ -42,8 +42,12 @@
 # the compiled entries: default, reduce-overhead = + CUDA graphs, max-autotune), SECTIONS (the bench's
 # --sections), RESUME_CHECK (1; 0 leaves the resume check out).
 # A session that raises the ceiling instead (issue 12: compile modes, fp16, batch 384/512, foreach SGD; each
-# variant compiles anew, ~50 s each, max-autotune last):
-#   SECTIONS=ceiling ARCHS=resnet50 RESUME_CHECK=0 LIMIT_S=540 bash benchmarks/gpu_run.sh
+# variant compiles anew, ~50 s each, max-autotune last; bench.json keeps each variant as it finishes):
+#   SECTIONS=ceiling ARCHS=resnet50 RESUME_CHECK=0 PROFILE=0 LIMIT_S=540 bash benchmarks/gpu_run.sh
+# The DALI settings too (--sections dali: hardware-decoder share 0/0.65/0.9/0.99 and prefetch 1-4 loader only
+# over a 3x longer window, then 0.65/0.99 and prefetch 3/4 feeding each compiled model; estimated ~100 s on
+# an H200, not yet run), the profile left out as it was measured at 7da15f4:
+#   SECTIONS=loader,model,e2e,dali PROFILE=0 LIMIT_S=420 TOTAL_S=560 bash benchmarks/gpu_run.sh
 set -euo pipefail
 
 dry=0

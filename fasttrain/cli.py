@@ -164,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
                     help="torch.compile mode of the compiled entries (as train --compile-mode)")
     bn.add_argument("--sections", default=None, metavar="LIST",
-                    help="comma list of loader,model,e2e,ceiling,recipe (default: loader,model,e2e; ceiling: "
+                    help="comma list of loader,model,e2e,ceiling,recipe,dali (default: loader,model,e2e; ceiling: "
                          "model-only variants past the compiled rate, each compiled anew; recipe: progressive "
-                         "resizing and BlurPool end to end)")
+                         "resizing and BlurPool end to end; dali: the DALI loader's --hw-decoder-load and "
+                         "--prefetch settings, loader only and end to end)")
     bn.add_argument("--repeats", type=int, default=None, metavar="N",
                     help="loader-only: run each loader N times, interleaved, and keep the best (default: 3 on CPU)")
     bn.add_argument("--shards", nargs="?", const="auto", default=None, metavar="DIR",

@@ -470,3 +470,79 @@ def test_ceiling_section_runs_each_variant_with_its_own_batch_and_sgd(tmp_path, 
         ("bf16", "default", "auto", 384), ("bf16", "default", "auto", 512), ("bf16", "reduce-overhead", "auto", 256),
         ("bf16", "max-autotune", "auto", 256)}
     assert all(tg.compile and tg.channels_last and tg.cudnn_benchmark for tg, _ in gpu)
+
+
+@pytest.mark.skipif(not dali_backend.available(), reason="nvidia.dali does not import")
+def test_dali_section_builds_each_setting_it_names(tmp_path, monkeypatch):
+    """`--sections dali`: one loader-only entry and one end-to-end entry per DALI setting, each timed on a
+    pipeline built with that setting (not only named after it), each against fasttrain's defaults; on a GPU
+    the hardware decoder's share and the prefetch depth are swept (issue 12's DALI gaps)."""
+    from fasttrain.bench import dali_variants
+    from fasttrain.bench.suite import DaliKnobs
+    built = []
+    real = dali_backend._pipeline
+    monkeypatch.setattr(dali_backend, "_pipeline", lambda feed, train, spec, *a, **k:
+                        built.append((train, spec.prefetch)) or real(feed, train, spec, *a, **k))
+    assert cli.main(["bench", "--quick", "--sections", "dali", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    rows = doc["entries"]
+    assert {e["section"] for e in rows} == {"dali"}  # no model entries: "model" was not asked for
+    loader_only = [e for e in rows if e["arch"] is None]
+    e2e = [e for e in rows if e["arch"] == "resnet18"]
+    assert [e["name"] for e in loader_only] == ["dali/dali-cpu@prefetch2", "dali/dali-cpu@prefetch1",
+                                                "dali/dali-cpu@prefetch4"]
+    assert [e["dali"]["prefetch"] for e in e2e] == [2, 4] and all(finite_positive(e["of_ceiling"]) for e in e2e)
+    assert [p for train, p in built if train] == [2, 1, 4, 2, 4]  # each entry's own pipeline, in that order
+    for group in (loader_only, e2e):
+        assert [e["default_knobs"] for e in group] == [True] + [False] * (len(group) - 1)
+        assert group[0]["vs_default"] == 1.0 and all(finite_positive(e["vs_default"]) for e in group)
+    assert loader_only[0]["timed_steps"] == 3 * doc["plan"]["loader_steps"][1]  # a longer window
+    text = table(rows)
+    assert "| dali | dali-cpu@prefetch1 |" in text and "x default)" in text and "(default)" in text
+    assert os.path.getsize(tmp_path / "bench.png") > 10_000
+    loads, gpu_e2e = dali_variants(torch.device("cuda"))
+    assert loads[0] == DaliKnobs() and {(k.hw_decoder_load, k.prefetch) for k in loads} == {
+        (0.9, 2), (0.0, 2), (0.65, 2), (0.99, 2), (0.9, 1), (0.9, 3), (0.9, 4)}
+    assert gpu_e2e[0] == DaliKnobs() and {(k.hw_decoder_load, k.prefetch) for k in gpu_e2e} == {
+        (0.9, 2), (0.65, 2), (0.99, 2), (0.9, 3), (0.9, 4)}
+    assert DaliKnobs().label("dali-gpu") == "hw0.9+prefetch2"
+
+
+def test_a_bench_stopped_midway_keeps_every_entry_it_measured(tmp_path, monkeypatch):
+    """bench.json is rewritten after each entry: gpu_run.sh stops the bench at its time limit, and the
+    ceiling variants (each compiled anew, ~50 s on a GPU) measured before the stop must be in it."""
+    from fasttrain.bench import suite
+    real, calls = suite.fasttrain_step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what the time limit's SIGTERM/SIGINT looks like to Python
+        return real(*a, **k)
+    monkeypatch.setattr(suite, "fasttrain_step", step)
+    assert cli.main(["bench", "--quick", "--sections", "ceiling", "--out", str(tmp_path)]) == 130
+    rows = json.loads((tmp_path / "bench.json").read_text())["entries"]
+    assert [e["name"] for e in rows] == ["ceiling/resnet18/reference", "ceiling/resnet18/bf16+channels_last@4",
+                                         "ceiling/resnet18/fp16+channels_last@4"]
+    assert all(finite_positive(e["ratio_to_reference"]) for e in rows)
+
+
+def test_check_goals_counts_other_dali_settings_and_names_them():
+    """A goal met only with another --hw-decoder-load / --prefetch than the defaults is met by fasttrain's
+    best path; the line says which flags."""
+    cg = _check_goals()
+    doc = gpu_doc(dali=20_000.0, r18_share=0.85)
+    doc["entries"] += [
+        dict(_e("dali", "dali-gpu", 25_500.0, ratio=8.5), dali={"hw_decoder_load": 0.99, "prefetch": 3},
+             default_knobs=False),
+        dict(_e("dali", "dali-gpu", 1_600.0 * 9.2, "resnet18", ratio=9.2, of_ceiling=0.91),
+             dali={"hw_decoder_load": 0.99, "prefetch": 2}, default_knobs=False)]
+    lines = {line for _, line in cg.goals(doc)}
+    assert "MET   DALI GPU loader only: 25,500 img/s with --hw-decoder-load 0.99 --prefetch 3 (goal 25,000)" in lines
+    r18 = [line for line in lines if line.startswith("MET   resnet18 end to end: dali/resnet18/dali-gpu")]
+    assert len(r18) == 2 and any("91% of its model-only rate" in line for line in r18)
+    assert all(ok for ok, _ in cg.goals(doc))
+    doc["entries"] = doc["entries"][:-2]
+    assert {line for ok, line in cg.goals(doc) if not ok} == {
+        "SHORT DALI GPU loader only: 20,000 img/s with fasttrain's defaults (goal 25,000)",
+        next(line for line in (line for _, line in cg.goals(doc)) if "85% of its" in line)}

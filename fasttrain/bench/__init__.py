@@ -11,8 +11,9 @@ Sections: loader only (reference ImageFolder+PIL loader, fasttrain's torchvision
 GPU when present, and the peers a user would pick instead: timm's loader when timm imports, torchvision's
 GPU decode on a GPU; same files, batch and worker count, every batch delivered to the training device);
 model only (synthetic on-device batches for each toggle combination); end to end (each loader feeding the
-model); on request, --sections ceiling (model-only variants past the compiled rate) and --sections recipe
-(progressive resizing and BlurPool end to end against a fixed-size run: recipe.py). Writes DIR/bench.json,
+model); on request, --sections ceiling (model-only variants past the compiled rate), --sections recipe
+(progressive resizing and BlurPool end to end against a fixed-size run: recipe.py) and --sections dali
+(the DALI loader's hardware-decoder share and prefetch depth, loader only and end to end). Writes DIR/bench.json,
 DIR/bench.png and prints a table. The pieces: images.py (data), reference.py (the reference loop), peers.py
 (the peers), loaders.py, measure.py (the one timing loop), suite.py (the matrix), report.py (outputs).
 """
@@ -31,10 +32,10 @@ from ..errors import UserError
 from .images import bench_dataset
 from .loaders import FASTTRAIN_LOADERS, BenchData, available_loaders
 from .report import add_ratios, environment, load_average, plot, table, write_json
-from .suite import Plan, Toggles, run_suite
+from .suite import DaliKnobs, Plan, Toggles, run_suite
 
 SECTIONS = ("loader", "model", "e2e")
-ALL_SECTIONS = SECTIONS + ("ceiling", "recipe")  # only when asked for: each of their entries trains anew
+ALL_SECTIONS = SECTIONS + ("ceiling", "recipe", "dali")  # only when asked for: each of their entries trains anew
 
 
 def toggle_combos(device: torch.device, with_compile: bool, compile_mode: str = "default") -> list[Toggles]:
@@ -64,6 +65,21 @@ def ceiling_variants(device: torch.device, batch: int) -> list[tuple[Toggles, in
     return out
 
 
+def dali_variants(device: torch.device) -> tuple[list[DaliKnobs], list[DaliKnobs]]:
+    """Section "dali": (loader-only, end-to-end) knob settings of the DALI loader, fasttrain's defaults first.
+    On a GPU the hardware JPEG decoder's share (0 = all on CUDA cores; ANCHORS.md measured 0.65 and 0.9;
+    MLPerf's submissions use 0.99) and the prefetch depth; end to end the settings that might give the model
+    back GPU time (more on the hardware decoder) or smooth its step-time tail (a deeper queue). On a CPU,
+    DALI decodes on the CPU whatever the share: only the prefetch depth."""
+    base = DaliKnobs()
+    if device.type != "cuda":
+        return [base, replace(base, prefetch=1), replace(base, prefetch=4)], [base, replace(base, prefetch=4)]
+    loads = [replace(base, hw_decoder_load=x) for x in (0.0, 0.65, 0.99) if x != base.hw_decoder_load]
+    depths = [replace(base, prefetch=n) for n in (1, 3, 4) if n != base.prefetch]
+    e2e = [replace(base, hw_decoder_load=x) for x in (0.65, 0.99) if x != base.hw_decoder_load]
+    return [base] + loads + depths, [base] + e2e + [replace(base, prefetch=n) for n in (3, 4) if n != base.prefetch]
+
+
 def make_plan(ns: argparse.Namespace, device: torch.device) -> Plan:
     """Sizes that fit the machine: a 2-core CPU gets a small model batch and few steps (CPU training is
     ~100x slower than a GPU's), a GPU the anchors' batch 256 and enough steps for stable percentiles."""
@@ -84,6 +100,7 @@ def make_plan(ns: argparse.Namespace, device: torch.device) -> Plan:
     plan.loaders, plan.skipped = available_loaders(device)
     plan.repeats = ns.repeats or (1 if ns.quick or gpu else 3)
     plan.ceiling = ceiling_variants(device, plan.model_batch)
+    plan.dali_loader, plan.dali_e2e = dali_variants(device)
     return plan
 
 

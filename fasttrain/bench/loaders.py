@@ -97,10 +97,10 @@ def _to_device(batches, device: torch.device):
 
 @contextlib.contextmanager
 def open_loader(kind: str, data: BenchData, batch: int, workers: int, image_size: int, layout: Layout,
-                batches_needed: int, seed: int = 0, raw_reference: bool = False):
+                batches_needed: int, seed: int = 0, raw_reference: bool = False, dali=None):
     """Yield an iterable of (images, labels) batches; workers and pipelines are shut down on exit.
     raw_reference: hand out the reference DataLoader itself (CPU float batches), for the reference step
-    to copy as the script does."""
+    to copy as the script does. dali: the DALI loaders' knobs (suite.DaliKnobs; None: fasttrain's defaults)."""
     kind, sharded = unsharded(kind)
     if sharded:  # a fasttrain loader reading the same images from tar shards
         data = data.shards
@@ -121,7 +121,9 @@ def open_loader(kind: str, data: BenchData, batch: int, workers: int, image_size
                                                      steps, max_bad_files=0)
         elif kind in ("dali-cpu", "dali-gpu"):
             from ..data import dali_backend
-            cfg = DataConfig(data=data.root, loader="dali", workers=workers, batch_size=batch, image_size=image_size)
+            knobs = {} if dali is None else dict(hw_decoder_load=dali.hw_decoder_load, prefetch=dali.prefetch)
+            cfg = DataConfig(data=data.root, loader="dali", workers=workers, batch_size=batch, image_size=image_size,
+                             **knobs)
             batches, val = dali_backend.build(train, data.val, batch, workers, cfg, lay, DistInfo(device=lay.device),
                                               seed, steps)
         else:

@@ -20,7 +20,8 @@ SECTION_TITLES = {"loader": "Loader only (decode + augment, batches delivered to
                   "model": "Model only (synthetic batches on the device)",
                   "e2e": "End to end (loader + model)",
                   "ceiling": "Model only, variants past the compiled ceiling (x the reference loop)",
-                  "recipe": "Recipe knobs end to end (torchvision loader + model; x = against the fixed-size run)"}
+                  "recipe": "Recipe knobs end to end (torchvision loader + model; x = against the fixed-size run)",
+                  "dali": "DALI loader settings (--hw-decoder-load, --prefetch): loader only, then end to end"}
 
 
 def git_commit() -> str | None:
@@ -82,11 +83,19 @@ def load_average() -> list[float] | None:
         return None
 
 
+def reference_section(e: dict) -> str:
+    """The section whose reference an entry is measured against: its own, but the dali section's entries
+    (no reference loop of their own) against the loader section's (loader only) or the e2e section's."""
+    if e["section"] != "dali":
+        return e["section"]
+    return "loader" if e["arch"] is None else "e2e"
+
+
 def add_ratios(entries: list[dict]) -> None:
     """ratio_to_reference for every entry: its img/s over the same section's (and arch's) reference."""
     refs = {(e["section"], e["arch"]): e["images_per_sec"] for e in entries if e.get("reference")}
     for e in entries:
-        ref = refs.get((e["section"], e["arch"]))
+        ref = refs.get((reference_section(e), e["arch"]))
         e["ratio_to_reference"] = e["images_per_sec"] / ref if ref else None
 
 
@@ -103,6 +112,17 @@ def label(e: dict) -> str:
     return e["name"].split("/", 1)[1] + (" (peer)" if e.get("peer") else "")
 
 
+def _ratio(e: dict, unit: str = "x") -> str:
+    """x the reference loop ("-" where the run has none); for the dali section's entries also against
+    fasttrain's default settings."""
+    out = "-" if e.get("ratio_to_reference") is None else f"{e['ratio_to_reference']:.2f}{unit}"
+    if e.get("default_knobs"):
+        out += " (default)"
+    elif e.get("vs_default") is not None:
+        out += f" ({e['vs_default']:.2f}x default)"
+    return out
+
+
 def _percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
@@ -113,10 +133,10 @@ def table(entries: list[dict]) -> str:
     rows = ["| section | configuration | img/s | x reference | data wait | device idle | p50 ms | p95 ms | CPU ms/img |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for e in entries:
-        ratio = "ref" if e.get("reference") else f"{e['ratio_to_reference']:.2f}x"
+        ratio = "ref" if e.get("reference") else _ratio(e)
         ceiling = f" ({100 * e['of_ceiling']:.0f}% of ceiling)" if e.get("of_ceiling") else ""
         ceiling += f" ({e['vs_folder']:.2f}x folder)" if e.get("vs_folder") else ""
-        loader = e["section"] == "loader"
+        loader = e["section"] == "loader" or (e["section"] == "dali" and e["arch"] is None)
         wait = None if loader else e["data_wait_fraction"]
         idle = None if loader else e.get("device_idle_fraction")
         cpu = e.get("cpu_ms_per_image")
@@ -132,7 +152,8 @@ PEER_COLOUR = "#ff7f0e"
 def panel_setup(section: str, first: dict, plan: dict) -> str:
     """A panel's sizes: batch, workers, and the image size of its section (the loader's crop, the models'
     input: they differ with --quick on CPU); an older bench.json without a plan gives no size."""
-    size = plan.get("image_size" if section == "loader" else "model_image_size")
+    loader_only = section == "loader" or (section == "dali" and first.get("arch") is None)
+    size = plan.get("image_size" if loader_only else "model_image_size")
     return (f"batch {first['batch_size']}" + (f", {first['workers']} workers" if first.get("workers") else "")
             + (f", {size}x{size} px" if size else ""))
 
@@ -157,7 +178,7 @@ def plot(path: str, entries: list[dict], env: dict, plan: dict | None = None) ->
         for bar, e in zip(bars, rows):
             if e.get("reference"):
                 bar.set_hatch("//")
-            ratio = "reference" if e.get("reference") else f"{e['ratio_to_reference']:.2f}x ref"
+            ratio = "reference" if e.get("reference") else _ratio(e, "x ref")
             if e.get("of_ceiling"):
                 ratio += f", {100 * e['of_ceiling']:.0f}% of model-only"
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,

@@ -1,5 +1,6 @@
 """The benchmark matrix: loader only, then per arch model only and end to end; every entry is timed by
-measure.time_loop.
+measure.time_loop. On request: "ceiling" (model-only variants), "dali" (DALI's own knobs: the hardware
+decoder's share and the prefetch depth, loader only and feeding the model).
 
 fasttrain entries run fasttrain's own pieces: its loaders (loaders.py), build_trainer/wrap_model from
 train.py and Trainer.train_step from engine.py, so what is timed is what `fasttrain train` runs. The
@@ -14,7 +15,7 @@ from __future__ import annotations
 import gc
 import itertools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -51,6 +52,18 @@ class Toggles:
                         + [f"sgd-{self.sgd}"] * (self.sgd != "auto"))
 
 
+@dataclass(frozen=True)
+class DaliKnobs:
+    """The DALI loader's own knobs (`fasttrain train --hw-decoder-load F --prefetch N`); the defaults are
+    fasttrain's."""
+    hw_decoder_load: float = next(f.default for f in fields(DataConfig) if f.name == "hw_decoder_load")
+    prefetch: int = next(f.default for f in fields(DataConfig) if f.name == "prefetch")
+
+    def label(self, kind: str) -> str:
+        """The settings that mean something for this loader: DALI's CPU mode has no hardware decoder."""
+        return (f"hw{self.hw_decoder_load:g}+" if kind != "dali-cpu" else "") + f"prefetch{self.prefetch}"
+
+
 @dataclass
 class Plan:
     """What to run on this machine; bench_command() fills it from the flags and the device."""
@@ -70,6 +83,8 @@ class Plan:
     skipped: dict[str, str] = field(default_factory=dict)  # loaders left out on this machine, and why
     repeats: int = 1  # loader-only: run each loader this many times, interleaved; keep the best
     ceiling: list[tuple[Toggles, int]] = field(default_factory=list)  # section "ceiling": (toggles, batch)
+    dali_loader: list[DaliKnobs] = field(default_factory=list)  # section "dali": loader-only variants
+    dali_e2e: list[DaliKnobs] = field(default_factory=list)     # section "dali": variants feeding the model
 
 
 def entry(section: str, name: str, loader: str, arch: str | None, toggles: Toggles | None, batch: int,
@@ -117,36 +132,104 @@ def timed(plan: Plan, kind: str, run: Callable[[], Timing]) -> Timing | None:
         return None
 
 
-def loader_section(plan: Plan, data: BenchData) -> list[dict]:
-    """Images/s of each data path alone: same files, batch and worker (or DALI thread) count."""
-    layout = Layout(plan.device, channels_last=False)
-    # Every loader gets the longest queue's warm-up, so all entries time the same window length.
-    steps = (max(warmed(plan.loader_steps, k, plan.workers)[0] for k in plan.loaders), plan.loader_steps[1])
-    runs: dict[str, list[Timing]] = {k: [] for k in plan.loaders}
+Add = Callable[[dict], None]  # a section hands each entry to this as soon as it is measured
 
-    def measure(kind: str) -> Timing:
-        with open_loader(kind, data, plan.loader_batch, plan.workers, plan.image_size, layout, sum(steps)) as batches:
-            return time_loop(batches, None, plan.device, *steps)
 
-    for _ in range(plan.repeats):  # interleaved, so a busy neighbour hurts every loader alike
-        for kind in list(plan.loaders):
-            t = timed(plan, kind, lambda: measure(kind))
+def _nothing(entry: dict) -> None:
+    pass
+
+
+def best_of_repeats(plan: Plan, jobs: list[tuple[str, Callable[[], Timing]]]) -> dict[str, list[Timing]]:
+    """{kind: its timings}: each job run plan.repeats times, interleaved, so a busy neighbour hurts every
+    job alike. A peer that fails is left out (timed())."""
+    runs: dict[str, list[Timing]] = {k: [] for k, _ in jobs}
+    for _ in range(plan.repeats):
+        for kind, run in jobs:
+            if kind not in runs:
+                continue
+            t = timed(plan, kind, run)
             if t is None:
                 runs.pop(kind)
                 continue
             log(f"loader {kind}{' (peer)' * is_peer(kind)}: {t.images_per_sec:.0f} img/s, "
                 f"{t.summary()['cpu_ms_per_image'] or 0:.2f} CPU ms/img")
             runs[kind].append(t)
-    # Best of the repeats, as timeit does: noise only ever slows a run down.
-    out = [entry("loader", f"loader/{k}", k, None, None, plan.loader_batch, plan.workers,
-                 max(ts, key=lambda t: t.images_per_sec), steps, reference=k == "reference", peer=is_peer(k),
+    return runs
+
+
+def fastest(ts: list[Timing]) -> Timing:
+    """Best of the repeats, as timeit does: noise only ever slows a run down."""
+    return max(ts, key=lambda t: t.images_per_sec)
+
+
+def loader_section(plan: Plan, data: BenchData, add: Add = _nothing) -> list[dict]:
+    """Images/s of each data path alone: same files, batch and worker (or DALI thread) count."""
+    layout = Layout(plan.device, channels_last=False)
+    # Every loader gets the longest queue's warm-up, so all entries time the same window length.
+    steps = (max(warmed(plan.loader_steps, k, plan.workers)[0] for k in plan.loaders), plan.loader_steps[1])
+
+    def measure(kind: str) -> Callable[[], Timing]:
+        def run() -> Timing:
+            with open_loader(kind, data, plan.loader_batch, plan.workers, plan.image_size, layout,
+                             sum(steps)) as batches:
+                return time_loop(batches, None, plan.device, *steps)
+        return run
+
+    runs = best_of_repeats(plan, [(k, measure(k)) for k in list(plan.loaders)])
+    out = [entry("loader", f"loader/{k}", k, None, None, plan.loader_batch, plan.workers, fastest(ts), steps,
+                 reference=k == "reference", peer=is_peer(k),
                  all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]) for k, ts in runs.items()]
     rates = {e["loader"]: e["images_per_sec"] for e in out}
     for e in out:  # a loader reading tar shards against itself reading the folder (bench --shards)
         base, sharded = unsharded(e["loader"])
         if sharded and base in rates:
             e["vs_folder"] = e["images_per_sec"] / rates[base]
+        add(e)
     return out
+
+
+def dali_kind(plan: Plan) -> str | None:
+    """The DALI loader a run of `fasttrain train --loader dali` takes on this device, if it runs here."""
+    kind = "dali-gpu" if plan.device.type == "cuda" else "dali-cpu"
+    return kind if kind in plan.loaders else None
+
+
+def dali_loader_section(plan: Plan, data: BenchData, add: Add = _nothing) -> list[dict]:
+    """Section "dali", loader only: the DALI loader at each of plan.dali_loader's knob settings, fasttrain's
+    defaults among them, interleaved repeats, each timed over 3x the loader section's window (at ~25,000
+    img/s that window is half a second, and one batch more or less in DALI's queue moves the rate)."""
+    kind = dali_kind(plan)
+    if kind is None or not plan.dali_loader:
+        return []
+    layout = Layout(plan.device, channels_last=False)
+    steps = warmed((plan.loader_steps[0], 3 * plan.loader_steps[1]), kind, plan.workers)
+
+    def measure(knobs: DaliKnobs) -> Callable[[], Timing]:
+        def run() -> Timing:
+            with open_loader(kind, data, plan.loader_batch, plan.workers, plan.image_size, layout, sum(steps),
+                             dali=knobs) as batches:
+                return time_loop(batches, None, plan.device, *steps)
+        return run
+
+    runs = best_of_repeats(plan, [(f"{kind}@{k.label(kind)}", measure(k)) for k in plan.dali_loader])
+    out = []
+    for knobs in plan.dali_loader:
+        ts = runs[f"{kind}@{knobs.label(kind)}"]
+        out.append(entry("dali", f"dali/{kind}@{knobs.label(kind)}", kind, None, None, plan.loader_batch, plan.workers,
+                         fastest(ts), steps, dali=asdict(knobs), default_knobs=knobs == DaliKnobs(),
+                         all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]))
+    _vs_default(out)
+    for e in out:
+        add(e)
+    return out
+
+
+def _vs_default(entries: list[dict]) -> None:
+    """vs_default: each entry's img/s over the entry with fasttrain's default knobs of the same arch."""
+    base = {e["arch"]: e["images_per_sec"] for e in entries if e["default_knobs"]}
+    for e in entries:
+        if e["arch"] in base:
+            e["vs_default"] = e["images_per_sec"] / base[e["arch"]]
 
 
 def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int,
@@ -174,23 +257,27 @@ def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int,
     return (lambda x, y: tr.train_step(x, y, meter)), layout, cfg
 
 
-def model_section(plan: Plan, arch: str) -> tuple[list[dict], tuple[Toggles, Callable, Layout]]:
-    """Synthetic batches already on the device: the compute ceiling of each toggle combination. Returns the
-    entries and the fastest combination with its step function (its compiled graph is reused end to end)."""
+def model_section(plan: Plan, arch: str, add: Add = _nothing, combos: list[Toggles] | None = None
+                  ) -> tuple[list[dict], tuple[Toggles, Callable, Layout]]:
+    """Synthetic batches already on the device: the compute ceiling of each toggle combination (`combos`,
+    default plan.combos). Returns the entries and the fastest combination with its step function (its
+    compiled graph is reused end to end)."""
     steps, size, b = plan.model_steps, plan.model_image_size, plan.model_batch
     ref = ReferenceStep(arch, plan.num_classes, plan.device)
     x = torch.randn(b, 3, size, size, device=plan.device)
     y = torch.randint(0, plan.num_classes, (b,), device=plan.device)
     t = time_loop(itertools.repeat((x, y)), ref, plan.device, *steps)
     out = [entry("model", f"model/{arch}/reference", "synthetic", arch, Toggles(), b, None, t, steps, reference=True)]
+    add(out[-1])
     log(f"model {arch} reference loop: {t.images_per_sec:.1f} img/s")
     del ref, x, y
     best, best_ips = None, 0.0
-    for tg in plan.combos:
+    for tg in plan.combos if combos is None else combos:
         step, layout, cfg = fasttrain_step(plan, arch, tg, sum(steps))
         loaders = build_loaders(cfg.data, DistInfo(device=plan.device), layout, seed=0)  # loader "synthetic"
         t = time_loop(loaders.train, step, plan.device, *steps)
         out.append(entry("model", f"model/{arch}/{tg.label}", "synthetic", arch, tg, b, None, t, steps))
+        add(out[-1])
         log(f"model {arch} {tg.label}: {t.images_per_sec:.1f} img/s (warm-up {t.warmup_s:.1f}s)")
         if t.images_per_sec > best_ips:  # keep only the fastest trainer alive (GPU memory)
             best, best_ips = (tg, step, layout), t.images_per_sec
@@ -198,10 +285,11 @@ def model_section(plan: Plan, arch: str) -> tuple[list[dict], tuple[Toggles, Cal
     return out, best
 
 
-def ceiling_section(plan: Plan, arch: str) -> list[dict]:
+def ceiling_section(plan: Plan, arch: str, add: Add = _nothing) -> list[dict]:
     """Model only, the variants that might raise the compiled ceiling (compile modes, fp16 against bf16,
     larger batches, SGD implementation): each a fresh trainer, compiled anew, on synthetic device batches.
-    The reference loop at the plan's batch is this section's reference."""
+    The reference loop at the plan's batch is this section's reference. Each entry is handed to `add` as
+    soon as it is measured: a run stopped by a time limit keeps the variants done so far."""
     steps, size = plan.model_steps, plan.model_image_size
     ref = ReferenceStep(arch, plan.num_classes, plan.device)
     x = torch.randn(plan.model_batch, 3, size, size, device=plan.device)
@@ -209,12 +297,14 @@ def ceiling_section(plan: Plan, arch: str) -> list[dict]:
     t = time_loop(itertools.repeat((x, y)), ref, plan.device, *steps)
     out = [entry("ceiling", f"ceiling/{arch}/reference", "synthetic", arch, Toggles(), plan.model_batch, None, t,
                  steps, reference=True)]
+    add(out[-1])
     del ref, x, y
     for tg, b in plan.ceiling:
         step, layout, cfg = fasttrain_step(plan, arch, tg, sum(steps), batch=b)
         loaders = build_loaders(cfg.data, DistInfo(device=plan.device), layout, seed=0)  # loader "synthetic"
         t = time_loop(loaders.train, step, plan.device, *steps)
         out.append(entry("ceiling", f"ceiling/{arch}/{tg.label}@{b}", "synthetic", arch, tg, b, None, t, steps))
+        add(out[-1])
         log(f"ceiling {arch} {tg.label} batch {b}: {t.images_per_sec:.1f} img/s (warm-up {t.warmup_s:.1f}s)")
         del step, loaders
         gc.collect()
@@ -232,12 +322,23 @@ def e2e_loaders(plan: Plan) -> list[str]:
     return ours + [k for k in plan.loaders if is_peer(k)]
 
 
-def e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict], fastest) -> list[dict]:
+def _ceiling_of(model_entries: list[dict], tg: Toggles) -> dict:
+    return next(e for e in model_entries if e["toggles"] == asdict(tg) and not e["reference"])
+
+
+def _e2e_log(arch: str, name: str, tg: Toggles, t: Timing, ceiling: dict) -> None:
+    log(f"e2e {arch} {name} {tg.label}: {t.images_per_sec:.1f} img/s, "
+        f"{100 * t.images_per_sec / ceiling['images_per_sec']:.0f}% of model-only, "
+        f"device idle {100 * (t.device_idle_fraction or 0):.0f}%, data wait {100 * t.data_wait_fraction:.0f}%")
+
+
+def e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict], fastest,
+                add: Add = _nothing) -> list[dict]:
     """Each data path feeding the model: the reference loop, then fasttrain's loaders and the peers' with the
     toggle combination that was fastest in this run's model-only section (its trainer, already compiled)."""
     steps, size, b = plan.e2e_steps, plan.model_image_size, plan.model_batch
     tg, step, layout = fastest
-    ceiling = next(e for e in model_entries if e["toggles"] == asdict(tg) and not e["reference"])
+    ceiling = _ceiling_of(model_entries, tg)
     ref = ReferenceStep(arch, plan.num_classes, plan.device)
     # One step on a synthetic batch before its workers start: CUDA/cuDNN set-up done now would otherwise let
     # the workers pile up batches that the timed window then drains at model speed.
@@ -249,6 +350,7 @@ def e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict
     del ref
     out = [entry("e2e", f"e2e/{arch}/reference", "reference", arch, Toggles(), b, plan.workers, t, ref_steps,
                  reference=True)]
+    add(out[-1])
     log(f"e2e {arch} reference loop: {t.images_per_sec:.1f} img/s")
     torch.backends.cudnn.benchmark = tg.cudnn_benchmark  # the reference step above set the reference's
     for kind in e2e_loaders(plan):
@@ -262,39 +364,78 @@ def e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict
             continue
         out.append(entry("e2e", f"e2e/{arch}/{kind}+{tg.label}", kind, arch, tg, b, plan.workers, t, kind_steps,
                          peer=is_peer(kind), of_ceiling=t.images_per_sec / ceiling["images_per_sec"]))
-        log(f"e2e {arch} {kind}{' (peer)' * is_peer(kind)} {tg.label}: {t.images_per_sec:.1f} img/s, "
-            f"{100 * t.images_per_sec / ceiling['images_per_sec']:.0f}% of model-only, "
-            f"device idle {100 * (t.device_idle_fraction or 0):.0f}%, data wait {100 * t.data_wait_fraction:.0f}%")
+        add(out[-1])
+        _e2e_log(arch, kind + " (peer)" * is_peer(kind), tg, t, ceiling)
+    return out
+
+
+def dali_e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict], fastest,
+                     add: Add = _nothing) -> list[dict]:
+    """Section "dali", end to end: the DALI loader at each of plan.dali_e2e's knob settings (fasttrain's
+    defaults among them) feeding the same trainer, already compiled: where DALI shares the GPU with the
+    model, the hardware decoder's share and the queue depth move the model's rate, not only the loader's."""
+    kind = dali_kind(plan)
+    if kind is None or not plan.dali_e2e:
+        return []
+    steps, size, b = warmed(plan.e2e_steps, kind, plan.workers), plan.model_image_size, plan.model_batch
+    tg, step, layout = fastest
+    ceiling = _ceiling_of(model_entries, tg)
+    torch.backends.cudnn.benchmark = tg.cudnn_benchmark
+    out = []
+    for knobs in plan.dali_e2e:
+        with open_loader(kind, data, b, plan.workers, size, layout, sum(steps), dali=knobs) as batches:
+            t = time_loop(batches, step, plan.device, *steps)
+        out.append(entry("dali", f"dali/{arch}/{kind}@{knobs.label(kind)}+{tg.label}", kind, arch, tg, b, plan.workers,
+                         t, steps, dali=asdict(knobs), default_knobs=knobs == DaliKnobs(),
+                         of_ceiling=t.images_per_sec / ceiling["images_per_sec"]))
+        _e2e_log(arch, f"{kind}@{knobs.label(kind)}", tg, t, ceiling)
+    _vs_default(out)
+    for e in out:
+        add(e)
     return out
 
 
 def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
               save: Callable[[list[dict]], None] = lambda entries: None) -> list[dict]:
-    """Every entry, ordered loader, model, e2e (within a section, in the order measured). `save` gets the
-    entries so far after each part, so a run stopped by a time limit still leaves its numbers."""
+    """Every entry, ordered loader, model, e2e, ceiling, dali (within a section, in the order measured).
+    `save` gets the entries so far after each one, so a run stopped by a time limit keeps every number it
+    measured. Section "dali" without "model" times only the most toggled combination (the fastest in every
+    run so far) for its end-to-end entries, and records no model entries."""
     t0 = time.perf_counter()
-    entries = loader_section(plan, data) if "loader" in sections else []
-    save(entries)
+    entries: list[dict] = []
+
+    def add(e: dict) -> None:
+        entries.append(e)
+        save(ordered(entries))
+
+    if "loader" in sections:
+        loader_section(plan, data, add)
+    if "dali" in sections:
+        dali_loader_section(plan, data, add)
     for arch in plan.archs:
         if "ceiling" in sections:
-            entries += ceiling_section(plan, arch)
-            save(ordered(entries))
-        if "model" not in sections and "e2e" not in sections:
+            ceiling_section(plan, arch, add)
+        dali_e2e = "dali" in sections and dali_kind(plan) is not None and bool(plan.dali_e2e)
+        if "model" not in sections and "e2e" not in sections and not dali_e2e:
             continue
-        model, fastest = model_section(plan, arch)
-        entries += model if "model" in sections else []
+        if "model" in sections or "e2e" in sections:
+            model, best = model_section(plan, arch, add if "model" in sections else _nothing)
+        else:
+            model, best = model_section(plan, arch, combos=plan.combos[-1:])
         if "e2e" in sections:
-            entries += e2e_section(plan, data, arch, model, fastest)
-        del fastest
+            e2e_section(plan, data, arch, model, best, add)
+        if dali_e2e:
+            dali_e2e_section(plan, data, arch, model, best, add)
+        del best
         gc.collect()
         if plan.device.type == "cuda":
             torch.cuda.empty_cache()
-        save(ordered(entries))
     log(f"matrix done in {time.perf_counter() - t0:.0f}s")
     return ordered(entries)
 
 
 def ordered(entries: list[dict]) -> list[dict]:
-    """Sections in the order loader, model, e2e, ceiling; within one, the order measured (sort is stable)."""
-    order = {"loader": 0, "model": 1, "e2e": 2, "ceiling": 3}
+    """Sections in the order loader, model, e2e, ceiling, dali, recipe; within one, the order measured (sort
+    is stable)."""
+    order = {"loader": 0, "model": 1, "e2e": 2, "ceiling": 3, "dali": 4, "recipe": 5}
     return sorted(entries, key=lambda e: order[e["section"]])
