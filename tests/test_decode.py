@@ -155,3 +155,17 @@ def test_train_samples_decode_only_their_box(tmp_path, monkeypatch):
     assert len(calls) == 3 and all(img.shape == (3, 32, 32) and bad is None for img, _, bad in items)
     tvb.ImageFiles(split, tvb.ValTransform(32))[0]
     assert len(calls) == 3
+
+
+def test_collate_in_a_worker_stacks_into_shared_memory(monkeypatch):
+    """A worker's batch is made in shared memory (no second copy on its way to the training process);
+    bad samples are left out and reported; in the main process (workers=0) nothing is shared."""
+    from fasttrain.data import torchvision_backend as tb
+    images = [torch.full((3, 4, 5), i, dtype=torch.uint8) for i in range(3)]
+    items = [(images[0], 7, None), (None, 8, ("bad.jpg", "truncated")), (images[1], 9, None), (images[2], 1, None)]
+    x, y, bad = tb.collate(items)
+    assert not x.is_shared() and torch.equal(x, torch.stack(images)) and y.tolist() == [7, 9, 1]
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    x, y, bad = tb.collate(items)
+    assert x.is_shared() and torch.equal(x, torch.stack(images)) and x.dtype == torch.uint8
+    assert y.tolist() == [7, 9, 1] and bad == [("bad.jpg", "truncated")]
