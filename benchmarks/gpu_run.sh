@@ -23,17 +23,22 @@
 #      ~70 KB), drawn in ~15 s on 16 cores. bench.json is rewritten after each part, so a run cut short
 #      still leaves what it measured;
 #   4. benchmarks/check_goals.py on bench.json (goals.txt; its SHORT lines do not stop this script);
-#   5. benchmarks/resume_check.py, also after a bench cut short: SIGTERM at step 6 of 16, --resume auto
-#      from DALI's own checkpoint (no replay), and the batches against an uninterrupted run's.
+#   5. benchmarks/profile_loader.py: the DALI GPU loader alone under torch.profiler, 80 batches (GPU busy
+#      share, kernels, main-thread wait, CPU per image: where its time goes), at most 60 s;
+#   6. benchmarks/resume_check.py, also after a bench cut short: SIGTERM at step 6 of 16, --resume auto
+#      from DALI's own checkpoint (no replay), and the batches against an uninterrupted run's;
+#   7. a torch.profiler trace of 4 steps of compiled ResNet-50 fed by DALI GPU (below).
 # Time plan: the first H200 run's matrix, without peers, took 217 s, of which torch.compile warm-up 46 s
 # (ResNet-50) and 23 s (ResNet-18); the peers add about 50 s (2 loader-only entries, 4 end-to-end ones);
-# drawing the JPEGs ~15 s: about 290 s expected on an H100, cut at LIMIT_S=350. The resume check's three
-# short runs take about 60-75 s, set-up ~10 s: about 370-435 s in all, and TOTAL_S=470 bounds it. The
-# profile (step 6) then gets what is left of TOTAL_S + 120 s: it took 87 s on the H200 (compile 71 s), so
+# drawing the JPEGs ~15 s: about 290 s expected on an H100, cut at LIMIT_S=350. The loader profile ~20-30 s
+# (estimated, not yet run on a GPU; at most 60 s). The resume check's three short runs take about 60-75 s,
+# set-up ~10 s: about 395-460 s in all, and TOTAL_S=470 bounds it. The
+# profile (step 7) then gets what is left of TOTAL_S + 120 s: it took 87 s on the H200 (compile 71 s), so
 # the whole script ends within ~590 s; a 15-minute device lease has room for it once (the second H200 run,
 # with LIMIT_S=330 TOTAL_S=430, left the resume check 18 s too few for its uninterrupted run).
-# Results, the only files under OUT: env.txt, bench/{bench.json,bench.log,goals.txt,bench.png}, resume.txt,
-# profile.txt, profile-metrics.jsonl, trace.json.gz (step 6; PROFILE=0 leaves it out).
+# Results, the only files under OUT: env.txt, bench/{bench.json,bench.log,goals.txt,bench.png},
+# loader-profile.txt (step 5; PROFILE_LOADER=0 leaves it out), resume.txt, profile.txt,
+# profile-metrics.jsonl, trace.json.gz (step 7; PROFILE=0 leaves it out).
 # Checkpoints and the generated JPEGs go under SCRATCH and FASTTRAIN_CACHE, outside OUT. No matplotlib
 # there? Then render the PNG elsewhere: fasttrain bench --from-json DIR/bench.json --out DIR.
 # Knobs (environment): OUT (default runs/gpu), SCRATCH (/tmp/fasttrain-gpu-run), WORKERS (16), BATCH (256),
@@ -76,10 +81,13 @@ if (( dry )); then
   "$PY" -c 'import sys; from fasttrain.cli import build_parser; build_parser().parse_args(sys.argv[1:])' "${args[@]}"
   "$PY" -c 'import sys; from fasttrain.cli import build_parser; build_parser().parse_args(sys.argv[1:])' \
     train DATA "${train[@]}" --output-dir "$SCRATCH/resume/stopped"
-  "$PY" -m py_compile benchmarks/check_goals.py benchmarks/resume_check.py tests/fault_worker.py
+  "$PY" -m py_compile benchmarks/check_goals.py benchmarks/resume_check.py benchmarks/profile_loader.py \
+    tests/fault_worker.py
+  "$PY" benchmarks/profile_loader.py --help > /dev/null
   {
     printf '%q ' "$PY" -m fasttrain "${args[@]}"; echo
     printf '%q ' "$PY" benchmarks/check_goals.py "$OUT/bench/bench.json"; echo
+    printf '%q ' "$PY" benchmarks/profile_loader.py DATA -j "$WORKERS" -b "${BATCH:-256}" --batches 80; echo
     printf '%q ' "$PY" benchmarks/resume_check.py --time-limit LEFT "${resume[@]}" -- train DATA "${train[@]}"; echo
   } > "$OUT/gpu_run_plan.txt"
   echo "gpu_run: dry run: would run (bench limited to ${LIMIT_S}s, all within ${TOTAL_S}s):"
@@ -138,6 +146,14 @@ if (( dali )); then
   data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES))")
 fi
 
+# Where the DALI GPU loader's time goes alone (issue 12: its 25,000 img/s goal): torch.profiler over 80
+# batches at fasttrain's defaults; GPU busy share, kernels, main-thread wait, CPU per image (~20-30 s).
+if (( dali )) && [[ "${PROFILE_LOADER:-1}" == 1 ]]; then
+  timeout --signal=INT --kill-after=10 60 "$PY" benchmarks/profile_loader.py "$data" -j "$WORKERS" \
+    -b "${BATCH:-256}" --batches 80 > "$OUT/loader-profile.txt" 2>&1 || true
+  grep -E "^profile_loader|img/s|main thread|GPU:|CPU:" "$OUT/loader-profile.txt" | head -8 || true
+fi
+
 # Also after a bench cut short by LIMIT_S: the resume check gets what is left of TOTAL_S (at least 60 s).
 if (( dali )) && [[ "${RESUME_CHECK:-1}" == 1 ]]; then
   left=$(( TOTAL_S - SECONDS - 5 ))
@@ -146,7 +162,7 @@ if (( dali )) && [[ "${RESUME_CHECK:-1}" == 1 ]]; then
     > "$OUT/resume.txt" 2>&1 || true
   grep -E "^resume_check:|run exit:|resumed from|replaying|Error" "$OUT/resume.txt" | head -20 || true
 fi
-# Where the time goes (issue 12): a torch.profiler trace of 4 steps of the best ResNet-50 path (DALI GPU,
+# Step 7, where the time goes (issue 12): a torch.profiler trace of 4 steps of the best ResNet-50 path (DALI GPU,
 # bf16, channels_last, compiled), after the compile warm-up; GPU idle and data wait per epoch in
 # metrics.jsonl. Results: profile.txt (the run's output, top-10 ops by device time), profile-metrics.jsonl,
 # and the trace gzipped when under 16 MiB.

@@ -177,9 +177,10 @@ def test_gpu_run_dry_run_parses_its_command(tmp_path):
     res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    bench, goals, resume = (line.rstrip() for line in (out / "gpu_run_plan.txt").read_text().splitlines())
+    bench, goals, loader, resume = (line.rstrip() for line in (out / "gpu_run_plan.txt").read_text().splitlines())
     assert "-m fasttrain bench --out" in bench and "-a resnet50" in bench and "-j 16 -b 256" in bench
     assert goals.endswith(f"check_goals.py {out}/bench/bench.json")
+    assert "profile_loader.py DATA -j 16 -b 256" in loader
     # checkpoints go to SCRATCH: only the few result files come back from the GPU machine
     assert "resume_check.py" in resume and f"--out {tmp_path}/scratch/resume" in resume and "--loader dali" in resume
     assert (out / "bench").is_dir() and sorted(os.listdir(out)) == ["bench", "gpu_run_plan.txt"]
@@ -546,3 +547,31 @@ def test_check_goals_counts_other_dali_settings_and_names_them():
     assert {line for ok, line in cg.goals(doc) if not ok} == {
         "SHORT DALI GPU loader only: 20,000 img/s with fasttrain's defaults (goal 25,000)",
         next(line for line in (line for _, line in cg.goals(doc)) if "85% of its" in line)}
+
+
+@pytest.mark.skipif(not dali_backend.available(), reason="nvidia.dali does not import")
+def test_profile_loader_reports_where_a_dali_loaders_time_goes(tiny_data, tmp_path):
+    """benchmarks/profile_loader.py (gpu_run.sh's loader profile) on DALI's CPU mode: rate, main-thread
+    wait, CPU per image, a trace; bad input is one line and exit status 2."""
+    script = os.path.join(REPO, "benchmarks", "profile_loader.py")
+    trace = tmp_path / "t.json"
+    res = run_group([sys.executable, script, tiny_data, "-j", "1", "-b", "8", "--batches", "3", "--prefetch", "1",
+                     "--trace", str(trace)], timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "dali-cpu @ prefetch1, 3 batches of 8, 1 DALI threads" in res.stdout
+    assert "img/s" in res.stdout and "waited in next()" in res.stdout and "ms an image" in res.stdout
+    assert json.loads(trace.read_text())["traceEvents"]
+    res = run_group([sys.executable, script, str(tmp_path / "nothing")], timeout=60)
+    assert res.returncode == 2 and res.stderr.strip().startswith("profile_loader: error: dataset folder")
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_profile_loader_counts_overlapping_gpu_work_once():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        from profile_loader import union_length
+    finally:
+        sys.path.pop(0)
+    assert union_length([]) == 0
+    assert union_length([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25  # two streams overlapping, a gap
+    assert union_length([(3, 4), (0, 2)]) == 3

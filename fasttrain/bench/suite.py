@@ -157,7 +157,7 @@ def best_of_repeats(plan: Plan, jobs: list[tuple[str, Callable[[], Timing]]]) ->
     return runs
 
 
-def fastest(ts: list[Timing]) -> Timing:
+def best_run(ts: list[Timing]) -> Timing:
     """Best of the repeats, as timeit does: noise only ever slows a run down."""
     return max(ts, key=lambda t: t.images_per_sec)
 
@@ -176,7 +176,7 @@ def loader_section(plan: Plan, data: BenchData, add: Add = _nothing) -> list[dic
         return run
 
     runs = best_of_repeats(plan, [(k, measure(k)) for k in list(plan.loaders)])
-    out = [entry("loader", f"loader/{k}", k, None, None, plan.loader_batch, plan.workers, fastest(ts), steps,
+    out = [entry("loader", f"loader/{k}", k, None, None, plan.loader_batch, plan.workers, best_run(ts), steps,
                  reference=k == "reference", peer=is_peer(k),
                  all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]) for k, ts in runs.items()]
     rates = {e["loader"]: e["images_per_sec"] for e in out}
@@ -216,7 +216,7 @@ def dali_loader_section(plan: Plan, data: BenchData, add: Add = _nothing) -> lis
     for knobs in plan.dali_loader:
         ts = runs[f"{kind}@{knobs.label(kind)}"]
         out.append(entry("dali", f"dali/{kind}@{knobs.label(kind)}", kind, None, None, plan.loader_batch, plan.workers,
-                         fastest(ts), steps, dali=asdict(knobs), default_knobs=knobs == DaliKnobs(),
+                         best_run(ts), steps, dali=asdict(knobs), default_knobs=knobs == DaliKnobs(),
                          all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]))
     _vs_default(out)
     for e in out:
