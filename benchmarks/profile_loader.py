@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fasttrain.bench.images import bench_dataset  # noqa: E402
 from fasttrain.bench.loaders import BenchData, open_loader  # noqa: E402
-from fasttrain.bench.measure import _tree_cpu_seconds, sync  # noqa: E402
+from fasttrain.bench.measure import tree_cpu_seconds, sync  # noqa: E402
 from fasttrain.bench.suite import DaliKnobs, queued_batches  # noqa: E402
 from fasttrain.data import dali_backend  # noqa: E402
 from fasttrain.data.base import Layout  # noqa: E402
@@ -62,13 +62,13 @@ def profile(data: str, workers: int, batch: int, batches: int, knobs: DaliKnobs,
         sync(device)
         wait = 0.0
         with torch.profiler.profile(activities=activities) as prof:
-            cpu0, t0 = _tree_cpu_seconds(), time.perf_counter()
+            cpu0, t0 = tree_cpu_seconds(), time.perf_counter()
             for _ in range(batches):
                 t = time.perf_counter()
                 next(it)
                 wait += time.perf_counter() - t
             sync(device)
-            wall, cpu1 = time.perf_counter() - t0, _tree_cpu_seconds()
+            wall, cpu1 = time.perf_counter() - t0, tree_cpu_seconds()
         it.close()
     out = {"loader": kind, "knobs": knobs.label(kind), "batches": batches, "batch": batch, "workers": workers,
            "images_per_sec": batches * batch / wall, "ms_per_batch": 1e3 * wall / batches,

@@ -342,7 +342,7 @@ def test_device_idle_is_the_gap_between_steps(monkeypatch):
     for the loader) over the window. A fake clock makes it exact: the loader takes 3 units, the step 1."""
     now = [0.0]
     monkeypatch.setattr(measure, "_clock", lambda: now[0])
-    monkeypatch.setattr(measure, "_tree_cpu_seconds", lambda: None)
+    monkeypatch.setattr(measure, "tree_cpu_seconds", lambda: None)
 
     def batches():
         while True:

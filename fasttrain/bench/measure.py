@@ -89,7 +89,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _tree_cpu_seconds() -> float | None:
+def tree_cpu_seconds() -> float | None:
     """utime + stime of this process and every live descendant, from /proc (None where there is none)."""
     try:
         tick = os.sysconf("SC_CLK_TCK")
@@ -174,13 +174,13 @@ def time_loop(batches: Iterable, step: Callable | None, device: torch.device, wa
                 images += int(y.shape[0])
             if i == warmup - 1:
                 sync(device)  # everything up to here is warm-up
-                cpu_start = _tree_cpu_seconds()
+                cpu_start = tree_cpu_seconds()
                 t_start = _clock()
             if i >= warmup - 1:
                 stamps.end()
         sync(device)
         t_end = _clock()
-        cpu_end = _tree_cpu_seconds()
+        cpu_end = tree_cpu_seconds()
     finally:
         close = getattr(it, "close", None)
         if close is not None:
