@@ -575,3 +575,13 @@ def test_profile_loader_counts_overlapping_gpu_work_once():
     assert union_length([]) == 0
     assert union_length([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25  # two streams overlapping, a gap
     assert union_length([(3, 4), (0, 2)]) == 3
+
+
+def test_dali_section_without_dali_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(dali_backend, "available", lambda: False)
+    monkeypatch.setattr(dali_backend, "import_error", lambda: "No module named 'nvidia.dali'")
+    assert cli.main(["bench", "--quick", "--sections", "loader,dali", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("fasttrain: error: --sections dali: the DALI loader does not run here (nvidia.dali does not "
+                   "import (No module named 'nvidia.dali'))")
+    assert not (tmp_path / "bench.json").exists()  # refused before measuring anything

@@ -32,7 +32,7 @@ from ..errors import UserError
 from .images import bench_dataset
 from .loaders import FASTTRAIN_LOADERS, BenchData, available_loaders
 from .report import add_ratios, environment, load_average, plot, table, write_json
-from .suite import DaliKnobs, Plan, Toggles, run_suite
+from .suite import DaliKnobs, Plan, Toggles, dali_kind, run_suite
 
 SECTIONS = ("loader", "model", "e2e")
 ALL_SECTIONS = SECTIONS + ("ceiling", "recipe", "dali")  # only when asked for: each of their entries trains anew
@@ -113,6 +113,9 @@ def default_images(ns: argparse.Namespace, gpu: bool) -> int:
 def render(out: str, doc: dict) -> None:
     """Table on stdout, bench.png next to bench.json (skipped, with a note, where matplotlib is missing)."""
     print(table(doc["entries"]), flush=True)
+    if not doc["entries"]:
+        print("fasttrain bench: no entries: no bench.png", file=sys.stderr)
+        return
     try:
         plot(os.path.join(out, "bench.png"), doc["entries"], doc["environment"], doc.get("plan"))
     except ImportError:
@@ -148,6 +151,9 @@ def bench_command(ns: argparse.Namespace) -> int:
 
 def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan) -> int:
     sections = tuple(s.strip() for s in (ns.sections or ",".join(SECTIONS)).split(","))
+    if "dali" in sections and dali_kind(plan) is None:
+        kind = "dali-gpu" if device.type == "cuda" else "dali-cpu"
+        raise UserError(f"--sections dali: the DALI loader does not run here ({plan.skipped.get(kind, 'left out')})")
     root = ns.data or bench_dataset(default_images(ns, device.type == "cuda"))
     data = BenchData.scan(root)
     if ns.shards:  # loader-only twins reading the same images from tar shards (bench/shards.py)
