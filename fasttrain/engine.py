@@ -47,6 +47,7 @@ class Trainer:
     ema: object = None              # ema.EMA of the weights with --ema, updated after every optimizer step
     _nonfinite: torch.Tensor | None = field(default=None, repr=False)
     _window: list = field(default_factory=list, repr=False)  # this window's (loss, logits, labels) so far
+    _schedule_started: bool = field(default=False, repr=False)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -73,7 +74,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             self.scaler.update()
-            self.scheduler.step()
+            self._step_schedule()
             return True  # nor do the skipped step's losses enter the meters
         if self.clip_grad:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op without fp16's scaler)
@@ -81,7 +82,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        self._step_schedule()
         self.optimizer.zero_grad(set_to_none=True)  # after the step: the next window starts from nothing
         if self.ema is not None:
             self.ema.update(self.model)  # on the device, no sync
@@ -90,6 +91,21 @@ class Trainer:
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
             meter.update(loss, logits.float(), labels)
         return True
+
+    def _step_schedule(self) -> None:
+        """One LR schedule step per optimizer step, taken or skipped (fp16's scaler skipping an overflowing
+        step, --on-nan skip): the schedule counts steps, and asking whether the scaler skipped one would cost
+        a host sync. torch warns once, at the schedule's first step, when no optimizer step came before it, as
+        when the first step is skipped (fp16's initial loss scale often overflows): meant here, so that one
+        warning is dropped."""
+        if self._schedule_started:
+            self.scheduler.step()
+            return
+        self._schedule_started = True
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before "
+                                    r"`optimizer\.step\(\)`")
+            self.scheduler.step()
 
     def _sync_grads(self, sync: bool):
         """DDP's no_sync() for the batches of a window before its last: their gradients are all-reduced once,
