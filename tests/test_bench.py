@@ -585,3 +585,20 @@ def test_dali_section_without_dali_is_a_one_line_error(tmp_path, monkeypatch, ca
     assert err == ("fasttrain: error: --sections dali: the DALI loader does not run here (nvidia.dali does not "
                    "import (No module named 'nvidia.dali'))")
     assert not (tmp_path / "bench.json").exists()  # refused before measuring anything
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--images", "0"], "--images must be at least 8 (one per class), got 0"),
+    (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["-b", "0"], "--batch-size must be at least 1, got 0"),
+    (["-j", "-1"], "--workers must be 0 or more, got -1"),
+    (["--from-json", "missing.json"], "--from-json missing.json: not a bench.json (FileNotFoundError"),
+])
+def test_bench_refuses_bad_numbers_in_one_line(args, message, tmp_path, capsys, monkeypatch):
+    """Before: 0 fell back to the default silently, -j -1 ended in DataLoader's traceback, a missing
+    --from-json file in open()'s."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--quick", "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fasttrain: error: {message}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out" / "bench.json").exists()

@@ -29,7 +29,7 @@ from dataclasses import asdict, replace
 import torch
 
 from ..errors import UserError
-from .images import bench_dataset
+from .images import CLASSES, bench_dataset
 from .loaders import FASTTRAIN_LOADERS, BenchData, available_loaders
 from .report import add_ratios, environment, load_average, plot, table, write_json
 from .suite import DaliKnobs, Plan, Toggles, dali_kind, run_suite
@@ -123,14 +123,28 @@ def render(out: str, doc: dict) -> None:
               f"fasttrain bench --from-json {os.path.join(out, 'bench.json')} --out {out})", file=sys.stderr)
 
 
+def check_numbers(ns: argparse.Namespace) -> None:
+    """Counts a user gives: a bad one is a one-line error, not a silent default or a traceback later."""
+    for flag, value, least in (("--workers", ns.workers, 0), ("--batch-size", ns.batch_size, 1),
+                               ("--repeats", ns.repeats, 1), ("--images", ns.images, CLASSES)):
+        if value is not None and value < least:
+            what = "0 or more" if least == 0 else f"at least {least}" + " (one per class)" * (flag == "--images")
+            raise UserError(f"{flag} must be {what}, got {value}")
+
+
 def bench_command(ns: argparse.Namespace) -> int:
     out = ns.out
     if ns.sections and not {s.strip() for s in ns.sections.split(",")} <= set(ALL_SECTIONS):
         raise UserError(f"--sections takes a comma list of {', '.join(ALL_SECTIONS)}")
+    check_numbers(ns)
     os.makedirs(out, exist_ok=True)
     if ns.from_json:
-        with open(ns.from_json) as fh:
-            doc = json.load(fh)
+        try:
+            with open(ns.from_json) as fh:
+                doc = json.load(fh)
+            doc["entries"], doc["environment"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--from-json {ns.from_json}: not a bench.json ({type(e).__name__}: {e})") from None
         if os.path.abspath(ns.from_json) != os.path.abspath(os.path.join(out, "bench.json")):
             write_json(os.path.join(out, "bench.json"), doc["entries"], doc["environment"], doc.get("plan", {}))
         render(out, doc)
