@@ -248,11 +248,11 @@ def _check_paths(data: str, out: str) -> None:
 
 
 def shard_command(ns: argparse.Namespace) -> int:
+    from .data.check import check_options
     from .data.scan import scan_dataset
     if ns.shard_size <= 0:
         raise UserError(f"--shard-size must be a positive number of MB, got {ns.shard_size}")
-    if ns.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {ns.workers}")
+    check_options(ns)
     _check_paths(ns.data, ns.out)
     t0 = time.perf_counter()
     train, val = scan_dataset(ns.data)

@@ -89,6 +89,18 @@ def test_check_data_clean_tree_exits_0(tiny_data, capsys):
     assert cli.main(["check-data", tiny_data]) == 0
 
 
+@pytest.mark.parametrize("command", ["check-data", "shard"])
+@pytest.mark.parametrize("flag", ["-j", "--min-side", "--max-pixels"])
+def test_check_options_below_1_are_one_line_errors(command, flag, tiny_data, tmp_path, capsys):
+    """check-data and shard take the same checks; 0 or less was accepted (-j -1 ran serially, --max-pixels 0
+    called every file bad)."""
+    out = [str(tmp_path / "shards")] if command == "shard" else []
+    assert cli.main([command, tiny_data, *out, flag, "0"]) == 2
+    name = "--workers" if flag == "-j" else flag
+    assert capsys.readouterr().err.strip() == f"fasttrain: error: {name} must be at least 1, got 0"
+    assert not (tmp_path / "shards").exists()
+
+
 def test_training_skips_bad_files_by_name_then_stops_past_the_limit(data, tmp_path, capsys):
     plant_bad_files(data / "train" / "hstripes_cool")  # 96 + 9 files: batches of 15 read every one each epoch
     assert cli.main(["train", str(data), *ARGS, "-b", "15", "--epochs", "1", "--output-dir", str(tmp_path / "a")]) == 0

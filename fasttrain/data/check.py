@@ -100,8 +100,16 @@ def check_data(data: str, workers: int = 2, min_side: int = 8, max_pixels: int =
             "good": [r["path"] for r in results if not r["error"]]}
 
 
+def check_options(ns) -> None:
+    """check-data's and shard's -j, --min-side and --max-pixels: each a count of at least 1."""
+    for flag, value in (("--workers", ns.workers), ("--min-side", ns.min_side), ("--max-pixels", ns.max_pixels)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+
+
 def check_data_command(ns) -> int:
     from .shards import is_sharded
+    check_options(ns)
     if ns.write_clean_list and is_sharded(ns.data):
         raise UserError(f"{ns.data} is a sharded dataset: --write-clean-list is for ImageFolder trees (`fasttrain "
                         "shard` already left the bad files out)")
