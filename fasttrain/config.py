@@ -349,10 +349,19 @@ def validate(cfg: Config) -> None:
 
 def validate_knobs(cfg: Config) -> None:
     """The training knobs of issue 14 (timm's): ranges, and which loader can apply the per-image ones."""
-    for flag, value in (("--val-steps", cfg.data.val_steps), ("--clip-grad", cfg.optim.clip_grad),
-                        ("--mixup", cfg.optim.mixup), ("--cutmix", cfg.optim.cutmix)):
+    d, o = cfg.data, cfg.optim
+    for flag, value in (("--val-steps", d.val_steps), ("--clip-grad", o.clip_grad), ("--mixup", o.mixup),
+                        ("--cutmix", o.cutmix), ("--steps-per-epoch", d.steps_per_epoch),
+                        ("--max-bad-files", d.max_bad_files), ("--checkpoint-interval", cfg.run.checkpoint_interval),
+                        ("--start-epoch", o.start_epoch), ("--warmup-epochs", o.warmup_epochs),
+                        ("--momentum", o.momentum), ("--wd", o.weight_decay)):
         if value < 0:
             raise UserError(f"{flag} must be 0 or more, got {value}")
+    if not 0.0 <= o.label_smoothing < 1.0:
+        raise UserError(f"--label-smoothing must be in [0, 1) (0.1 is usual), got {o.label_smoothing}")
+    for flag, value in (("--prefetch", d.prefetch), ("--num-classes", d.num_classes)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     if cfg.optim.grad_accum_steps < 1:
         raise UserError(f"--grad-accum-steps must be at least 1, got {cfg.optim.grad_accum_steps}")
     if not 0 <= cfg.data.randaugment <= 30:

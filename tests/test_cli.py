@@ -109,6 +109,17 @@ def test_no_data_means_demo_defaults():
     (["train", "D", "-b", "0"], "--batch-size must be at least 1"),
     (["train", "D", "--amp", "fp8"], "invalid choice"),
     (["train", "D", "--pretrained"], "--weights"),
+    # these ended in a traceback from torch (label smoothing, momentum, weight decay) or ran with nonsense
+    (["train", "D", "--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
+    (["train", "D", "--momentum", "-1"], "--momentum must be 0 or more"),
+    (["train", "D", "--wd", "-0.1"], "--wd must be 0 or more"),
+    (["train", "D", "--start-epoch", "-1"], "--start-epoch must be 0 or more"),
+    (["train", "D", "--checkpoint-interval", "-5"], "--checkpoint-interval must be 0 or more"),
+    (["train", "D", "--warmup-epochs", "-1"], "--warmup-epochs must be 0 or more"),
+    (["train", "D", "--steps-per-epoch", "-1"], "--steps-per-epoch must be 0 or more"),
+    (["train", "D", "--max-bad-files", "-1"], "--max-bad-files must be 0 or more"),
+    (["train", "D", "--prefetch", "0"], "--prefetch must be at least 1"),
+    (["train", "--dummy", "--num-classes", "0"], "--num-classes must be at least 1"),
 ])
 def test_parse_errors_are_one_line(argv, needle, capsys):
     assert cli.main(argv) == 2
