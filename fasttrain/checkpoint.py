@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -92,12 +93,16 @@ def load(path: str, what: str = "checkpoint") -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        # torch wraps every unpickling failure of weights_only=True in "Weights only load failed": only an
+        # "Unsupported global" is a pickled Python object; anything else (a text file, garbage) is no checkpoint.
+        if "Unsupported global" in str(e):
             raise UserError(f"{what} {path} holds pickled Python objects, which fasttrain does not load (they "
                             "could run code): only tensors and plain values, as torch.load(weights_only=True) "
                             "reads them; if you trust the file, re-save just its state_dict") from None
-        raise UserError(f"{what} {path} cannot be read ({_one_line(e)}); it may be truncated or not a "
-                        "PyTorch file") from None
+        # The unpickler's own words, without torch's advice to load it with weights_only=False.
+        said = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", str(e), re.S)
+        why = f"{type(e).__name__}: {' '.join(said.group(1).split())[:160]}" if said else _one_line(e)
+        raise UserError(f"{what} {path} cannot be read ({why}); it may be truncated or not a PyTorch file") from None
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} holds a {type(obj).__name__}, not a dict of tensors")
     return obj

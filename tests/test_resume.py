@@ -115,6 +115,18 @@ def test_a_checkpoint_with_pickled_objects_is_refused(trained, tiny_data, tmp_pa
         assert not any("Traceback" in line for line in err)
 
 
+def test_a_file_that_is_no_checkpoint_is_called_that(tiny_data, tmp_path, capsys):
+    """A text file given as a checkpoint is not "pickled Python objects" (torch words every weights_only
+    failure alike), and the error does not pass on torch's advice to load it with weights_only=False."""
+    path = tmp_path / "notes.txt"
+    path.write_text("not a checkpoint\n")
+    assert cli.main(["eval", tiny_data, "--checkpoint", str(path), "--device", "cpu", "-j", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fasttrain: error: checkpoint {path} cannot be read (UnpicklingError: ") and \
+        err.endswith("it may be truncated or not a PyTorch file") and len(err.splitlines()) == 1, err
+    assert "pickled Python objects" not in err and "weights_only" not in err
+
+
 def reference_checkpoint(path, epoch=1, num_classes=4):
     """What pytorch/examples imagenet/main.py saves: its DataParallel/DDP module's keys (`module.`),
     best_acc1 a tensor, SGD state after a step, and StepLR's state (which counts epochs)."""
