@@ -224,7 +224,10 @@ def parse_config(ns: argparse.Namespace) -> C.Config:
     demo = (ns.command == "train" and values.get(("data", "data")) is None
             and not values.get(("data", "dummy")) and values.get(("data", "loader")) != "synthetic")
     if demo:
-        values = _over(DEMO_DEFAULTS, values, "")
+        defaults = dict(DEMO_DEFAULTS)
+        if ("optim", "lr_schedule") in values:  # the demo's warm-up belongs to its cosine schedule
+            defaults.pop(("optim", "warmup_epochs"))
+        values = _over(defaults, values, "")
     return C.build_config(values)
 
 

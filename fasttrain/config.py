@@ -263,6 +263,9 @@ def toml_values(raw: dict[str, Any], path: str) -> dict[tuple[str, str], Any]:
     index = key_index()
     out = {}
     for key, value in raw.items():
+        if isinstance(value, dict):  # a [table]: the file is flat, one key per flag
+            raise UserError(f"config file {path}: [{key}] is a table, and fasttrain's config has none: one "
+                            f"key per long flag name at the top level (e.g. batch-size = 256, lr = 0.1)")
         if key not in index:
             raise UserError(f"config file {path}: unknown key '{key}' (keys are the long flag names, "
                             f"e.g. batch-size, lr, arch)")

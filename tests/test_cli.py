@@ -101,7 +101,26 @@ def test_resume_auto_needs_output_dir(capsys):
 def test_no_data_means_demo_defaults():
     c = parse()
     assert c.data.data is None and c.data.image_size == 64 and c.optim.epochs == 10 and c.optim.lr == 0.05
+    assert c.optim.lr_schedule == "cosine" and c.optim.warmup_epochs == 1.0
     assert parse("--epochs", "3").optim.epochs == 3
+
+
+def test_a_schedule_chosen_over_the_demo_drops_the_demos_warm_up():
+    """The demo's 1-epoch warm-up belongs to its cosine schedule: a recipe's triangular schedule on the demo
+    data was refused for a --warmup-epochs the user never gave."""
+    c = parse("--recipe", "rn18-16ep")
+    assert c.optim.lr_schedule == "triangular" and c.optim.warmup_epochs == 0
+    assert parse("--lr-schedule", "step").optim.warmup_epochs == 0
+    assert parse("--lr-schedule", "step", "--warmup-epochs", "2").optim.warmup_epochs == 2
+
+
+def test_a_toml_table_is_named_in_the_error(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text("[data]\nbatch_size = 32\n")
+    assert cli.main(["train", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"fasttrain: error: config file {path}: [data] is a table, and fasttrain's config has none: one key per "
+        "long flag name at the top level (e.g. batch-size = 256, lr = 0.1)")
 
 
 @pytest.mark.parametrize("argv,needle", [
