@@ -124,6 +124,16 @@ def gpu_peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
+def gpu_in_use_mb(device: torch.device) -> tuple[float, float] | None:
+    """(MiB in use on the device, its total MiB) from the driver (cudaMemGetInfo): everything, not only this
+    process's tensors: torch's cached blocks, the CUDA context, cuDNN workspaces, DALI's own buffers and
+    prefetched batches (DALI allocates outside torch), and any other process on the same GPU. None on CPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 2**20, total / 2**20
+
+
 def summary(rows: list[dict], wall_seconds: float, files: list[str]) -> str:
     """The run's last line: best and last val top-1 with their epochs, time, mean train speed, outputs."""
     if not rows:

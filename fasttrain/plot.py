@@ -60,7 +60,8 @@ PANELS = (  # (title, y label, [(metrics key, line style)], x)
     ("loss: train (solid), val (dashed)", "loss", [("train_loss", "-"), ("val_loss", "--")], "epoch"),
     ("learning rate (first step of the epoch)", "lr", [("lr", "-")], "epoch"),
     ("train speed", "img/s", [("train_images_per_sec", "-")], "epoch"),
-    ("memory: host (solid), GPU peak (dashed)", "MiB", [("host_rss_mb", "-"), ("gpu_max_mem_mb", "--")], "epoch"),
+    ("memory: host (solid), GPU tensors' peak (dashed), GPU in use (dotted)", "MiB",
+     [("host_rss_mb", "-"), ("gpu_max_mem_mb", "--"), ("gpu_used_mb", ":")], "epoch"),
 )
 
 

@@ -78,6 +78,8 @@ class Watch:
         self.metrics.write(record)
         self.tb.epoch((epoch + 1) * self.steps, record)
         gpu = f", GPU peak {record['gpu_max_mem_mb']:.0f} MiB" if "gpu_max_mem_mb" in record else ""
+        if "gpu_used_mb" in record:
+            gpu += f" (device: {record['gpu_used_mb']:.0f} of {record['gpu_total_mb']:.0f} MiB in use)"
         idle = f", GPU idle {100 * record['gpu_idle_fraction']:.0f}%" if "gpu_idle_fraction" in record else ""
         host = f"host {record['host_rss_mb']:.0f} MiB" if record["host_rss_mb"] is not None else "host ?"
         log0(self.dist, f"epoch {epoch}: train loss {stats.loss:.4f} top1 {stats.top1:.2f} | val loss "
@@ -92,11 +94,14 @@ class Watch:
 
     def time_and_memory(self, val_seconds: float) -> dict:
         """This epoch's seconds in this process, the run's wall time so far (across resumes), rank 0's host
-        memory with its loader workers, and on CUDA the epoch's peak of allocated GPU memory."""
+        memory with its loader workers, and on CUDA the epoch's peak of memory allocated by tensors and what
+        the driver says is in use on the device at the epoch's end (DALI's buffers and the CUDA context
+        included: what is left for a larger batch is total - used)."""
         out = {"epoch_seconds": self.clock.end_epoch(val_seconds), "wall_seconds": self.clock.wall_seconds(),
                "host_rss_mb": monitor.host_memory_mb() if self.dist.is_main else None}
         if self.dist.device.type == "cuda":
             out["gpu_max_mem_mb"] = monitor.gpu_peak_mb(self.dist.device)
+            out["gpu_used_mb"], out["gpu_total_mb"] = monitor.gpu_in_use_mb(self.dist.device)
         return out
 
     def finish(self) -> None:

@@ -247,3 +247,19 @@ def test_gpu_idle_is_the_gaps_between_steps_read_only_once_done():
     idle.collect()
     assert idle.fraction() == pytest.approx(2 / 5) and idle.marks == []
     assert GpuIdle(torch.device("cpu")).fraction() is None  # no GPU, no figure
+
+
+def test_gpu_memory_in_use_counts_what_torch_does_not_allocate(monkeypatch):
+    """On CUDA each epoch records the tensors' peak (torch's allocator) and what the driver says is in use on
+    the device (DALI's buffers, the CUDA context, torch's cache): faked here, there is no GPU."""
+    from types import SimpleNamespace
+
+    from fasttrain.watch import Watch
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * 2**20, 100 * 2**20))
+    monkeypatch.setattr(monitor, "gpu_peak_mb", lambda device: 25.0)
+    assert monitor.gpu_in_use_mb(cuda) == (40.0, 100.0) and monitor.gpu_in_use_mb(torch.device("cpu")) is None
+    fake = SimpleNamespace(clock=SimpleNamespace(end_epoch=lambda val_seconds: 3.0, wall_seconds=lambda: 9.0),
+                           dist=SimpleNamespace(device=cuda, is_main=True))
+    out = Watch.time_and_memory(fake, 0.5)
+    assert (out["gpu_max_mem_mb"], out["gpu_used_mb"], out["gpu_total_mb"]) == (25.0, 40.0, 100.0)
