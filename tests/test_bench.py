@@ -602,3 +602,16 @@ def test_bench_refuses_bad_numbers_in_one_line(args, message, tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"fasttrain: error: {message}") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_gpu_memory_of_an_entry(monkeypatch):
+    """Each GPU entry says what it held: tensors' peak, torch's cache, the driver's in use (DALI allocates
+    outside torch); faked here, there is no GPU. A CPU entry has none of these keys."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * 2**20, 100 * 2**20))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 12 * 2**20)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 20 * 2**20)
+    assert measure.gpu_memory(cuda) == {"gpu_peak_mb": 12.0, "gpu_reserved_mb": 20.0, "gpu_used_mb": 30.0}
+    assert measure.gpu_memory(torch.device("cpu")) is None
+    t = time_loop(iter([(torch.zeros(2, 1), torch.zeros(2))] * 4), None, torch.device("cpu"), 1, 3)
+    assert not any(k.startswith("gpu_") for k in t.summary())

@@ -20,6 +20,8 @@ the timed window starts after a device synchronize that follows the last warm-up
 - cpu_ms_per_image: CPU time (user + system) of this process and all its descendants (DataLoader workers,
   DALI threads) in the timed window, per image; Linux only. Unlike img/s it barely moves when a neighbour
   loads the machine, so it shows what a data path costs even on a shared 2-core box.
+- gpu_peak_mb, gpu_reserved_mb, gpu_used_mb (CUDA only, see gpu_memory()): what the entry held on the GPU,
+  by torch's tensors and by everything (DALI allocates outside torch).
 - step times: on CUDA the gaps between CUDA events recorded after each step on the compute stream (no
   per-step host sync is added, so the loop runs as it would in training); on CPU perf_counter stamps.
 """
@@ -44,6 +46,7 @@ class Timing:
     warmup_s: float  # wall time of the untimed warm-up (includes torch.compile where on)
     cpu_s: float | None = None  # CPU time of the process tree in the timed window
     idle_ms: list[float] | None = None  # per timed step: end of the previous step's work to start of its own
+    gpu_mb: dict | None = None  # on CUDA: peak of tensors (warm-up included), torch's cache, driver's in use
 
     @property
     def images_per_sec(self) -> float:
@@ -70,7 +73,8 @@ class Timing:
                 "p50_ms": self.percentile_ms(50), "p95_ms": self.percentile_ms(95),
                 "mean_ms": statistics.fmean(self.step_ms), "timed_images": self.images,
                 "timed_s": self.seconds, "warmup_s": self.warmup_s,
-                "cpu_ms_per_image": None if self.cpu_s is None else 1e3 * self.cpu_s / max(self.images, 1)}
+                "cpu_ms_per_image": None if self.cpu_s is None else 1e3 * self.cpu_s / max(self.images, 1),
+                **(self.gpu_mb or {})}
 
 
 def percentile(xs: list[float], q: int) -> float:
@@ -154,6 +158,8 @@ def time_loop(batches: Iterable, step: Callable | None, device: torch.device, wa
     """Run warmup + steps batches through `step`; time the last `steps`. Raises if the loader runs dry."""
     if warmup < 1 or steps < 2:
         raise ValueError("need at least 1 warm-up step and 2 timed steps")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     it = iter(batches)
     stamps, images, wait = _Stamps(device), 0, 0.0
     t_begin = t_start = _clock()
@@ -187,4 +193,16 @@ def time_loop(batches: Iterable, step: Callable | None, device: torch.device, wa
             close()  # a generator: runs its cleanup (stops DataLoader workers, DALI pipelines) now
     cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
     return Timing(images, t_end - t_start, wait, stamps.gaps_ms(), t_start - t_begin, cpu,
-                  stamps.idle_ms() if step is not None else None)
+                  stamps.idle_ms() if step is not None else None, gpu_memory(device))
+
+
+def gpu_memory(device: torch.device) -> dict | None:
+    """On CUDA, MiB: gpu_peak_mb, the most memory tensors held since the entry began (torch's counter);
+    gpu_reserved_mb, torch's caching allocator now (earlier entries' cached blocks included); gpu_used_mb,
+    the driver's in use now: torch's cache plus what torch does not allocate (the CUDA context, DALI's
+    buffers and queued batches), so used - reserved is roughly DALI's and the context's share."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return {"gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "gpu_reserved_mb": torch.cuda.memory_reserved(device) / 2**20, "gpu_used_mb": (total - free) / 2**20}
