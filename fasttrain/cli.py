@@ -231,7 +231,18 @@ def parse_config(ns: argparse.Namespace) -> C.Config:
     return C.build_config(values)
 
 
+def use_huge_pages() -> None:
+    """Large CPU tensors (a float batch is 77 MB at 128 x 224 px; conv activations are bigger) on 2 MB
+    transparent huge pages: torch's CPU allocator madvises buffers >= 2 MB when THP_MEM_ALLOC_ENABLE is set
+    (torch >= 2.2), read at its first large allocation, so the `fasttrain` program sets it before it makes
+    any tensor (DataLoader workers inherit it); importing fasttrain changes nothing. Each fresh batch
+    otherwise costs ~19k 4 KB page faults: 0.16 ms of CPU per image in the loader on the 2-core machine
+    (benchmarks/RESULTS.md). An explicit THP_MEM_ALLOC_ENABLE=0 in the environment wins."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    use_huge_pages()
     try:
         ns = build_parser().parse_args(argv)
         if ns.command in ("train", "eval"):

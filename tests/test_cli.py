@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
 from fasttrain import cli
 from fasttrain.config import Config
 
-from .conftest import run_cli
+from .conftest import REPO, run_cli
 
 
 def parse(*argv) -> Config:
@@ -192,3 +194,24 @@ def test_performance_toggles_auto_per_device():
     assert (cpu.amp, cpu.channels_last, cpu.compile, cpu.cudnn_benchmark) == ("none", False, False, False)
     off = resolve_toggles(parse("D", "--no-compile", "--amp", "none", "--channels-last").run, "cpu")
     assert (off.amp, off.channels_last, off.compile) == ("none", True, False)
+
+
+def test_importing_fasttrain_changes_no_environment_variable():
+    """A library import has no side effects on the process (the rule for the product); the `fasttrain`
+    program itself turns on huge pages for big CPU tensors, unless the environment already says."""
+    # The dependencies first: torchvision's import sets TORCHINDUCTOR_CACHE_DIR itself.
+    script = ("import os, importlib.util, torch, torchvision, numpy, PIL\n"
+              "if importlib.util.find_spec('nvidia.dali'): import nvidia.dali\n"
+              "before = dict(os.environ); import fasttrain, fasttrain.cli, fasttrain.train, "
+              "fasttrain.bench, fasttrain.data, fasttrain.engine; changed = {k for k in set(before) | "
+              "set(os.environ) if before.get(k) != os.environ.get(k)}; print(sorted(changed)); "
+              "fasttrain.cli.main(['recipes']); print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "[]" and lines[-1] == "1", out.stdout
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**env, "THP_MEM_ALLOC_ENABLE": "0"}, cwd=REPO)
+    assert out.stdout.strip().splitlines()[-1] == "0", out.stdout
