@@ -615,3 +615,18 @@ def test_gpu_memory_of_an_entry(monkeypatch):
     assert measure.gpu_memory(torch.device("cpu")) is None
     t = time_loop(iter([(torch.zeros(2, 1), torch.zeros(2))] * 4), None, torch.device("cpu"), 1, 3)
     assert not any(k.startswith("gpu_") for k in t.summary())
+
+
+def test_dali_is_imported_in_one_place():
+    """fasttrain/data/dali_backend.py is the only module that imports DALI (the product and benchmarks/)."""
+    import re
+    found = []
+    for top in ("fasttrain", "benchmarks"):
+        for folder, _, names in os.walk(os.path.join(REPO, top)):
+            for name in names:
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    text = open(path).read()
+                    if re.search(r"^\s*(import nvidia\.dali|from nvidia\.dali|from nvidia import dali)", text, re.M):
+                        found.append(os.path.relpath(path, REPO))
+    assert found == [os.path.join("fasttrain", "data", "dali_backend.py")], found

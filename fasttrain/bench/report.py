@@ -42,11 +42,8 @@ def git_commit() -> str | None:
 
 
 def dali_version() -> str | None:
-    try:
-        import nvidia.dali
-        return nvidia.dali.__version__
-    except Exception:  # not installed, or installed without its CUDA libraries
-        return None
+    from ..data import dali_backend
+    return dali_backend.version()
 
 
 def timm_version() -> str | None:

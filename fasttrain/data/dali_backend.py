@@ -93,6 +93,14 @@ def import_error() -> str:
     return "" if available() else str(_import_error)
 
 
+def version() -> str | None:
+    """nvidia.dali's version, None where it does not import."""
+    if not available():
+        return None
+    import nvidia.dali
+    return nvidia.dali.__version__
+
+
 @dataclass(frozen=True)
 class Spec:
     """Everything a pipeline is built from, besides its input and seed."""
