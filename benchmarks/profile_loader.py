@@ -1,5 +1,6 @@
 """Where a DALI loader's time goes, loader only: torch.profiler over N batches of fasttrain's DALI loader
-on the bench's JPEGs (issue 12: the DALI GPU loader's 25,000 img/s goal, missed at 15-23k on an H200).
+on the bench's JPEGs (issue 12: the DALI GPU loader's 25,000 img/s goal; its measured rates are in
+benchmarks/RESULTS.md).
 
     python benchmarks/profile_loader.py [DATA] [-j 16] [-b 256] [--batches 40] [--hw-decoder-load 0.9]
                                         [--prefetch 2] [--trace PATH]

@@ -179,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # With no DATA, `fasttrain train` trains on the embedded demo dataset with these settings (flags still win):
-# ResNet-18 at 64 px, 10 epochs, about 2 minutes on 2 CPU cores. lr 0.05: last-epoch val top-1 99.0 / 99.75 /
-# 100% with seeds 0 / 1 / 2; lr 0.1 diverged for a while with some seeds (77.25 / 95.5 / 92.5%).
+# ResNet-18 at 64 px, 10 epochs. lr 0.05 because 0.1 diverged for a while with some seeds (the runs behind
+# both, with their accuracies and times: benchmarks/RESULTS.md and the README's "Two commands").
 DEMO_DEFAULTS = {("data", "batch_size"): 64, ("data", "image_size"): 64, ("data", "workers"): 2,
                  ("optim", "epochs"): 10, ("optim", "lr"): 0.05, ("optim", "warmup_epochs"): 1.0,
                  ("optim", "lr_schedule"): "cosine", ("run", "seed"): 0}
@@ -235,9 +235,9 @@ def use_huge_pages() -> None:
     """Large CPU tensors (a float batch is 77 MB at 128 x 224 px; conv activations are bigger) on 2 MB
     transparent huge pages: torch's CPU allocator madvises buffers >= 2 MB when THP_MEM_ALLOC_ENABLE is set
     (torch >= 2.2), read at its first large allocation, so the `fasttrain` program sets it before it makes
-    any tensor (DataLoader workers inherit it); importing fasttrain changes nothing. Each fresh batch
-    otherwise costs ~19k 4 KB page faults: 0.16 ms of CPU per image in the loader on the 2-core machine
-    (benchmarks/RESULTS.md). An explicit THP_MEM_ALLOC_ENABLE=0 in the environment wins."""
+    any tensor (DataLoader workers inherit it); importing fasttrain changes nothing. Otherwise each fresh
+    batch is faulted in 4 KB page by 4 KB page (what that costs a loader, measured: benchmarks/RESULTS.md).
+    An explicit THP_MEM_ALLOC_ENABLE=0 in the environment wins."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 

@@ -9,9 +9,9 @@ mask, so `taskset` and cgroup cpusets count). Of those:
   that is torch's own default (one thread per core); `--multiprocessing-distributed` spawns processes that
   would each start with one thread per core of the machine: this gives them their share, as torchrun's
   OMP_NUM_THREADS does. Loader workers are not subtracted: on a quiet 2-core machine the demo (-j 2) ran
-  1.7x faster with 2 threads than with 1 (its workers need little CPU), while on the same machine shared
-  with other jobs 1 thread was 2.3-2.9x faster, OpenMP's threads spinning at each op's barrier against
-  the other processes (both measured: benchmarks/RESULTS.md). A busy machine: OMP_NUM_THREADS=1.
+  faster with 2 threads than with 1 (its workers need little CPU), while on the same machine shared with
+  other jobs 1 thread was faster, OpenMP's threads spinning at each op's barrier against the other
+  processes (both measured: benchmarks/RESULTS.md). A busy machine: OMP_NUM_THREADS=1.
 The count is only ever lowered from what torch has (a caller that chose fewer keeps them), and an explicit
 OMP_NUM_THREADS in the environment wins outright (torchrun sets it to 1 for more than one process per node).
 """

@@ -79,7 +79,7 @@ def _tasks(folder: str, per_class: int, seed: int, split_i: int) -> list[tuple]:
 
 def bench_dataset(n_train: int, out: str | None = None, seed: int = 0, processes: int | None = None) -> str:
     """Write OUT/{train,val}/classNN/*.jpg (n_train train images in all) unless already there; return OUT.
-    Drawing takes ~40 ms an image on one core; `processes` (default: all cores) share the work."""
+    `processes` (default: all cores) share the drawing."""
     out = out or cache_root(n_train)
     if os.path.isdir(os.path.join(out, "val")):
         return out

@@ -31,8 +31,8 @@ class TrainTransform:
     """The reference's augmentation, RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal
     flip p=0.5, on a uint8 tensor, drawing from a `random.Random` seeded per sample. The crop box is drawn
     exactly as torchvision's RandomResizedCrop.get_params draws it (10 tries, then a centre crop), but with
-    Python's generator: torchvision's draws ~20 one-element tensors per image (~0.1 ms, 5% of the image's
-    cost on the 2-core machine), and a private generator leaves the process's torch RNG untouched (with
+    Python's generator: torchvision's draws one-element tensors (about ten times the time per image,
+    measured: benchmarks/RESULTS.md), and a private generator leaves the process's torch RNG untouched (with
     -j 0 this runs in the training process, whose RNG a mid-epoch resume restores exactly)."""
 
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
@@ -141,8 +141,8 @@ def collate(items):
     if torch.utils.data.get_worker_info() is not None:
         # Stack into shared memory: a batch made in private memory is copied once more into a fresh shared
         # segment when it is sent to the training process. share_memory_() of a new, untouched tensor copies
-        # only zero pages (~5 ms for 256 x 3 x 224 x 224 bytes, against ~20 ms for the copy of a stacked
-        # batch); default_collate's way, straight into a new shared storage, is a private torch API.
+        # only zero pages, far cheaper than copying a stacked batch (measured: benchmarks/RESULTS.md);
+        # default_collate's way, straight into a new shared storage, is a private torch API.
         out = torch.empty(len(images), *images[0].shape, dtype=images[0].dtype).share_memory_()
     return torch.stack(images, out=out), torch.tensor([g[1] for g in good], dtype=torch.int64), bad
 
