@@ -45,7 +45,8 @@
 # IMAGES (4096), ARCHS ("resnet50 resnet18"), LIMIT_S (350: the bench is stopped after this long), TOTAL_S
 # (470: the resume check gets what is left of it), PYTHON (python3), COMPILE_MODE (torch.compile mode of
 # the compiled entries: default, reduce-overhead = + CUDA graphs, max-autotune), SECTIONS (the bench's
-# --sections), RESUME_CHECK (1; 0 leaves the resume check out).
+# --sections), RESUME_CHECK (1; 0 leaves the resume check out), PROFILE_LOADER (1; 0 leaves the DALI loader
+# profile out), PROFILE (1; 0 leaves the ResNet-50 training profile out).
 # A session that raises the ceiling instead (issue 12: compile modes, fp16, batch 384/512, foreach SGD; each
 # variant compiles anew, ~50 s each, max-autotune last; bench.json keeps each variant as it finishes):
 #   SECTIONS=ceiling ARCHS=resnet50 RESUME_CHECK=0 PROFILE=0 LIMIT_S=540 bash benchmarks/gpu_run.sh
