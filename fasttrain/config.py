@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, check_counts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -320,20 +320,15 @@ def resolve_toggles(run: RunConfig, device_type: str) -> RunConfig:
 
 
 def validate(cfg: Config) -> None:
-    if cfg.data.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {cfg.data.batch_size}")
-    if cfg.data.workers is not None and cfg.data.workers < 0:
-        raise UserError(f"--workers must be 0 or more, got {cfg.data.workers}")
-    if cfg.data.image_size < 16:
-        raise UserError(f"--image-size must be at least 16 pixels, got {cfg.data.image_size}")
+    check_counts(("--batch-size", cfg.data.batch_size, 1), ("--workers", cfg.data.workers, 0),
+                 ("--image-size", cfg.data.image_size, 16, " pixels"))
     if cfg.optim.epochs < 1 and not cfg.run.evaluate:
         raise UserError(f"--epochs must be at least 1, got {cfg.optim.epochs}")
     if cfg.optim.lr <= 0:
         raise UserError(f"--lr must be positive, got {cfg.optim.lr}")
     if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
         raise UserError(f"--hw-decoder-load must be between 0 and 1, got {cfg.data.hw_decoder_load}")
-    if cfg.run.print_freq < 1:
-        raise UserError(f"--print-freq must be at least 1, got {cfg.run.print_freq}")
+    check_counts(("--print-freq", cfg.run.print_freq, 1))
     validate_recipe_knobs(cfg)
     if cfg.run.profile is not None:
         profile_window(cfg.run.profile)  # a malformed window is an error now, not after the data is scanned
@@ -353,20 +348,15 @@ def validate(cfg: Config) -> None:
 def validate_knobs(cfg: Config) -> None:
     """The training knobs of issue 14 (timm's): ranges, and which loader can apply the per-image ones."""
     d, o = cfg.data, cfg.optim
-    for flag, value in (("--val-steps", d.val_steps), ("--clip-grad", o.clip_grad), ("--mixup", o.mixup),
-                        ("--cutmix", o.cutmix), ("--steps-per-epoch", d.steps_per_epoch),
-                        ("--max-bad-files", d.max_bad_files), ("--checkpoint-interval", cfg.run.checkpoint_interval),
-                        ("--start-epoch", o.start_epoch), ("--warmup-epochs", o.warmup_epochs),
-                        ("--momentum", o.momentum), ("--wd", o.weight_decay)):
-        if value < 0:
-            raise UserError(f"{flag} must be 0 or more, got {value}")
+    check_counts(("--val-steps", d.val_steps, 0), ("--clip-grad", o.clip_grad, 0), ("--mixup", o.mixup, 0),
+                 ("--cutmix", o.cutmix, 0), ("--steps-per-epoch", d.steps_per_epoch, 0),
+                 ("--max-bad-files", d.max_bad_files, 0), ("--checkpoint-interval", cfg.run.checkpoint_interval, 0),
+                 ("--start-epoch", o.start_epoch, 0), ("--warmup-epochs", o.warmup_epochs, 0),
+                 ("--momentum", o.momentum, 0), ("--wd", o.weight_decay, 0))
     if not 0.0 <= o.label_smoothing < 1.0:
         raise UserError(f"--label-smoothing must be in [0, 1) (0.1 is usual), got {o.label_smoothing}")
-    for flag, value in (("--prefetch", d.prefetch), ("--num-classes", d.num_classes)):
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
-    if cfg.optim.grad_accum_steps < 1:
-        raise UserError(f"--grad-accum-steps must be at least 1, got {cfg.optim.grad_accum_steps}")
+    check_counts(("--prefetch", d.prefetch, 1), ("--num-classes", d.num_classes, 1),
+                 ("--grad-accum-steps", o.grad_accum_steps, 1))
     if not 0 <= cfg.data.randaugment <= 30:
         raise UserError(f"--randaugment is RandAugment's magnitude, 0 to 30, got {cfg.data.randaugment}")
     if cfg.data.auto_augment and cfg.data.randaugment:
@@ -396,8 +386,7 @@ def validate_recipe_knobs(cfg: Config) -> None:
         raise UserError(f"--min-res must be at least 16 and at most --max-res, got {d.min_res} and {d.max_res}")
     if d.start_ramp < 0 or d.end_ramp < d.start_ramp:
         raise UserError(f"--end-ramp must be at least --start-ramp (>= 0), got {d.start_ramp} and {d.end_ramp}")
-    if d.res_step < 1:
-        raise UserError(f"--res-step must be at least 1, got {d.res_step}")
+    check_counts(("--res-step", d.res_step, 1))
     if d.val_res and d.val_res < 16:
         raise UserError(f"--val-res must be at least 16 pixels (or 0), got {d.val_res}")
     if not 0.0 < d.val_crop_ratio <= 1.0:

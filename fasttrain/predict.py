@@ -21,7 +21,7 @@ from .config import DataConfig, ModelConfig
 from .data.base import IMAGENET_MEAN, IMAGENET_STD
 from .data.decode import BadImage
 from .data.torchvision_backend import ValTransform
-from .errors import UserError
+from .errors import UserError, check_counts
 from .schedules import Resolution
 
 
@@ -60,8 +60,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def predict_command(ns) -> int:
-    if ns.top < 1:
-        raise UserError(f"-k/--top must be at least 1, got {ns.top}")
+    check_counts(("-k/--top", ns.top, 1))
     if ns.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is visible (use --device cpu)")
     device = torch.device("cuda" if ns.device != "cpu" and torch.cuda.is_available() else "cpu")

@@ -28,7 +28,7 @@ from dataclasses import asdict, replace
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, check_counts
 from .images import CLASSES, bench_dataset
 from .loaders import FASTTRAIN_LOADERS, BenchData, available_loaders
 from .report import add_ratios, environment, load_average, plot, table, write_json
@@ -125,11 +125,8 @@ def render(out: str, doc: dict) -> None:
 
 def check_numbers(ns: argparse.Namespace) -> None:
     """Counts a user gives: a bad one is a one-line error, not a silent default or a traceback later."""
-    for flag, value, least in (("--workers", ns.workers, 0), ("--batch-size", ns.batch_size, 1),
-                               ("--repeats", ns.repeats, 1), ("--images", ns.images, CLASSES)):
-        if value is not None and value < least:
-            what = "0 or more" if least == 0 else f"at least {least}" + " (one per class)" * (flag == "--images")
-            raise UserError(f"{flag} must be {what}, got {value}")
+    check_counts(("--workers", ns.workers, 0), ("--batch-size", ns.batch_size, 1), ("--repeats", ns.repeats, 1),
+                 ("--images", ns.images, CLASSES, " (one per class)"))
 
 
 def bench_command(ns: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 
-from ..errors import UserError
+from ..errors import UserError, check_counts
 from .scan import scan_dataset
 
 EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".pgm": "PPM", ".bmp": "BMP",
@@ -102,9 +102,7 @@ def check_data(data: str, workers: int = 2, min_side: int = 8, max_pixels: int =
 
 def check_options(ns) -> None:
     """check-data's and shard's -j, --min-side and --max-pixels: each a count of at least 1."""
-    for flag, value in (("--workers", ns.workers), ("--min-side", ns.min_side), ("--max-pixels", ns.max_pixels)):
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
+    check_counts(("--workers", ns.workers, 1), ("--min-side", ns.min_side, 1), ("--max-pixels", ns.max_pixels, 1))
 
 
 def check_data_command(ns) -> int:

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-from ..errors import UserError
+from ..errors import UserError, check_counts
 from ..schedules import Resolution
 from .base import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, val_resize_size
 from .decode import BadImage, decode_file
@@ -454,8 +454,7 @@ class ValBatches(DaliBatches):
 def build(train: Split, val: Split, per_rank_batch: int, workers: int, cfg, layout: Layout, dist, seed: int,
           steps: int) -> tuple[TrainBatches, ValBatches]:
     """This rank's train and val batches. `cfg` is config.DataConfig, `dist` dist.DistInfo."""
-    if cfg.prefetch < 1:
-        raise UserError(f"--prefetch must be at least 1, got {cfg.prefetch}")
+    check_counts(("--prefetch", cfg.prefetch, 1))
     gpu = layout.device.type == "cuda"
     spec = Spec(batch=per_rank_batch, image_size=cfg.image_size, threads=max(1, workers), prefetch=cfg.prefetch,
                 device_id=(layout.device.index if layout.device.index is not None else torch.cuda.current_device())
