@@ -46,11 +46,6 @@ class DistInfo:
                             "on this node (-b is the batch of a whole node, split across its processes)")
         return node_batch // self.local_world_size
 
-    def per_rank_workers(self, node_workers: int | None) -> int:
-        """-j is per node, split across its processes; None: the default, capped at the cores (cpu_share)."""
-        from .cpu_share import workers_per_process
-        return workers_per_process(node_workers, self.local_world_size)[0]
-
 
 def pick_device(want: str, index: int, gpu: int | None) -> torch.device:
     if gpu is not None and not torch.cuda.is_available():  # the reference would train on the CPU, silently

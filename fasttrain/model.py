@@ -6,7 +6,6 @@ kept for checkpoints, so saved state_dicts have no `module.` or `_orig_mod.` pre
 
 from __future__ import annotations
 
-
 import torch
 import torchvision
 

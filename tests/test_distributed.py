@@ -111,7 +111,7 @@ def test_synthetic_val_scores_exactly_50000_images(world):
     from fasttrain.data.base import Layout
     total = 0
     for rank in range(world):
-        train, val = synthetic.build(256, world, 8, 10, Layout(torch.device("cpu"), False), 0, 0, rank)
+        train, val = synthetic.build(256, world, 8, 10, Layout(torch.device("cpu"), False), 0, rank)
         val.set_epoch(0)
         sizes = [labels.shape[0] for _, labels in val]
         assert len(sizes) == len(val) and min(sizes) > 0

@@ -56,7 +56,7 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int, ac
     if backend == "synthetic":
         from . import synthetic
         train, val = synthetic.build(batch, dist.world_size, sizes(0), cfg.num_classes, layout, seed,
-                                     0, dist.rank, cfg.val_steps, size_at=sizes, val_size=sizes.val_size)
+                                     dist.rank, cfg.val_steps, size_at=sizes, val_size=sizes.val_size)
         train.steps = train_steps(train.steps, cfg.steps_per_epoch, accum, batch)
         classes = tuple(str(i) for i in range(cfg.num_classes))
         val_size = sum(synthetic.val_share(r, dist.world_size, batch, cfg.val_steps) for r in range(dist.world_size))

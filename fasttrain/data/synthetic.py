@@ -64,14 +64,13 @@ def val_share(rank: int, world_size: int, per_rank_batch: int, val_steps: int = 
 
 
 def build(per_rank_batch: int, world_size: int, image_size: int, num_classes: int, layout: Layout, seed: int,
-          steps_limit: int, rank: int = 0, val_steps: int = 0, size_at: Callable[[int], int] | None = None,
+          rank: int = 0, val_steps: int = 0, size_at: Callable[[int], int] | None = None,
           val_size: int | None = None):
-    """Train: full batches, every rank the same number, `size_at(epoch)` pixels (default image_size). Val:
-    rank r scores samples r, r+W, ... of 50,000, so the ranks together score exactly 50,000, as with real
-    data (with --val-steps N, N batches of them), at `val_size` (default image_size)."""
+    """Train: full batches, every rank the same number (--steps-per-epoch is applied by the caller, as for
+    every loader: data.train_steps), `size_at(epoch)` pixels (default image_size). Val: rank r scores samples
+    r, r+W, ... of 50,000, so the ranks together score exactly 50,000, as with real data (with --val-steps N,
+    N batches of them), at `val_size` (default image_size)."""
     steps = TRAIN_SIZE // world_size // per_rank_batch
-    if steps_limit:
-        steps = min(steps, steps_limit)
     val_samples = val_share(rank, world_size, per_rank_batch, val_steps)
     val_steps = -(-val_samples // per_rank_batch)
     return (SyntheticBatches(steps, per_rank_batch, image_size, num_classes, layout, seed, size_at=size_at),
