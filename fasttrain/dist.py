@@ -47,9 +47,15 @@ class DistInfo:
         return node_batch // self.local_world_size
 
 
+def check_gpu_flag(gpu: int | None) -> None:
+    """--gpu where no GPU is visible: the reference would train on the CPU, silently."""
+    if gpu is not None and not torch.cuda.is_available():
+        raise UserError(f"--gpu {gpu} asked for, but no CUDA GPU is visible: drop --gpu to train on the CPU "
+                        "(--device cpu)")
+
+
 def pick_device(want: str, index: int, gpu: int | None) -> torch.device:
-    if gpu is not None and not torch.cuda.is_available():  # the reference would train on the CPU, silently
-        raise UserError(f"--gpu {gpu} asked for, but no CUDA GPU is visible: drop --gpu to train on the CPU")
+    check_gpu_flag(gpu)
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -60,14 +60,10 @@ def preflight(cfg: Config) -> None:
     check_arch(cfg.model.arch)
     if cfg.model.weights and not os.path.isfile(cfg.model.weights):
         raise UserError(f"--weights {cfg.model.weights} does not exist")
-    if cfg.dist.gpu is not None and not torch.cuda.is_available():
-        raise UserError(f"--gpu {cfg.dist.gpu} asked for, but no CUDA GPU is visible: drop --gpu to train on the "
-                        "CPU (--device cpu)")
+    D.check_gpu_flag(cfg.dist.gpu)
     if cfg.data.loader == "dali":
         from .data import dali_backend
-        if not dali_backend.available():
-            raise UserError("--loader dali needs NVIDIA DALI: pip install 'fasttrain[dali]' "
-                            f"({dali_backend.import_error()})")
+        dali_backend.require()
     if cfg.run.tensorboard:
         from . import tb
         tb.wanted(True)  # the package imports, or a one-line error

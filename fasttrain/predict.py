@@ -21,6 +21,7 @@ from .config import DataConfig, ModelConfig
 from .data.base import IMAGENET_MEAN, IMAGENET_STD
 from .data.decode import BadImage
 from .data.torchvision_backend import ValTransform
+from .dist import pick_device
 from .errors import UserError, check_counts
 from .schedules import Resolution
 
@@ -61,9 +62,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def predict_command(ns) -> int:
     check_counts(("-k/--top", ns.top, 1))
-    if ns.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is visible (use --device cpu)")
-    device = torch.device("cuda" if ns.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = pick_device(ns.device, 0, None)
     model, classes, transform = load_classifier(ns.checkpoint, device)
     k, failed = min(ns.top, len(classes)), 0
     for path in ns.images:

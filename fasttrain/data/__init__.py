@@ -67,9 +67,7 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int, ac
     workers, why = workers_per_process(cfg.workers, dist.local_world_size)
     if backend == "dali":
         from . import dali_backend
-        if not dali_backend.available():  # also checked before any work (launch.preflight); kept for bench
-            raise UserError("--loader dali needs NVIDIA DALI: pip install 'fasttrain[dali]' "
-                            f"({dali_backend.import_error()})")
+        dali_backend.require()  # also checked before any work (launch.preflight); kept for bench
     train_split, val_split = scan_dataset(cfg.data, cfg.file_list)
     if cfg.val_steps:
         val_split = spaced(val_split, cfg.val_steps * batch * dist.world_size)

@@ -93,6 +93,12 @@ def import_error() -> str:
     return "" if available() else str(_import_error)
 
 
+def require() -> None:
+    """A one-line error where --loader dali is asked for and DALI does not import."""
+    if not available():
+        raise UserError(f"--loader dali needs NVIDIA DALI: pip install 'fasttrain[dali]' ({import_error()})")
+
+
 def version() -> str | None:
     """nvidia.dali's version, None where it does not import."""
     if not available():
