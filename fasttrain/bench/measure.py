@@ -36,6 +36,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from .. import monitor
+
 
 @dataclass
 class Timing:
@@ -158,8 +160,7 @@ def time_loop(batches: Iterable, step: Callable | None, device: torch.device, wa
     """Run warmup + steps batches through `step`; time the last `steps`. Raises if the loader runs dry."""
     if warmup < 1 or steps < 2:
         raise ValueError("need at least 1 warm-up step and 2 timed steps")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    monitor.reset_gpu_peak(device)
     it = iter(batches)
     stamps, images, wait = _Stamps(device), 0, 0.0
     t_begin = t_start = _clock()
@@ -203,6 +204,5 @@ def gpu_memory(device: torch.device) -> dict | None:
     buffers and queued batches), so used - reserved is roughly DALI's and the context's share."""
     if device.type != "cuda":
         return None
-    free, total = torch.cuda.mem_get_info(device)
-    return {"gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-            "gpu_reserved_mb": torch.cuda.memory_reserved(device) / 2**20, "gpu_used_mb": (total - free) / 2**20}
+    return {"gpu_peak_mb": monitor.gpu_peak_mb(device), "gpu_reserved_mb": torch.cuda.memory_reserved(device) / 2**20,
+            "gpu_used_mb": monitor.gpu_in_use_mb(device)[0]}
