@@ -98,6 +98,15 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def _add_check_flags(p: argparse.ArgumentParser) -> None:
+    """The file checks check-data and shard share (data/check.py)."""
+    p.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N",
+                   help="images above this many pixels are reported (default: PIL's decompression-bomb limit, "
+                   "89478485)")
+    p.add_argument("--min-side", type=int, default=8, metavar="PX",
+                   help="images below this side are reported (default: 8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fasttrain", description="Fast ImageNet-style image-classification training.")
     p.add_argument("--version", action=_Version, help="print fasttrain's, torch's and torchvision's versions")
@@ -131,19 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--report", default=None, metavar="PATH", help="where to write the JSON report")
     cd.add_argument("--write-clean-list", default=None, metavar="PATH",
                     help="write the list of good files, for train --file-list")
-    cd.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N",
-                    help="images above this many pixels are reported (default: PIL's decompression-bomb limit, "
-                    "89478485)")
-    cd.add_argument("--min-side", type=int, default=8, metavar="PX",
-                    help="images below this side are reported (default: 8)")
+    _add_check_flags(cd)
     sh = sub.add_parser("shard", help="write DATA as tar shards (WebDataset layout) that `fasttrain train` reads")
     sh.add_argument("data", metavar="DATA", help="ImageFolder tree with train/ and val/")
     sh.add_argument("out", metavar="OUT", help="where the shards go (outside DATA)")
     sh.add_argument("--shard-size", type=float, default=256, metavar="MB", help="target shard size (default: 256)")
     sh.add_argument("-j", "--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
                     help="processes reading, checking and writing (default: the cores, at most 8)")
-    sh.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N", help="as check-data")
-    sh.add_argument("--min-side", type=int, default=8, metavar="PX", help="as check-data")
+    _add_check_flags(sh)
     bn = sub.add_parser("bench", help="measure img/s against the reference loop; writes bench.json/png")
     bn.add_argument("data", nargs="?", default=None, metavar="DATA",
                     help="dataset root holding train/ in ImageFolder layout (default: generated JPEGs, see --images)")
