@@ -51,7 +51,7 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
 
 def profile(data: str, workers: int, batch: int, batches: int, knobs: DaliKnobs, trace: str | None) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    kind = "dali-gpu" if device.type == "cuda" else "dali-cpu"
+    kind = dali_backend.loader_name(device)
     warm = queued_batches(kind, workers)
     gpu = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])

@@ -163,8 +163,9 @@ def bench_command(ns: argparse.Namespace) -> int:
 def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan) -> int:
     sections = tuple(s.strip() for s in (ns.sections or ",".join(SECTIONS)).split(","))
     if "dali" in sections and dali_kind(plan) is None:
-        kind = "dali-gpu" if device.type == "cuda" else "dali-cpu"
-        raise UserError(f"--sections dali: the DALI loader does not run here ({plan.skipped.get(kind, 'left out')})")
+        from ..data import dali_backend
+        why = plan.skipped.get(dali_backend.loader_name(device), "left out")
+        raise UserError(f"--sections dali: the DALI loader does not run here ({why})")
     root = ns.data or bench_dataset(default_images(ns, device.type == "cuda"))
     data = BenchData.scan(root)
     if ns.shards:  # loader-only twins reading the same images from tar shards (bench/shards.py)

@@ -190,7 +190,8 @@ def loader_section(plan: Plan, data: BenchData, add: Add = _nothing) -> list[dic
 
 def dali_kind(plan: Plan) -> str | None:
     """The DALI loader a run of `fasttrain train --loader dali` takes on this device, if it runs here."""
-    kind = "dali-gpu" if plan.device.type == "cuda" else "dali-cpu"
+    from ..data import dali_backend
+    kind = dali_backend.loader_name(plan.device)
     return kind if kind in plan.loaders else None
 
 

@@ -85,7 +85,7 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int, ac
     detail = why
     if backend == "dali":
         train, val = dali_backend.build(train_split, val_split, batch, workers, cfg, layout, dist, seed, steps)
-        name = f"dali-{'gpu' if layout.device.type == 'cuda' else 'cpu'}"
+        name = dali_backend.loader_name(layout.device)
     elif backend == "torchvision":
         from . import torchvision_backend
         train, val = torchvision_backend.build(train_split, val_split, batch, workers, cfg.image_size, layout,

@@ -99,6 +99,11 @@ def require() -> None:
         raise UserError(f"--loader dali needs NVIDIA DALI: pip install 'fasttrain[dali]' ({import_error()})")
 
 
+def loader_name(device: torch.device) -> str:
+    """What `--loader dali` runs on this device: "dali-gpu" ("mixed" decoding) on CUDA, else "dali-cpu"."""
+    return "dali-gpu" if device.type == "cuda" else "dali-cpu"
+
+
 def version() -> str | None:
     """nvidia.dali's version, None where it does not import."""
     if not available():
