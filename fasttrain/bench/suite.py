@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import itertools
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -56,8 +56,8 @@ class Toggles:
 class DaliKnobs:
     """The DALI loader's own knobs (`fasttrain train --hw-decoder-load F --prefetch N`); the defaults are
     fasttrain's."""
-    hw_decoder_load: float = next(f.default for f in fields(DataConfig) if f.name == "hw_decoder_load")
-    prefetch: int = next(f.default for f in fields(DataConfig) if f.name == "prefetch")
+    hw_decoder_load: float = DataConfig.hw_decoder_load
+    prefetch: int = DataConfig.prefetch
 
     def label(self, kind: str) -> str:
         """The settings that mean something for this loader: DALI's CPU mode has no hardware decoder."""
@@ -162,20 +162,21 @@ def best_run(ts: list[Timing]) -> Timing:
     return max(ts, key=lambda t: t.images_per_sec)
 
 
+def loader_only(plan: Plan, data: BenchData, kind: str, steps: tuple[int, int],
+                dali: DaliKnobs | None = None) -> Callable[[], Timing]:
+    """A run of loader `kind` alone (batches delivered to the device, no step), `steps` (warm-up, timed)."""
+    def run() -> Timing:
+        with open_loader(kind, data, plan.loader_batch, plan.workers, plan.image_size,
+                         Layout(plan.device, channels_last=False), sum(steps), dali=dali) as batches:
+            return time_loop(batches, None, plan.device, *steps)
+    return run
+
+
 def loader_section(plan: Plan, data: BenchData, add: Add = _nothing) -> list[dict]:
     """Images/s of each data path alone: same files, batch and worker (or DALI thread) count."""
-    layout = Layout(plan.device, channels_last=False)
     # Every loader gets the longest queue's warm-up, so all entries time the same window length.
     steps = (max(warmed(plan.loader_steps, k, plan.workers)[0] for k in plan.loaders), plan.loader_steps[1])
-
-    def measure(kind: str) -> Callable[[], Timing]:
-        def run() -> Timing:
-            with open_loader(kind, data, plan.loader_batch, plan.workers, plan.image_size, layout,
-                             sum(steps)) as batches:
-                return time_loop(batches, None, plan.device, *steps)
-        return run
-
-    runs = best_of_repeats(plan, [(k, measure(k)) for k in list(plan.loaders)])
+    runs = best_of_repeats(plan, [(k, loader_only(plan, data, k, steps)) for k in list(plan.loaders)])
     out = [entry("loader", f"loader/{k}", k, None, None, plan.loader_batch, plan.workers, best_run(ts), steps,
                  reference=k == "reference", peer=is_peer(k),
                  all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]) for k, ts in runs.items()]
@@ -202,17 +203,9 @@ def dali_loader_section(plan: Plan, data: BenchData, add: Add = _nothing) -> lis
     kind = dali_kind(plan)
     if kind is None or not plan.dali_loader:
         return []
-    layout = Layout(plan.device, channels_last=False)
     steps = warmed((plan.loader_steps[0], 3 * plan.loader_steps[1]), kind, plan.workers)
-
-    def measure(knobs: DaliKnobs) -> Callable[[], Timing]:
-        def run() -> Timing:
-            with open_loader(kind, data, plan.loader_batch, plan.workers, plan.image_size, layout, sum(steps),
-                             dali=knobs) as batches:
-                return time_loop(batches, None, plan.device, *steps)
-        return run
-
-    runs = best_of_repeats(plan, [(f"{kind}@{k.label(kind)}", measure(k)) for k in plan.dali_loader])
+    runs = best_of_repeats(plan, [(f"{kind}@{k.label(kind)}", loader_only(plan, data, kind, steps, k))
+                                  for k in plan.dali_loader])
     out = []
     for knobs in plan.dali_loader:
         ts = runs[f"{kind}@{knobs.label(kind)}"]
@@ -333,12 +326,24 @@ def _e2e_log(arch: str, name: str, tg: Toggles, t: Timing, ceiling: dict) -> Non
         f"device idle {100 * (t.device_idle_fraction or 0):.0f}%, data wait {100 * t.data_wait_fraction:.0f}%")
 
 
+def feeding(plan: Plan, data: BenchData, kind: str, fastest, steps: tuple[int, int],
+            dali: DaliKnobs | None = None) -> Callable[[], Timing]:
+    """A run of loader `kind` feeding the model-only section's fastest trainer (toggles, step, layout)."""
+    _, step, layout = fastest
+
+    def run() -> Timing:
+        with open_loader(kind, data, plan.model_batch, plan.workers, plan.model_image_size, layout, sum(steps),
+                         dali=dali) as batches:
+            return time_loop(batches, step, plan.device, *steps)
+    return run
+
+
 def e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict], fastest,
                 add: Add = _nothing) -> list[dict]:
     """Each data path feeding the model: the reference loop, then fasttrain's loaders and the peers' with the
     toggle combination that was fastest in this run's model-only section (its trainer, already compiled)."""
     steps, size, b = plan.e2e_steps, plan.model_image_size, plan.model_batch
-    tg, step, layout = fastest
+    tg = fastest[0]
     ceiling = _ceiling_of(model_entries, tg)
     ref = ReferenceStep(arch, plan.num_classes, plan.device)
     # One step on a synthetic batch before its workers start: CUDA/cuDNN set-up done now would otherwise let
@@ -356,11 +361,7 @@ def e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict
     torch.backends.cudnn.benchmark = tg.cudnn_benchmark  # the reference step above set the reference's
     for kind in e2e_loaders(plan):
         kind_steps = warmed(steps, kind, plan.workers)
-
-        def measure() -> Timing:
-            with open_loader(kind, data, b, plan.workers, size, layout, sum(kind_steps)) as batches:
-                return time_loop(batches, step, plan.device, *kind_steps)
-        t = timed(plan, kind, measure)
+        t = timed(plan, kind, feeding(plan, data, kind, fastest, kind_steps))
         if t is None:
             continue
         out.append(entry("e2e", f"e2e/{arch}/{kind}+{tg.label}", kind, arch, tg, b, plan.workers, t, kind_steps,
@@ -378,14 +379,13 @@ def dali_e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list
     kind = dali_kind(plan)
     if kind is None or not plan.dali_e2e:
         return []
-    steps, size, b = warmed(plan.e2e_steps, kind, plan.workers), plan.model_image_size, plan.model_batch
-    tg, step, layout = fastest
+    steps, b = warmed(plan.e2e_steps, kind, plan.workers), plan.model_batch
+    tg = fastest[0]
     ceiling = _ceiling_of(model_entries, tg)
     torch.backends.cudnn.benchmark = tg.cudnn_benchmark
     out = []
     for knobs in plan.dali_e2e:
-        with open_loader(kind, data, b, plan.workers, size, layout, sum(steps), dali=knobs) as batches:
-            t = time_loop(batches, step, plan.device, *steps)
+        t = feeding(plan, data, kind, fastest, steps, knobs)()
         out.append(entry("dali", f"dali/{arch}/{kind}@{knobs.label(kind)}+{tg.label}", kind, arch, tg, b, plan.workers,
                          t, steps, dali=asdict(knobs), default_knobs=knobs == DaliKnobs(),
                          of_ceiling=t.images_per_sec / ceiling["images_per_sec"]))
