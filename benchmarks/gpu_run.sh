@@ -20,7 +20,7 @@
 #      - end to end: the reference loop; fasttrain's loaders and the peers feeding fasttrain's trainer with
 #        the fastest model-only toggles;
 #      on 4,096 generated JPEGs like those benchmarks/ANCHORS.md's figures were measured on (~460x375 px,
-#      ~70 KB), drawn in ~15 s on 16 cores. bench.json is rewritten after each part, so a run cut short
+#      ~70 KB), drawn in ~15 s on 16 cores. bench.json is rewritten after each entry, so a run cut short
 #      still leaves what it measured;
 #   4. benchmarks/check_goals.py on bench.json (goals.txt; its SHORT lines do not stop this script);
 #   5. benchmarks/profile_loader.py: the DALI GPU loader alone under torch.profiler, 80 batches (GPU busy
@@ -142,7 +142,7 @@ if [[ -f "$OUT/bench/bench.json" ]]; then
 fi
 
 # The bench's generated JPEGs (drawn once into FASTTRAIN_CACHE; made here if the bench stopped before), for
-# the resume check and the profile.
+# the loader profile, the resume check and the training profile.
 if (( dali )); then
   data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES))")
 fi
