@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from . import calibrate
 from . import checkpoint as ckpt_io
 from . import cpu_share
 from . import dist as D
@@ -129,26 +130,33 @@ def run(cfg: Config, dist: D.DistInfo) -> int:
     seed_everything(seed)
     torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
     layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
-    loaders = build_loaders(cfg.data, dist, layout, seed, cfg.optim.grad_accum_steps)
     threads_before = torch.get_num_threads()
-    threads = cpu_share.describe(*cpu_share.apply(dist.local_world_size))
+    threads = cpu_share.describe(*cpu_share.apply(dist.local_world_size))  # before --loader auto measures
+    loaders = None
     try:
+        # --loader auto: the profile cached for this host, data and model, else a brief measurement
+        pick = None if cfg.run.evaluate else calibrate.picker(cfg, dist, layout, ck)
+        loaders = build_loaders(cfg.data, dist, layout, seed, cfg.optim.grad_accum_steps, pick)
         if cfg.run.evaluate:
             return _evaluate(cfg, dist, loaders, ck, threads)
         return _run(cfg, dist, seed, out, loaders, ck, threads)
     finally:
         torch.set_num_threads(threads_before)  # a caller in this process (a test, a notebook) keeps its own
         # DALI pipelines live for the run: free them (threads, GPU buffers) before the process ends
-        loaders.train.close()
-        loaders.val.close()
+        if loaders is not None:
+            loaders.train.close()
+            loaders.val.close()
 
 
 def resolved(cfg: Config, seed: int, out: str, loaders, dist: D.DistInfo) -> Config:
     """The config as this run uses it: what config.toml holds and checkpoints keep."""
     workers = cfg.data.workers if cfg.data.workers is not None else loaders.workers * dist.local_world_size
+    data = loaders.data or cfg.data  # with --loader auto's choice: the loader's knobs it measured best
     loader = loaders.name.split("-")[0]  # dali-gpu, dali-cpu -> dali
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed, output_dir=out),
-                               data=dataclasses.replace(cfg.data, workers=workers, loader=loader))
+                               data=dataclasses.replace(cfg.data, workers=workers, loader=loader,
+                                                        dali_share=data.dali_share if loader == "hybrid" else 0.0,
+                                                        hw_decoder_load=data.hw_decoder_load, prefetch=data.prefetch))
 
 
 def _evaluate(cfg: Config, dist: D.DistInfo, loaders, ck: dict | None, threads: str) -> int:
