@@ -50,16 +50,20 @@ TUNE_PREFETCH_FACTOR = 2  # the workers' queue while measuring: drained sooner, 
 
 @dataclass(frozen=True)
 class Windows:
-    """How long each measurement runs: seconds, and a cap in batches."""
+    """How long each measurement runs: seconds, and a cap in batches. `budget_s`: where feeding the model
+    for every path would take the calibration past it (a model of seconds a step: a CPU), the paths' fed
+    rates are estimated from their rates alone instead (loader_choice.score)."""
     model_s: float = 0.6
     alone_s: float = 0.4
     fed_s: float = 0.8
     max_batches: int = 60
     dali_variants: bool = False
+    budget_s: float = 8.0
 
 
 BRIEF = Windows()
-THOROUGH = Windows(model_s=2.0, alone_s=1.5, fed_s=3.0, max_batches=300, dali_variants=True)
+THOROUGH = Windows(model_s=2.0, alone_s=1.5, fed_s=3.0, max_batches=300, dali_variants=True, budget_s=600.0)
+FED_STEPS = 3  # the fewest model steps a fed rate is taken from (one of them a warm-up)
 
 
 class _Quiet(BadFileBudget):
@@ -89,9 +93,11 @@ class _Keep:
 
 def model_step(cfg: Config, device: torch.device, num_classes: int, compiled: bool):
     """A train step of a throwaway copy of the run's model, as train.py builds and wraps it (no DDP)."""
+    from .config import resolve_toggles
     from .metrics import DeviceMeter
     from .train import build_trainer, wrap_model
-    run = dataclasses.replace(cfg.run, compile=compiled and cfg.run.compile)
+    run = resolve_toggles(cfg.run, device.type)  # a no-op on a run's resolved config
+    run = dataclasses.replace(run, compile=compiled and run.compile)
     mine = dataclasses.replace(cfg, run=run, optim=dataclasses.replace(cfg.optim, ema=0.0))
     local = D.DistInfo(device=device)
     tr = build_trainer(mine, local, num_classes, steps_per_epoch=10**6)
@@ -121,16 +127,23 @@ class _KeepRng:
 # -- the measurements --------------------------------------------------------------------------------------
 
 def _model_rate(step, layout: Layout, batch: int, size: int, classes: int, w: Windows) -> tuple[float, float]:
-    """(img/s, seconds a step) of the model step alone on one synthetic on-device batch."""
-    from .bench.measure import time_loop
+    """(img/s, seconds a step) of the model step alone on one synthetic on-device batch: a warm-up step
+    (cuDNN's autotuning, compile), one step, and where that one was short, a window of w.model_s."""
+    from .bench.measure import sync, time_loop
     fmt = torch.channels_last if layout.channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, size, size, device=layout.device).to(layout.dtype).contiguous(memory_format=fmt)
     y = torch.randint(0, classes, (batch,), device=layout.device)
-    first = time_loop(_forever(x, y), step, layout.device, 1, 2)  # cuDNN's autotuning, compile: in the warm-up
-    step_s = first.seconds / 2
+    for _ in range(2):
+        sync(layout.device)
+        t0 = time.perf_counter()
+        step(x, y)
+        sync(layout.device)
+        step_s = time.perf_counter() - t0
     n = int(min(w.max_batches, w.model_s / max(step_s, 1e-6)))
-    t = time_loop(_forever(x, y), step, layout.device, 1, n) if n >= 3 else first
-    return t.images_per_sec, t.seconds / max(len(t.step_ms), 1)
+    if n < 3:  # a model of a large share of the window a step (a CPU): the one step is the measurement
+        return batch / step_s, step_s
+    t = time_loop(_forever(x, y), step, layout.device, 1, n)
+    return t.images_per_sec, t.seconds / n
 
 
 def _forever(x, y):
@@ -179,7 +192,8 @@ def _open(kind: str, split: Split, val: Split, batch: int, workers: int, data: D
 
 def probe(kind: str, split: Split, val: Split, batch: int, workers: int, data: DataConfig, layout: Layout,
           step, step_s: float, w: Windows, seed: int = 0, share: float = 0.0) -> LC.PathRate:
-    """One loader: queue drained, then alone for w.alone_s, then (with `step`) feeding the model for ~w.fed_s."""
+    """One loader: queue drained, then alone for w.alone_s, then (with `step`) feeding the model for ~w.fed_s
+    (at least FED_STEPS steps)."""
     from .bench.measure import sync, time_loop, tree_cpu_seconds
     train, val_b = _open(kind, split, val, batch, workers, data, layout, seed, share)
     it = iter(train)
@@ -196,7 +210,7 @@ def probe(kind: str, split: Split, val: Split, batch: int, workers: int, data: D
         out = LC.PathRate(alone=images / wall, cpu_ms=None if cpu0 is None or cpu1 is None else
                           1e3 * (cpu1 - cpu0) / images)
         if step is not None:
-            fed = int(min(w.max_batches, max(2, w.fed_s / max(step_s, 1e-6))))
+            fed = int(min(w.max_batches, max(FED_STEPS - 1, w.fed_s / max(step_s, 1e-6))))
             t = time_loop(_Keep(it), step, layout.device, 1, fed)
             out.fed, out.p50_ms, out.p95_ms = t.images_per_sec, t.percentile_ms(50), t.percentile_ms(95)
     finally:
@@ -255,7 +269,8 @@ def measure(cfg: Config, dist: D.DistInfo, layout: Layout, train: Split, val: Sp
         try:
             step, note = model_step(cfg, layout.device, len(train.classes), compiled)
             model, step_s = _model_rate(step, layout, batch, size, len(train.classes), w)
-            rates = LC.Rates(model=model, device=layout.device.type, model_note=note)
+            rates = LC.Rates(model=model, device=layout.device.type, model_note=note,
+                             cores=cpu_share.cores_per_process(dist.local_world_size), threads=torch.get_num_threads())
         except Exception as e:  # noqa: BLE001 - whatever it is, the run falls back to the unmeasured rule
             _warn(dist, f"could not time the model step ({type(e).__name__}: {e})")
         per_batch = _queue("hybrid", workers, max(cfg.data.prefetch, 4)) + 2 * w.max_batches + 4
@@ -274,16 +289,20 @@ def measure(cfg: Config, dist: D.DistInfo, layout: Layout, train: Split, val: Sp
                                                      "prefetch": data.prefetch})
                 knobs = dataclasses.replace(data, **best)
                 rates.paths.update(variants)
-            for kind in ("torchvision", "dali"):
-                if kind in paths:
-                    got = _try(dist, kind, lambda: probe(kind, split, val, batch, workers,
-                                                         knobs if kind == "dali" else data, layout, step, step_s, w,
-                                                         seed))
-                    if got is not None:
-                        rates.paths[kind] = got
+            singles = [k for k in ("torchvision", "dali") if k in paths]
+            # Each fed rate costs FED_STEPS model steps or more; past the budget, they are estimated instead.
+            fed_cost = len(singles) * (max(FED_STEPS * step_s, w.fed_s) + 0.5)
+            feed = step if time.perf_counter() - t0 + fed_cost <= w.budget_s else None
+            for kind in singles:
+                got = _try(dist, kind, lambda: probe(kind, split, val, batch, workers,
+                                                     knobs if kind == "dali" else data, layout, feed, step_s, w,
+                                                     seed))
+                if got is not None:
+                    rates.paths[kind] = got
             rates.seconds = time.perf_counter() - t0
         rates = _combine(D.all_gather_object(rates, dist))
-        if rates is not None and "hybrid" in paths and LC.wants_hybrid(rates):
+        if rates is not None and "hybrid" in paths and LC.wants_hybrid(rates) and \
+                all(p.fed is not None for p in rates.paths.values()):
             share = LC.hybrid_share(rates)
             got = _try(dist, "hybrid", lambda: probe("hybrid", split, val, batch, workers, knobs, layout, step,
                                                      step_s, w, seed, share))
@@ -411,9 +430,10 @@ def picker(cfg: Config, dist: D.DistInfo, layout: Layout, ck: dict | None):
 
 # -- fasttrain tune ----------------------------------------------------------------------------------------
 
-def tune_command(cfg: Config) -> int:
+def tune_command(cfg: Config, quick: bool = False) -> int:
     """Measure every path thoroughly (DALI's settings too; the compiled model with --compile), print the
-    table and the choice, write the profile `fasttrain train --loader auto` then reuses."""
+    table and the choice, write the profile `fasttrain train --loader auto` then reuses. `quick`: the brief
+    measurement a run makes instead."""
     from .config import resolve_toggles
     from .data import dali_backend
     from .data.scan import scan_dataset
@@ -440,8 +460,8 @@ def tune_command(cfg: Config) -> int:
                   f"process x {dist.world_size}, {dist.device}, {workers} workers per process, amp {cfg.run.amp}, "
                   f"channels_last {cfg.run.channels_last}, compile {cfg.run.compile}; measuring "
                   f"{', '.join(LC.display(p, dist.device.type) for p in paths)}", flush=True)
-        rates = measure(cfg, dist, layout, train, val, workers, batch, paths, THOROUGH, compiled=True,
-                        seed=cfg.run.seed or 0)
+        rates = measure(cfg, dist, layout, train, val, workers, batch, paths, BRIEF if quick else THOROUGH,
+                        compiled=not quick, seed=cfg.run.seed or 0)
         if rates is None:
             raise UserError("the model step could not be timed (see the warning above)")
         key = profile_key(cfg, dist, workers, batch)

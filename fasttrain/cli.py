@@ -117,13 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(sub.add_parser("train", help="train (and validate each epoch)", **fmt,
                                      description="Train on DATA (without DATA: the embedded demo dataset, with "
                                      "its own defaults), validating each epoch."))
-    _add_config_flags(sub.add_parser("tune", help="measure the loaders on this host for a model and batch; cache "
-                                     "the profile --loader auto reuses", **fmt,
-                                     description="Time the model step alone and each loader (torchvision, DALI, "
-                                     "both at once; DALI's --hw-decoder-load and --prefetch) alone and feeding it, "
-                                     "on DATA's files, with the options `fasttrain train` would get; print the table "
-                                     "and the loader --loader auto will take, and cache the profile it reads "
-                                     "(per host, data, model, batch and world size)."))
+    tu = sub.add_parser("tune", help="measure the loaders on this host for a model and batch; cache the profile "
+                        "--loader auto reuses", **fmt,
+                        description="Time the model step alone and each loader (torchvision, DALI, both at once; "
+                        "DALI's --hw-decoder-load and --prefetch) alone and feeding it, on DATA's files, with the "
+                        "options `fasttrain train` would get; print the table and the loader --loader auto will "
+                        "take, and cache the profile it reads (per host, data, model, batch and world size).")
+    _add_config_flags(tu)
+    tu.add_argument("--quick", action="store_true",
+                    help="the brief measurement `train --loader auto` makes (seconds), not the thorough one")
     ev = sub.add_parser("eval", help="evaluate a checkpoint on DATA/val", **fmt,
                         description="Score a checkpoint on DATA/val. Its arch and image size come from the "
                         "checkpoint; nothing is written.")
@@ -176,10 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
                     help="torch.compile mode of the compiled entries (as train --compile-mode)")
     bn.add_argument("--sections", default=None, metavar="LIST",
-                    help="comma list of loader,model,e2e,ceiling,recipe,dali (default: loader,model,e2e; ceiling: "
-                         "model-only variants past the compiled rate, each compiled anew; recipe: progressive "
+                    help="comma list of loader,model,e2e,ceiling,recipe,dali,auto (default: loader,model,e2e; "
+                         "ceiling: model-only variants past the compiled rate, each compiled anew; recipe: progressive "
                          "resizing and BlurPool end to end; dali: the DALI loader's --hw-decoder-load and "
-                         "--prefetch settings, loader only and end to end)")
+                         "--prefetch settings, loader only and end to end; auto: what --loader auto picks, with its "
+                         "calibration's cost, against torchvision, DALI and the hybrid end to end)")
     bn.add_argument("--repeats", type=int, default=None, metavar="N",
                     help="loader-only: run each loader N times, interleaved, and keep the best (default: 3 on CPU)")
     bn.add_argument("--shards", nargs="?", const="auto", default=None, metavar="DIR",
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             return launch(cfg, eval_checkpoint=getattr(ns, "checkpoint", None))
         if ns.command == "tune":
             from .calibrate import tune_command
-            return tune_command(parse_config(ns))
+            return tune_command(parse_config(ns), quick=ns.quick)
         if ns.command == "predict":
             from .predict import predict_command
             return predict_command(ns)

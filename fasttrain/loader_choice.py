@@ -59,6 +59,8 @@ class Rates:
     model_note: str = "eager"   # "eager" or "compiled": the model step the rates were measured with
     seconds: float = 0.0        # what the measuring cost
     created: str = ""
+    cores: int = 1              # this process's share of the node's cores
+    threads: int = 1            # torch's intra-op threads the model step ran on
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -67,7 +69,8 @@ class Rates:
     def from_json(cls, d: dict) -> "Rates":
         return cls(model=float(d["model"]), paths={k: PathRate(**v) for k, v in d.get("paths", {}).items()},
                    device=d.get("device", "cpu"), model_note=d.get("model_note", "eager"),
-                   seconds=float(d.get("seconds", 0.0)), created=d.get("created", ""))
+                   seconds=float(d.get("seconds", 0.0)), created=d.get("created", ""), cores=int(d.get("cores", 1)),
+                   threads=int(d.get("threads", 1)))
 
 
 @dataclass(frozen=True)
@@ -88,16 +91,21 @@ def display(path: str, device: str) -> str:
 
 
 def score(rates: Rates, path: str) -> float | None:
-    """The rate path `path` trains at: as measured feeding the model, else the lower of its loader's rate
-    alone and the model's alone (None: not measured)."""
+    """The rate path `path` trains at: as measured feeding the model; else (a model too slow to feed within
+    the calibration's budget) estimated: the lowest of its loader's rate alone, the model's alone and, on a
+    CPU, where the model's threads and the loader share the cores, what the cores allow: the model takes
+    `threads` cores for 1/model s an image, the loader its CPU time an image (None: not measured)."""
     p = rates.paths.get(path)
     if p is None:
         return None
     if p.fed is not None:
         return p.fed
-    if p.alone is not None:
-        return min(p.alone, rates.model)
-    return None
+    if p.alone is None:
+        return None
+    est = min(p.alone, rates.model)
+    if rates.device == "cpu" and p.cpu_ms is not None:
+        est = min(est, rates.cores / (rates.threads / rates.model + p.cpu_ms / 1e3))
+    return est
 
 
 def loader_bound(rates: Rates, path: str) -> bool:

@@ -630,3 +630,47 @@ def test_dali_is_imported_in_one_place():
                     if re.search(r"^\s*(import nvidia\.dali|from nvidia\.dali|from nvidia import dali)", text, re.M):
                         found.append(os.path.relpath(path, REPO))
     assert found == [os.path.join("fasttrain", "data", "dali_backend.py")], found
+
+
+@pytest.mark.skipif(not dali_backend.available(), reason="nvidia.dali does not import")
+def test_auto_section_puts_autos_pick_beside_every_path(tmp_path, monkeypatch):
+    """`--sections auto`: the calibration `train --loader auto` makes (timed), then torchvision, DALI and the
+    hybrid end to end, and an entry for the path auto took, its rate taken from those measurements."""
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["bench", "--quick", "--sections", "auto", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    rows = doc["entries"]
+    assert {e["section"] for e in rows} == {"auto"}
+    paths = [e for e in rows if "auto_vs_best" not in e]
+    assert [e["loader"] for e in paths] == ["torchvision", "dali-cpu", "hybrid"]
+    assert all(finite_positive(e["images_per_sec"]) and finite_positive(e["of_ceiling"]) for e in paths)
+    assert 0 < paths[2]["dali_share"] < 1
+    (auto,) = [e for e in rows if "auto_vs_best" in e]
+    picked = next(e for e in paths if e["loader"] == auto["auto_choice"])
+    assert auto["images_per_sec"] == picked["images_per_sec"] and auto["name"] == f"auto/resnet18/auto={picked['loader']}"
+    assert auto["auto_vs_best"] == picked["images_per_sec"] / max(e["images_per_sec"] for e in paths)
+    assert finite_positive(auto["calibration_s"]) and auto["calibration"]["paths"]["torchvision"]["alone"] > 0
+    lines = [line for _, line in _check_goals().goals(doc)]
+    assert any(f"resnet18 --loader auto picked {picked['loader']}" in line for line in lines)
+    assert any("calibration took" in line for line in lines)
+    assert "| auto | resnet18/auto=" in table(rows)
+
+
+def test_check_goals_judges_autos_pick_and_the_hybrid():
+    cg = _check_goals()
+
+    def doc(vs_best, hybrid, seconds=4.0):
+        rows = [dict(_e("auto", k, ips, "resnet18", of_ceiling=ips / 18_000), name=f"auto/resnet18/{k}")
+                for k, ips in (("torchvision", 9_600.0), ("dali-gpu", 13_000.0), ("hybrid", hybrid))]
+        rows.append(dict(rows[2], name="auto/resnet18/auto=hybrid", auto_choice="hybrid", auto_vs_best=vs_best,
+                         calibration_s=seconds))
+        return {"environment": {"gpu": "NVIDIA H200"}, "entries": rows}
+    lines = {line for ok, line in cg.goals(doc(1.0, 16_500.0))}
+    assert any(line.startswith("MET   resnet18 --loader auto picked hybrid: 100%") for line in lines), lines
+    assert any(line.startswith("MET   resnet18 hybrid 16,500 img/s against the best single loader's 13,000")
+               for line in lines)
+    assert any(line.startswith("MET   resnet18 end to end: auto/resnet18/hybrid") and "92%" in line for line in lines)
+    short = {line for ok, line in cg.goals(doc(0.9, 12_000.0, seconds=11.0)) if not ok}
+    assert any("auto picked hybrid: 90%" in line for line in short)
+    assert any("calibration took 11.0s" in line for line in short)
+    assert any("hybrid 12,000 img/s" in line for line in short)
