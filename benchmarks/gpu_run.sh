@@ -38,7 +38,7 @@
 # with LIMIT_S=330 TOTAL_S=430, left the resume check 18 s too few for its uninterrupted run).
 # Results, the only files under OUT: env.txt, bench/{bench.json,bench.log,goals.txt,bench.png},
 # loader-profile.txt (step 5; PROFILE_LOADER=0 leaves it out), resume.txt, profile.txt,
-# profile-metrics.jsonl, trace.json.gz (step 7; PROFILE=0 leaves it out).
+# profile-metrics.jsonl, trace.json.gz (step 7; PROFILE=0 leaves it out), tune-ARCH.txt (TUNE=1).
 # Checkpoints and the generated JPEGs go under SCRATCH and FASTTRAIN_CACHE, outside OUT. No matplotlib
 # there? Then render the PNG elsewhere: fasttrain bench --from-json DIR/bench.json --out DIR.
 # Knobs (environment): OUT (default runs/gpu), SCRATCH (/tmp/fasttrain-gpu-run), WORKERS (16), BATCH (256),
@@ -54,6 +54,12 @@
 # over a 3x longer window, then 0.65/0.99 and prefetch 3/4 feeding each compiled model; estimated ~100 s on
 # an H200, not yet run), the profile left out as it was measured at 7da15f4:
 #   SECTIONS=loader,model,e2e,dali PROFILE=0 LIMIT_S=420 TOTAL_S=560 bash benchmarks/gpu_run.sh
+# Issue 23, which loader and the hybrid (--sections auto: per arch, the brief calibration `train --loader auto`
+# makes, timed, then torchvision, DALI GPU and the hybrid end to end feeding the compiled model, and the path
+# auto picked; check_goals says whether auto is within 5% of the best, the calibration under 10 s, the hybrid
+# ahead of both loaders where both are below the model; estimated ~250 s for both archs, not yet run), with
+# `fasttrain tune` of each arch after it (TUNE=1: the thorough profile, DALI's settings, p50/p95 per path):
+#   SECTIONS=auto TUNE=1 RESUME_CHECK=0 PROFILE_LOADER=0 PROFILE=0 LIMIT_S=360 TOTAL_S=560 bash benchmarks/gpu_run.sh
 set -euo pipefail
 
 dry=0
@@ -76,12 +82,16 @@ for a in ${ARCHS:-resnet50 resnet18}; do args+=(-a "$a"); done
 # ResNet-18 at 64 px for 16 steps of 256: the check is about positions, not speed.
 resume=(--out "$SCRATCH/resume" --stop-at 6)
 train=(--loader dali -j "$WORKERS" -b 256 --image-size 64 --epochs 1 -p 2 --seed 0 --no-compile)
+# TUNE=1: `fasttrain tune` of each arch with the bench's fastest toggles (issue 23's loader profile)
+tune=(-j "$WORKERS" -b "${BATCH:-256}" --amp bf16 --channels-last --compile --cudnn-benchmark)
 
 if (( dry )); then
   # Everything but the measuring: the arguments must parse, the scripts compile, and OUT must take files.
   "$PY" -c 'import sys; from fasttrain.cli import build_parser; build_parser().parse_args(sys.argv[1:])' "${args[@]}"
   "$PY" -c 'import sys; from fasttrain.cli import build_parser; build_parser().parse_args(sys.argv[1:])' \
     train DATA "${train[@]}" --output-dir "$SCRATCH/resume/stopped"
+  "$PY" -c 'import sys; from fasttrain.cli import build_parser; build_parser().parse_args(sys.argv[1:])' \
+    tune DATA "${tune[@]}"
   "$PY" -m py_compile benchmarks/check_goals.py benchmarks/resume_check.py benchmarks/profile_loader.py \
     tests/fault_worker.py
   "$PY" benchmarks/profile_loader.py --help > /dev/null
@@ -90,6 +100,9 @@ if (( dry )); then
     printf '%q ' "$PY" benchmarks/check_goals.py "$OUT/bench/bench.json"; echo
     printf '%q ' "$PY" benchmarks/profile_loader.py DATA -j "$WORKERS" -b "${BATCH:-256}" --batches 80; echo
     printf '%q ' "$PY" benchmarks/resume_check.py --time-limit LEFT "${resume[@]}" -- train DATA "${train[@]}"; echo
+    for a in ${ARCHS:-resnet50 resnet18}; do  # with TUNE=1
+      printf '%q ' "$PY" -m fasttrain tune DATA -a "$a" "${tune[@]}"; echo
+    done
   } > "$OUT/gpu_run_plan.txt"
   echo "gpu_run: dry run: would run (bench limited to ${LIMIT_S}s, all within ${TOTAL_S}s):"
   cat "$OUT/gpu_run_plan.txt"
@@ -181,6 +194,18 @@ if (( dali )) && [[ "${PROFILE:-1}" == 1 ]]; then
     (( $(stat -c %s "$SCRATCH/trace.json.gz") < 16000000 )) && cp "$SCRATCH/trace.json.gz" "$OUT/trace.json.gz"
   done
   grep -E "GPU idle|data wait|epoch [0-9]:|Error|trace" "$OUT/profile.txt" | head -20 || true
+fi
+# TUNE=1 (issue 23): the thorough loader profile of each arch, as `fasttrain train --loader auto` would cache it;
+# tune-ARCH.txt holds its table (alone and fed img/s, p50/p95 ms, DALI's settings) and the choice.
+if [[ "${TUNE:-0}" == 1 ]]; then
+  [[ -n "${data:-}" ]] || data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES))")
+  for a in ${ARCHS:-resnet50 resnet18}; do
+    left=$(( TOTAL_S + 120 - SECONDS ))
+    (( left < 60 )) && left=60
+    timeout --signal=INT --kill-after=20 "$left" "$PY" -m fasttrain tune "$data" -a "$a" "${tune[@]}" \
+      > "$OUT/tune-$a.txt" 2>&1 || true
+    tail -12 "$OUT/tune-$a.txt" || true
+  done
 fi
 echo "gpu_run: done in ${SECONDS}s"
 exit "$status"
