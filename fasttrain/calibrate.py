@@ -1,4 +1,4 @@
-"""--loader auto by measurement: a brief calibration (< 10 s) or a cached profile, and `fasttrain tune`.
+"""--loader auto by measurement: a brief calibration (seconds) or a cached profile, and `fasttrain tune`.
 
     fasttrain tune DATA -a resnet50 -b 256 --amp bf16 --channels-last --compile   # measures, prints, caches
     fasttrain train DATA -a resnet50 -b 256 --amp bf16 --channels-last --compile  # --loader auto reuses it
@@ -46,6 +46,7 @@ from .schedules import Resolution
 
 MIN_RUN_IMAGES = 200_000  # a run that trains on fewer images in all is not worth a few seconds of measuring
 TUNE_PREFETCH_FACTOR = 2  # the workers' queue while measuring: drained sooner, same rate once drained
+POOL = 4096  # distinct files a rank measures on, repeated: after their first pass read from the page cache
 
 
 @dataclass(frozen=True)
@@ -128,17 +129,21 @@ class _KeepRng:
 
 def _model_rate(step, layout: Layout, batch: int, size: int, classes: int, w: Windows) -> tuple[float, float]:
     """(img/s, seconds a step) of the model step alone on one synthetic on-device batch: a warm-up step
-    (cuDNN's autotuning, compile), one step, and where that one was short, a window of w.model_s."""
+    (cuDNN's autotuning, compile), one step, and where that one was short, a window of w.model_s. A warm-up
+    of over a quarter of the budget (seconds a step: a CPU) is the measurement itself: its one-time costs
+    make the model look slower, which makes no loader look better than it is."""
     from .bench.measure import sync, time_loop
     fmt = torch.channels_last if layout.channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, size, size, device=layout.device).to(layout.dtype).contiguous(memory_format=fmt)
     y = torch.randint(0, classes, (batch,), device=layout.device)
-    for _ in range(2):
+    for i in range(2):
         sync(layout.device)
         t0 = time.perf_counter()
         step(x, y)
         sync(layout.device)
         step_s = time.perf_counter() - t0
+        if i == 0 and step_s > w.budget_s / 4:
+            return batch / step_s, step_s
     n = int(min(w.max_batches, w.model_s / max(step_s, 1e-6)))
     if n < 3:  # a model of a large share of the window a step (a CPU): the one step is the measurement
         return batch / step_s, step_s
@@ -151,13 +156,13 @@ def _forever(x, y):
         yield x, y
 
 
-def calibration_split(train: Split, dist: D.DistInfo, images: int, seed: int) -> Split:
-    """`images` samples of this rank's share of the train split (repeated where it has fewer), drawn at
-    random, whole JPEGs only (DALI never sees a broken one, see jpeg_check.py)."""
+def calibration_split(train: Split, dist: D.DistInfo, images: int, seed: int, distinct: int = POOL) -> Split:
+    """`images` samples: at most `distinct` files of this rank's share of the train split drawn at random,
+    whole JPEGs only (DALI never sees a broken one, see jpeg_check.py: ~0.1 ms a file), repeated as needed."""
     from .data.jpeg_check import jpeg_problem
     mine = list(train.samples[dist.rank::dist.world_size])
     rng = random.Random(seed)
-    pool = rng.sample(mine, min(len(mine), images))
+    pool = rng.sample(mine, min(len(mine), images, distinct))
     pool = [s for s in pool if not isinstance(s[0], str) or jpeg_problem(s[0]) is None] or pool[:1]
     picked = (pool * (images // len(pool) + 1))[:images]
     return dataclasses.replace(train, samples=tuple(picked))

@@ -37,7 +37,7 @@ class DataConfig:
                       "the fastest for this host, model and batch, by measurement (see --calibrate)")
     calibrate: str = opt("auto", "--calibrate", choices=("auto", "fresh", "off"),
                          help="how --loader auto decides: auto = from the profile `fasttrain tune` or an earlier run "
-                         "cached for this host, data, model and batch, else by a brief measurement (< 10 s) when "
+                         "cached for this host, data, model and batch, else by a brief measurement (seconds) when "
                          "the run is long enough to repay it; fresh = measure again and rewrite the profile; off = "
                          "DALI on a GPU when installed, else torchvision, unmeasured")
     dali_share: float = opt(0.0, "--dali-share", metavar="F",

@@ -184,11 +184,14 @@ def explain(rates: Rates, path: str, scored: dict[str, float]) -> str:
 
 
 def describe_choice(choice: Choice, device: str) -> str:
-    """`hybrid (dali-gpu 13/32 of the batches)`, `dali-gpu (hw 0.9, prefetch 2)`, `torchvision`."""
-    name = display(choice.loader, device)
-    if choice.loader == "hybrid":
-        name += f" (--dali-share {choice.dali_share:g})"
-    return name
+    """`torchvision`, `dali-gpu (--hw-decoder-load 0.9 --prefetch 2)`, `hybrid (--dali-share 0.5625 ...)`."""
+    flags = [f"--dali-share {choice.dali_share:g}"] if choice.loader == "hybrid" else []
+    if choice.loader in ("dali", "hybrid"):
+        if device == "cuda" and choice.hw_decoder_load is not None:
+            flags.append(f"--hw-decoder-load {choice.hw_decoder_load:g}")
+        if choice.prefetch is not None:
+            flags.append(f"--prefetch {choice.prefetch}")
+    return display(choice.loader, device) + (f" ({' '.join(flags)})" if flags else "")
 
 
 # -- the profile cache ---------------------------------------------------------------------------------------

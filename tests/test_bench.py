@@ -632,6 +632,7 @@ def test_dali_is_imported_in_one_place():
     assert found == [os.path.join("fasttrain", "data", "dali_backend.py")], found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dali_backend.available(), reason="nvidia.dali does not import")
 def test_auto_section_puts_autos_pick_beside_every_path(tmp_path, monkeypatch):
     """`--sections auto`: the calibration `train --loader auto` makes (timed), then torchvision, DALI and the
@@ -647,7 +648,8 @@ def test_auto_section_puts_autos_pick_beside_every_path(tmp_path, monkeypatch):
     assert 0 < paths[2]["dali_share"] < 1
     (auto,) = [e for e in rows if "auto_vs_best" in e]
     picked = next(e for e in paths if e["loader"] == auto["auto_choice"])
-    assert auto["images_per_sec"] == picked["images_per_sec"] and auto["name"] == f"auto/resnet18/auto={picked['loader']}"
+    assert auto["images_per_sec"] == picked["images_per_sec"]
+    assert auto["name"] == f"auto/resnet18/auto={picked['loader']}"
     assert auto["auto_vs_best"] == picked["images_per_sec"] / max(e["images_per_sec"] for e in paths)
     assert finite_positive(auto["calibration_s"]) and auto["calibration"]["paths"]["torchvision"]["alone"] > 0
     lines = [line for _, line in _check_goals().goals(doc)]

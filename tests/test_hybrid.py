@@ -208,6 +208,7 @@ def test_stop_mid_epoch_then_resume_equals_straight_run_through_the_cli(tiny_dat
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_measure_the_share_and_train(tiny_data, tmp_path):
     """2 real processes: --loader hybrid with the share measured by both ranks at once (a collective
     calibration), every rank the same steps, every val image once."""

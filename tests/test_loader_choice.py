@@ -38,6 +38,9 @@ def test_the_fastest_path_feeding_the_model_wins():
     c = LC.decide(r)
     assert (c.loader, c.dali_share, c.hw_decoder_load, c.prefetch) == ("hybrid", 0.53125, 0.9, 2)
     assert "hybrid 95" in c.why and "model alone 100 (eager)" in c.why
+    assert LC.describe_choice(c, "cpu") == "hybrid (--dali-share 0.53125 --prefetch 2)"
+    assert LC.describe_choice(c, "cuda") == "hybrid (--dali-share 0.53125 --hw-decoder-load 0.9 --prefetch 2)"
+    assert LC.describe_choice(LC.decide(rates(100, torchvision=90)), "cuda") == "torchvision"
 
 
 def test_a_tie_goes_to_the_simpler_path():
@@ -144,7 +147,8 @@ def test_auto_measures_then_reuses_the_profile_and_trains_as_its_choice(tiny_dat
     second = _settings(capsys.readouterr().out)
     assert "(profile " in second["choice"] and second["loader"] == first["loader"], second
     # config.toml holds the loader auto took: the same run again, without measuring
-    assert cli.main(["train", "--config", str(tmp_path / "a" / "config.toml"), "--output-dir", str(tmp_path / "c")]) == 0
+    again = ["train", "--config", str(tmp_path / "a" / "config.toml"), "--output-dir", str(tmp_path / "c")]
+    assert cli.main(again) == 0
     assert "choice" not in _settings(capsys.readouterr().out)
     load = lambda d: torch.load(tmp_path / d / "checkpoint.pth.tar", map_location="cpu", weights_only=True)  # noqa: E731
     a, c = load("a")["state_dict"], load("c")["state_dict"]
@@ -189,3 +193,20 @@ def test_tune_prints_the_table_and_train_reuses_its_profile(tiny_data, tmp_path,
     assert "--loader auto takes" in out and "profile written to" in out
     assert cli.main(["train", *flags, "--epochs", "1", "--output-dir", str(tmp_path / "run")]) == 0
     assert "(profile " in _settings(capsys.readouterr().out).get("choice", ""), "train did not reuse tune's profile"
+
+
+def test_without_dali_or_when_measuring_fails_auto_keeps_the_unmeasured_rule(tiny_data, monkeypatch, capsys):
+    from fasttrain.data import dali_backend
+    train, val = scan_dataset(tiny_data)
+    cfg = Config(data=DataConfig(data=tiny_data, image_size=32, calibrate="fresh"))
+    monkeypatch.setattr(dali_backend, "available", lambda: False)
+    d, why = calibrate.choose(cfg, DistInfo(), Layout(CPU, False), None, train, val, 1, 8)
+    assert d.loader == "torchvision" and why == "auto: torchvision, the one loader here (no DALI)"
+    monkeypatch.setattr(dali_backend, "available", lambda: True)
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(calibrate, "model_step", broken)
+    d, why = calibrate.choose(cfg, DistInfo(), Layout(CPU, False), None, train, val, 1, 8)
+    assert d.loader == "torchvision" and "unmeasured (the calibration failed)" in why
+    assert "could not time the model step (RuntimeError: CUDA out of memory)" in capsys.readouterr().err
