@@ -243,7 +243,8 @@ def table(rates: Rates) -> str:
     rows.append((f"model alone ({rates.model_note})", "", num(rates.model), "100%", "", "", "", ""))
     for name, p in rates.paths.items():
         base = name.split("@")[0]
-        knobs = ", ".join(f"{k} {v:g}" for k, v in (p.knobs or {}).items())
+        knobs = ", ".join(f"{k} {v:g}" for k, v in (p.knobs or {}).items()
+                          if rates.device == "cuda" or k != "hw_decoder_load")  # DALI's CPU mode has no such decoder
         rows.append((display(base, rates.device) + name[len(base):], num(p.alone), num(p.fed),
                      "-" if p.fed is None else f"{100 * p.fed / rates.model:.0f}%", num(p.p50_ms, "{:.1f}"),
                      num(p.p95_ms, "{:.1f}"), num(p.cpu_ms, "{:.2f}"), knobs))
