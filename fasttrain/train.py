@@ -6,6 +6,7 @@ restore -> compile/DDP -> loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -117,30 +118,43 @@ def build_trainer(cfg: Config, dist: D.DistInfo, num_classes: int, steps_per_epo
 
 
 def run(cfg: Config, dist: D.DistInfo) -> int:
-    """Train (or with -e, only evaluate). Returns the exit status: 0, or 128 + the signal after a stop."""
-    cfg.run = resolve_toggles(cfg.run, dist.device.type)
+    """Train (or with -e, only evaluate). Returns the exit status: 0, or 128 + the signal after a stop.
+    `cfg` stays as the caller has it, and so does the process (cuDNN's autotuner flag, torch's threads, the
+    signal handlers) when this returns: a test, a notebook or the bench may call it in-process."""
     global_batch = dist.per_rank_batch(cfg.data.batch_size) * dist.world_size
-    cfg.optim = resolve_lr(cfg.optim, global_batch)
+    cfg = dataclasses.replace(cfg, run=resolve_toggles(cfg.run, dist.device.type),
+                              optim=resolve_lr(cfg.optim, global_batch))
     if cfg.optim.lr_per_256 and not cfg.run.evaluate:
         log0(dist, f"lr {cfg.optim.lr:g} = --lr-per-256 {cfg.optim.lr_per_256:g} x global batch {global_batch} / 256")
     out = cfg.run.output_dir if cfg.run.evaluate else output_dir(cfg, dist)  # an evaluation writes nothing
     ck = read_resume(cfg.run.resume, out, dist)  # read once, on rank 0; every rank gets it
     seed = run_seed(cfg.run.seed, ck, dist)
     seed_everything(seed)
-    torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
-    layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
-    loaders = build_loaders(cfg.data, dist, layout, seed, cfg.optim.grad_accum_steps)
-    threads_before = torch.get_num_threads()
-    threads = cpu_share.describe(*cpu_share.apply(dist.local_world_size))
+    with process_state():
+        torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+        layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
+        loaders = build_loaders(cfg.data, dist, layout, seed, cfg.optim.grad_accum_steps)
+        threads = cpu_share.describe(*cpu_share.apply(dist.local_world_size))
+        try:
+            if cfg.run.evaluate:
+                return _evaluate(cfg, dist, loaders, ck, threads)
+            return _run(cfg, dist, seed, out, loaders, ck, threads)
+        finally:
+            # DALI pipelines live for the run: free them (threads, GPU buffers) before the process ends
+            loaders.train.close()
+            loaders.val.close()
+
+
+@contextlib.contextmanager
+def process_state():
+    """What a run sets for the whole process, put back as it was when the run ends however it ends."""
+    cudnn, threads = torch.backends.cudnn.benchmark, torch.get_num_threads()
     try:
-        if cfg.run.evaluate:
-            return _evaluate(cfg, dist, loaders, ck, threads)
-        return _run(cfg, dist, seed, out, loaders, ck, threads)
+        yield
     finally:
-        torch.set_num_threads(threads_before)  # a caller in this process (a test, a notebook) keeps its own
-        # DALI pipelines live for the run: free them (threads, GPU buffers) before the process ends
-        loaders.train.close()
-        loaders.val.close()
+        signals.uninstall()  # the handlers _run installs around the loop, if it got that far
+        torch.backends.cudnn.benchmark = cudnn
+        torch.set_num_threads(threads)
 
 
 def resolved(cfg: Config, seed: int, out: str, loaders, dist: D.DistInfo) -> Config:

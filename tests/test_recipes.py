@@ -162,3 +162,31 @@ def test_bench_recipe_section(tiny_data):
     assert entries[1]["epoch_sizes"] == [48, 48, 56, 56] and entries[2]["blurpool"]
     for e in entries:
         assert e["images_per_sec"] > 0 and e["ratio_to_reference"] > 0 and e["timed_images"] == 4 * 2 * 4
+
+
+def test_another_epochs_scales_the_recipes_epoch_knobs(demo_data, tmp_path, capsys):
+    """A quick try of a recipe, `--recipe rn18-16ep --epochs 1`, runs: the LR peak and the resizing ramp move
+    in proportion (FFCV's peak at epoch 2 of 16 -> 0.125 of 1; ramp 11-13 -> 1-1), said in one line; what a
+    flag or --config sets is kept; the recipe's own epochs change nothing."""
+    c = parse("D", "--recipe", "rn18-16ep", "--epochs", "1")
+    assert (c.optim.lr_peak_epoch, c.data.start_ramp, c.data.end_ramp) == (0.125, 1, 1)
+    assert "--lr-peak-epoch 2 -> 0.125, --start-ramp 11 -> 1, --end-ramp 13 -> 1" in capsys.readouterr().out
+    c = parse("D", "--recipe", "rn50-16ep", "--epochs", "32")  # twice as long: rn50-32ep's shape, nearly
+    assert (c.optim.lr_peak_epoch, c.data.start_ramp, c.data.end_ramp) == (4.0, 22, 26)
+    c = parse("D", "--recipe", "rn18-16ep", "--epochs", "8", "--lr-peak-epoch", "1.5", "--end-ramp", "7")
+    assert (c.optim.lr_peak_epoch, c.data.start_ramp, c.data.end_ramp) == (1.5, 6, 7)
+    f = tmp_path / "c.toml"
+    f.write_text("epochs = 4\nstart-ramp = 0\n")
+    c = parse("D", "--recipe", "rn18-16ep", "--config", str(f))
+    assert (c.optim.epochs, c.optim.lr_peak_epoch, c.data.start_ramp, c.data.end_ramp) == (4, 0.5, 0, 3)
+    capsys.readouterr()
+    c = parse("D", "--recipe", "rn18-16ep", "--epochs", "16")
+    assert (c.optim.lr_peak_epoch, c.data.start_ramp, c.data.end_ramp) == (2.0, 11, 13)
+    assert "scale" not in capsys.readouterr().out
+    # and the quick try trains, at a scale this machine affords (its shape as the README shows it)
+    out = tmp_path / "try"
+    assert cli.main(["train", demo_data, "--recipe", "rn18-16ep", "--epochs", "1", "--device", "cpu", "-j", "0",
+                     "-b", "4", "--min-res", "24", "--max-res", "32", "--val-res", "40",
+                     "--output-dir", str(out)]) == 0
+    (row,) = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert row["epoch"] == 0 and row["image_size"] == 24
