@@ -207,6 +207,14 @@ def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str, loaders, ck: dict |
                    "already done (raise --epochs to train on)" if ck else
                    f"nothing to train: --start-epoch {start.epoch} is not below --epochs {cfg.optim.epochs}")
         return 0
+    try:
+        return _train(cfg, dist, out, tr, loaders, saver, start)
+    finally:
+        saver.close()  # the last checkpoint's write finishes, whatever ended the run
+
+
+def _train(cfg: Config, dist: D.DistInfo, out: str, tr: Trainer, loaders, saver: Checkpointer, start: Start) -> int:
+    """The epochs from `start` on: compile/DDP, then train, validate and checkpoint each epoch."""
     t_compile = time.perf_counter()
     sizes = Resolution.from_config(cfg.data)
     tr.forward, eval_fwd = wrap_model(tr.model, cfg.run, dist, len(sizes.sizes(start.epoch, cfg.optim.epochs)))
@@ -227,6 +235,7 @@ def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str, loaders, ck: dict |
         if resumed and cfg.run.compile:
             log0(dist, f"first epoch incl. torch.compile took {time.perf_counter() - t_compile:.1f}s")
         if stats.stopped:
+            saver.close()  # written, before the line that says so
             watch.tb.close()
             log0(dist, f"stopped by {signal.Signals(saver.stopped_by).name} at epoch {epoch} step "
                        f"{stats.steps_done}; checkpoint saved in {out}; continue with --resume auto --output-dir {out}")
@@ -241,5 +250,6 @@ def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str, loaders, ck: dict |
             val.update({f"{k}_ema": v for k, v in ema.items() if k != "val_samples"})
         watch.end_epoch(epoch, stats, val, time.perf_counter() - t_val, max(saver.best_acc1, val["val_top1"]))
         saver.end_epoch(epoch, val["val_top1"])  # after the metrics row (see Watch.end_epoch)
+    saver.close()  # the last checkpoint whole on disk before the summary names it
     watch.finish()
     return 0

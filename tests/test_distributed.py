@@ -256,3 +256,24 @@ def test_reference_spawn_flags_and_each_process_gets_its_share_of_the_cores(odd_
     share = max(1, cores() // 2)
     assert sorted(log.read_text().split("\n")[:-1]) == [f"0 {share}", f"1 {share}"]
     assert f"{share} torch thread" in r.stdout
+
+
+@pytest.mark.slow
+def test_resume_reads_the_checkpoint_on_each_rank_or_sends_it_where_a_rank_cannot_see_it(odd_data, tmp_path):
+    """Ranks that share the file system each load the checkpoint themselves (only rank 0's verdict goes
+    through the process group); a rank that cannot see the file gets it from rank 0 instead and never opens
+    it; both resume to the same weights."""
+    import shutil
+    env = {"FT_TEST_TINY_MODEL": "bn", "OMP_NUM_THREADS": "1"}
+    first = torchrun(2, odd_data, *ARGS, "--epochs", "1", "--output-dir", tmp_path / "a", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shared = torchrun(2, odd_data, *ARGS, "--epochs", "2", "--output-dir", tmp_path / "a", "--resume", "auto", env=env)
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    assert "at epoch 1 step 0 (each rank read it from the shared file system)" in shared.stdout
+    alone = torchrun(2, odd_data, *ARGS, "--epochs", "2", "--output-dir", tmp_path / "b", "--resume", "auto",
+                     env={**env, "FT_TEST_NO_SHARED_DISK": "1"})
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "(read by rank 0 and sent to the other 1: not every rank can see the file)" in alone.stdout
+    a, b = state(tmp_path / "a")["state_dict"], state(tmp_path / "b")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -225,3 +225,43 @@ def test_run_leaves_the_callers_config_and_process_as_it_found_them(tiny_data, t
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def test_a_checkpoint_is_written_while_training_goes_on(tiny_data, tmp_path, monkeypatch):
+    """--checkpoint-interval 2: here the write of step 2's checkpoint cannot finish before step 3 has trained
+    (it waits for it), which only a write beside training allows; the file holds step 2's state, not the
+    weights training has moved on to by the time it is written; the run ends with it on disk."""
+    import threading
+
+    from fasttrain import checkpointer
+    from fasttrain.engine import Trainer
+    steps, step3 = [0], threading.Event()
+    original_step, original_save, original_snapshot = Trainer.train_step, ckpt_io.atomic_save, checkpointer.Checkpointer.save
+    seen = {}
+
+    def train_step(self, *a):
+        out = original_step(self, *a)
+        steps[0] += 1
+        if steps[0] == 3:
+            step3.set()
+        return out
+
+    def save(self, epoch, step, *a, **kw):  # the weights the checkpoint of step 2 must hold
+        if step == 2:
+            seen["model"], seen["at_save"] = self.tr.model, {k: v.clone() for k, v in self.tr.model.state_dict().items()}
+        return original_snapshot(self, epoch, step, *a, **kw)
+
+    def atomic_save(obj, path):
+        if obj["step"] == 2:
+            seen["waited"] = step3.wait(timeout=20)  # a guard: a write on the training thread never sees step 3
+            seen["now"] = {k: v.clone() for k, v in seen["model"].state_dict().items()}
+            seen["written"] = obj["state_dict"]
+        return original_save(obj, path)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(checkpointer.Checkpointer, "save", save)
+    monkeypatch.setattr(ckpt_io, "atomic_save", atomic_save)
+    train(tiny_data, tmp_path / "r", "--epochs", "1", "--checkpoint-interval", "2", "-p", "4")
+    assert seen["waited"], "the checkpoint was written on the training thread"
+    assert all(torch.equal(seen["written"][k], seen["at_save"][k]) for k in seen["at_save"])
+    assert any(not torch.equal(seen["now"][k], seen["at_save"][k]) for k in seen["at_save"])  # training went on
+    assert weights(tmp_path / "r")["epoch"] == 1  # the last one, whole, when the run returned
