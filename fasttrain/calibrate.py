@@ -187,10 +187,11 @@ def _open(kind: str, split: Split, val: Split, batch: int, workers: int, data: D
                                                  crop_ratio=data.val_crop_ratio, budget=budget,
                                                  prefetch_factor=TUNE_PREFETCH_FACTOR)
     elif kind == "dali":
-        train, val_b = dali_backend.build(split, val, batch, workers, data, layout, local, seed, steps, budget=budget)
+        train, val_b = dali_backend.build(split, val, batch, workers, data, layout, local, seed, steps, budget=budget,
+                                          check_unused=False)  # a part of an epoch is read, on purpose
     else:
         train, val_b = hybrid.build(split, val, batch, workers, data, layout, local, seed, steps, sizes,
-                                    sizes.val_size, share=share, budget=budget)
+                                    sizes.val_size, share=share, budget=budget, check_unused=False)
     train.set_epoch(0)
     return train, val_b
 

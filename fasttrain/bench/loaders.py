@@ -127,7 +127,7 @@ def open_loader(kind: str, data: BenchData, batch: int, workers: int, image_size
                              dali_share=share, **knobs)
             if kind == "hybrid":  # torchvision workers and DALI (GPU "mixed" on a GPU), as --loader hybrid
                 batches, val = hybrid.build(train, data.val, batch, workers, cfg, lay, DistInfo(device=lay.device),
-                                            seed, steps, lambda epoch: image_size, image_size)
+                                            seed, steps, lambda epoch: image_size, image_size, check_unused=False)
             else:
                 batches, val = dali_backend.build(train, data.val, batch, workers, cfg, lay,
                                                   DistInfo(device=lay.device), seed, steps)

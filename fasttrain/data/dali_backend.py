@@ -69,7 +69,8 @@ from torch.utils.data import DistributedSampler
 
 from ..errors import UserError, check_counts
 from ..schedules import Resolution
-from .base import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, val_resize_size
+from .base import (IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, UnusedFiles, unused_samples,
+                   val_resize_size)
 from .decode import BadImage, decode_file
 from .scan import Split
 
@@ -379,11 +380,13 @@ class TrainBatches(DaliBatches):
     train = True
 
     def __init__(self, split: Split, steps: int, world_size: int, size_at: Callable[[int], int] | None = None,
-                 batch_ids: Sequence[int] | None = None, **kw):
+                 check_unused: bool = False, batch_ids: Sequence[int] | None = None, **kw):
+        """`check_unused`: also decode, each epoch, the files no batch holds (base.UnusedFiles); whole epochs
+        only, not with --steps-per-epoch. `batch_ids`: the positions in the epoch's batch order this loader
+        makes, its step j being batch_ids[j] (the hybrid loader, data/hybrid.py, gives the other batches to
+        the torchvision workers); None: all."""
         super().__init__(split, **kw)
-        self.steps = steps
-        # The positions in the epoch's batch order this loader makes, its step j being batch_ids[j] (the
-        # hybrid loader, data/hybrid.py, gives the other batches to the torchvision workers); None: all.
+        self.steps, self.check_unused, self.unused_files = steps, check_unused, UnusedFiles()
         self.batch_ids = None if batch_ids is None else list(batch_ids)
         self.size_at = size_at or (lambda epoch: self.spec.image_size)
         self.sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=self.rank,
@@ -404,6 +407,24 @@ class TrainBatches(DaliBatches):
             self.sampler.set_epoch(epoch)
             self._order = (epoch, list(self.sampler)[:self.steps * self.spec.batch])
         return self._order[1]
+
+    def __iter__(self):
+        epoch = self.epoch
+        batches = super().__iter__()
+        unused = []
+        if self.check_unused:
+            self.sampler.set_epoch(epoch)
+            unused = [self.samples[i][0] for i in unused_samples(self.sampler, self.steps * self.spec.batch)
+                      if self.good(i)]
+        return self._then_unused(batches, self.unused_files.start(unused))
+
+    def _then_unused(self, batches, check):
+        """The epoch's batches, then the bad files among those no batch held: named, and known from now on
+        (a later batch that draws one takes the next good file instead, as for any bad file)."""
+        yield from batches
+        for path, reason in check.result() if check is not None else ():
+            self.bad.add(str(path))
+            self.budget.report(str(path), reason)
 
     def _batch(self, epoch: int, step: int) -> list[int]:
         items, b = self.items(epoch), self.spec.batch
@@ -467,10 +488,11 @@ class ValBatches(DaliBatches):
 
 
 def build(train: Split, val: Split, per_rank_batch: int, workers: int, cfg, layout: Layout, dist, seed: int,
-          steps: int, budget: BadFileBudget | None = None, batch_ids: Sequence[int] | None = None
-          ) -> tuple[TrainBatches, ValBatches]:
+          steps: int, budget: BadFileBudget | None = None, batch_ids: Sequence[int] | None = None,
+          check_unused: bool | None = None) -> tuple[TrainBatches, ValBatches]:
     """This rank's train and val batches. `cfg` is config.DataConfig, `dist` dist.DistInfo. `budget`: the bad
-    files' count, shared with another loader (the hybrid's); `batch_ids`: see TrainBatches."""
+    files' count, shared with another loader (the hybrid's); `batch_ids`: see TrainBatches; `check_unused`:
+    see TrainBatches (None: for whole epochs, not with --steps-per-epoch)."""
     check_counts(("--prefetch", cfg.prefetch, 1))
     gpu = layout.device.type == "cuda"
     spec = Spec(batch=per_rank_batch, image_size=cfg.image_size, threads=max(1, workers), prefetch=cfg.prefetch,
@@ -483,5 +505,8 @@ def build(train: Split, val: Split, per_rank_batch: int, workers: int, cfg, layo
                   rank=dist.rank)
     sizes = Resolution.from_config(cfg)
     val_spec = dataclasses.replace(spec, image_size=sizes.val_size, crop_ratio=cfg.val_crop_ratio)
-    return (TrainBatches(train, steps, dist.world_size, size_at=sizes, batch_ids=batch_ids, spec=spec, **shared),
+    if check_unused is None:
+        check_unused = not cfg.steps_per_epoch
+    return (TrainBatches(train, steps, dist.world_size, size_at=sizes, check_unused=check_unused,
+                         batch_ids=batch_ids, spec=spec, **shared),
             ValBatches(val, dist.world_size, spec=val_spec, **shared))

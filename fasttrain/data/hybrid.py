@@ -106,6 +106,9 @@ class HybridBatches:
                 except StopIteration:  # not expected: each source's plan holds exactly its batches
                     raise RuntimeError(f"the hybrid loader's {'DALI' if from_dali else 'torchvision'} part ended "
                                        "before the epoch did") from None
+            for it in (cpu, dali):  # each part's end of the epoch: the workers' check of the unused files
+                for _ in it or ():
+                    raise RuntimeError("a part of the hybrid loader made more batches than its plan holds")
         finally:
             for it in (cpu, dali):  # a pass left early (a stop request): its workers and pipeline pause now
                 if it is not None and hasattr(it, "close"):
@@ -134,10 +137,11 @@ class HybridBatches:
 
 def build(train: Split, val: Split, batch: int, workers: int, cfg, layout: Layout, dist, seed: int, steps: int,
           size_at: Callable[[int], int], val_size: int, share: float | None = None,
-          budget: BadFileBudget | None = None):
+          budget: BadFileBudget | None = None, check_unused: bool | None = None):
     """This rank's hybrid train batches and DALI's val batches. `cfg`: config.DataConfig (its dali_share unless
     `share` is given; DALI's knobs). Each source gets the process's `workers` (DataLoader workers; DALI
-    threads): DALI's threads mostly read files and wait on the GPU's decoders, the workers decode."""
+    threads): DALI's threads mostly read files and wait on the GPU's decoders, the workers decode.
+    `check_unused`: see torchvision_backend.build (None: for whole epochs, not with --steps-per-epoch)."""
     from . import dali_backend, torchvision_backend
     share = cfg.dali_share if share is None else share
     if not 0.0 < share < 1.0:
@@ -147,11 +151,14 @@ def build(train: Split, val: Split, batch: int, workers: int, cfg, layout: Layou
     dali_set = set(dali_ids)
     cpu_ids = [k for k in range(steps) if k not in dali_set]
     budget = budget or BadFileBudget(cfg.max_bad_files, dist.rank)
+    # The files no batch of an epoch holds are checked once, by the workers' part (base.UnusedFiles): it runs
+    # every pass, DALI only where it has batches left.
     cpu, cpu_val = torchvision_backend.build(train, val, batch, workers, cfg.image_size, layout, dist.rank,
                                              dist.world_size, seed, steps, cfg.max_bad_files, None, size_at=size_at,
-                                             val_size=val_size, crop_ratio=cfg.val_crop_ratio, budget=budget,
-                                             batch_ids=cpu_ids)
+                                             val_size=val_size, crop_ratio=cfg.val_crop_ratio,
+                                             check_unused=not cfg.steps_per_epoch if check_unused is None else
+                                             check_unused, budget=budget, batch_ids=cpu_ids)
     cpu_val.close()  # validation is DALI's: the workers' val loader is never started
     dali, dali_val = dali_backend.build(train, val, batch, workers, cfg, layout, dist, seed, steps, budget=budget,
-                                        batch_ids=dali_ids)
+                                        batch_ids=dali_ids, check_unused=False)
     return HybridBatches(cpu, dali, steps, dali_ids, share, dist.rank), dali_val

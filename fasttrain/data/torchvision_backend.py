@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from ..errors import UserError
-from .base import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, val_resize_size
+from .base import (IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, UnusedFiles, unused_samples,
+                   val_resize_size)
 from .decode import BadImage, decode_bytes, decode_file, decode_jpeg_box, jpeg_size, read_bytes
 from .scan import Split
 
@@ -167,13 +168,14 @@ class ResumableSampler(Sampler):
     the size of an epoch from its indices, nothing in them has to be rebuilt."""
 
     def __init__(self, n: int, rank: int, world_size: int, seed: int, batch: int, steps: int,
-                 size_at: Callable[[int], int | None] = lambda epoch: None, batch_ids: Sequence[int] | None = None):
+                 size_at: Callable[[int], int | None] = lambda epoch: None, check_unused: bool = False,
+                 batch_ids: Sequence[int] | None = None):
         """`batch_ids`: the positions in the epoch's batch order this sampler gives, its step j being batch
         batch_ids[j] (the hybrid loader, data/hybrid.py, gives the other batches to DALI); None: all."""
         self.inner = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                         drop_last=True)
         self.batch, self.steps, self.start, self.seed, self.epoch, self.n = batch, steps, 0, seed, 0, n
-        self.size_at = size_at
+        self.size_at, self.check_unused = size_at, check_unused
         self.batch_ids = list(range(steps)) if batch_ids is None else list(batch_ids)
 
     def set_epoch(self, epoch: int, start_step: int = 0):
@@ -189,6 +191,11 @@ class ResumableSampler(Sampler):
 
     def __len__(self):
         return (len(self.batch_ids) - self.start) * self.batch
+
+    def unused(self) -> list[int]:
+        """The samples of this epoch that no batch holds and this rank answers for (base.unused_samples);
+        none without `check_unused`."""
+        return unused_samples(self.inner, self.steps * self.batch) if self.check_unused else []
 
 
 @contextlib.contextmanager
@@ -246,6 +253,7 @@ class DeviceBatches:
         # One side stream for the loader's life: the caching allocator keeps blocks per stream, so a new
         # stream per epoch or validation pass would strand the previous ones' blocks.
         self.stream = torch.cuda.Stream(device=layout.device) if self.cuda else None
+        self.unused_files = UnusedFiles()  # decodes the train files no batch of the epoch holds
 
     def __len__(self):
         return self._steps if self._steps is not None else len(self.loader)
@@ -269,15 +277,25 @@ class DeviceBatches:
             images = images.sub_(self.mean).mul_(self.inv_std).to(self.layout.dtype)
         return images, labels
 
+    def _check_unused(self):
+        """UnusedFiles' check of the epoch's samples that no batch holds, or None."""
+        unused = getattr(self.loader.sampler, "unused", lambda: [])()
+        if not unused:
+            return None
+        samples = self.loader.dataset.samples
+        return self.unused_files.start([samples[i][0] for i in unused])
+
     def __iter__(self):
         # The DataLoader's iterator now, not at the first next(): its workers (persistent: forked once, at the
-        # first pass) start before whatever is started after this call, in the hybrid loader DALI's threads,
-        # which a fork must not copy mid-work (a forked worker can deadlock on a lock a thread held).
-        return self._batches(iter(self.loader))
+        # first pass) start before whatever is started after this call (the unused files' checker thread; in
+        # the hybrid loader DALI's threads), which a fork must not copy mid-work (a forked worker can deadlock
+        # on a lock a thread held).
+        batches = iter(self.loader)
+        return self._batches(batches, self._check_unused())
 
-    def _batches(self, loader):
+    def _batches(self, batches, unused):
         stream, pending = self.stream, None
-        for images, labels, bad in loader:
+        for images, labels, bad in batches:
             for path, reason in bad:
                 self.budget.report(path, reason)
             if images.shape[0] == 0:  # the whole batch was bad files; each was reported above
@@ -297,22 +315,28 @@ class DeviceBatches:
             for t in nxt:
                 t.record_stream(torch.cuda.current_stream())
             pending = nxt
+        if unused is not None:  # the epoch read every batch: now the files none of them held
+            for path, reason in unused.result():
+                self.budget.report(path, reason)
         if pending is not None:
             yield pending
 
     def close(self):
         self.loader = None
+        self.unused_files.close()
 
 
 def build(train: Split, val: Split, per_rank_batch: int, workers: int, image_size: int, layout: Layout,
           rank: int, world_size: int, seed: int, steps: int, max_bad_files: int, augment=None,
           size_at: Callable[[int], int] | None = None, val_size: int | None = None,
-          crop_ratio: float = VAL_CROP_RATIO, budget: BadFileBudget | None = None,
+          crop_ratio: float = VAL_CROP_RATIO, check_unused: bool = False, budget: BadFileBudget | None = None,
           batch_ids: Sequence[int] | None = None, prefetch_factor: int = PREFETCH_FACTOR):
     """`augment`: AutoAugment/RandAugment after the flip (None: the reference's augmentation only);
     `size_at(epoch)`: the train crop size of an epoch (default: image_size always); `val_size`: the val
-    center crop (default: image_size); `budget`: the bad files' count, shared with another loader (the
-    hybrid's); `batch_ids`: see ResumableSampler; `prefetch_factor`: batches each worker prepares ahead."""
+    center crop (default: image_size); `check_unused`: also decode, each epoch, the train files no batch
+    holds (whole epochs only: not with --steps-per-epoch or in the bench, which read a part on purpose);
+    `budget`: the bad files' count, shared with another loader (the hybrid's); `batch_ids`: see
+    ResumableSampler; `prefetch_factor`: batches each worker prepares ahead."""
     budget = budget or BadFileBudget(max_bad_files, rank)
     pin = layout.device.type == "cuda"
     # Its own generator: starting an epoch's iterator draws worker seeds from it, not from the training
@@ -321,7 +345,7 @@ def build(train: Split, val: Split, per_rank_batch: int, workers: int, image_siz
                   persistent_workers=workers > 0, prefetch_factor=prefetch_factor if workers > 0 else None,
                   generator=torch.Generator().manual_seed(seed + rank))
     train_sampler = ResumableSampler(len(train), rank, world_size, seed, per_rank_batch, steps,
-                                     size_at or (lambda epoch: image_size), batch_ids)
+                                     size_at or (lambda epoch: image_size), check_unused, batch_ids)
     train_dl = DataLoader(ImageFiles(train, TrainTransform(image_size, augment)), sampler=train_sampler,
                           drop_last=True, **common)
     val_dl = DataLoader(ImageFiles(val, ValTransform(val_size or image_size, crop_ratio)),
