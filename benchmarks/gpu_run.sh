@@ -100,9 +100,9 @@ if (( dry )); then
     printf '%q ' "$PY" benchmarks/check_goals.py "$OUT/bench/bench.json"; echo
     printf '%q ' "$PY" benchmarks/profile_loader.py DATA -j "$WORKERS" -b "${BATCH:-256}" --batches 80; echo
     printf '%q ' "$PY" benchmarks/resume_check.py --time-limit LEFT "${resume[@]}" -- train DATA "${train[@]}"; echo
-    for a in ${ARCHS:-resnet50 resnet18}; do  # with TUNE=1
-      printf '%q ' "$PY" -m fasttrain tune DATA -a "$a" "${tune[@]}"; echo
-    done
+    if [[ "${TUNE:-0}" == 1 ]]; then
+      for a in ${ARCHS:-resnet50 resnet18}; do printf '%q ' "$PY" -m fasttrain tune DATA -a "$a" "${tune[@]}"; echo; done
+    fi
   } > "$OUT/gpu_run_plan.txt"
   echo "gpu_run: dry run: would run (bench limited to ${LIMIT_S}s, all within ${TOTAL_S}s):"
   cat "$OUT/gpu_run_plan.txt"

@@ -189,6 +189,21 @@ def test_gpu_run_dry_run_parses_its_command(tmp_path):
     assert (out / "bench").is_dir() and sorted(os.listdir(out)) == ["bench", "gpu_run_plan.txt"]
 
 
+def test_gpu_run_dry_run_with_tune_plans_a_tune_of_each_arch(tmp_path):
+    """TUNE=1 (issue 23): after the bench, `fasttrain tune` of each arch with the bench's fastest toggles."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "ARCHS": "resnet50 resnet18", "TUNE": "1",
+           "SECTIONS": "auto", "SCRATCH": str(tmp_path / "scratch")}
+    res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = (out / "gpu_run_plan.txt").read_text().splitlines()
+    assert "--sections auto" in lines[0]
+    assert [line.split(" -a ")[1].split()[0] for line in lines if " -m fasttrain tune DATA" in line] == [
+        "resnet50", "resnet18"]
+    assert all("--amp bf16 --channels-last --compile" in line for line in lines if "fasttrain tune" in line)
+
+
 def test_gpu_run_takes_dali_and_pythonpath_as_it_finds_them():
     """No unpacking of DALI parts, no PYTHONPATH of its own: DALI imports as `pip install 'fasttrain[dali]'`
     installs it. The goal check's exit 1 (a SHORT goal) must not stop the script before the resume check."""
