@@ -230,10 +230,12 @@ def _lines(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
     not dali_backend.available(), reason="nvidia-dali is not installed"))])
-def test_kill9_at_random_moments_loses_at_most_one_interval(tiny_data, tmp_path, loader):
+def test_kill9_at_random_moments_loses_at_most_the_write_in_flight(tiny_data, tmp_path, loader):
     """kill -9 three times at arbitrary moments (mid-step, mid-checkpoint, in validation, at start-up), each
-    time `--resume auto`: no kill loses more than --checkpoint-interval steps, and the run that finally
-    finishes ends with the same weights as one never killed."""
+    time `--resume auto`: no kill loses more than the steps since the last checkpoint whose write finished
+    (checkpoints are written beside training, one at a time: the next save waits for the previous write, so
+    at most two intervals, one when a write takes less than an interval), and the run that finally finishes
+    ends with the same weights as one never killed."""
     interval, steps = 2, 6  # 96 train images / batch 16
     env = {**os.environ, "FT_TEST_TINY_MODEL": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     args = [*ARGS, "--epochs", "3", "--checkpoint-interval", str(interval), "--loader", loader, "--resume", "auto"]
@@ -262,7 +264,7 @@ def test_kill9_at_random_moments_loses_at_most_one_interval(tiny_data, tmp_path,
             proc.kill()
             proc.communicate()
         done = start + _lines(log) - n0  # global steps finished when it died
-        assert done - _global_step(out, steps) <= interval, (done, _global_step(out, steps))
+        assert done - _global_step(out, steps) <= 2 * interval, (done, _global_step(out, steps))
     assert kills >= 2
     r = run_worker(tiny_data, *args, "--output-dir", out, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
