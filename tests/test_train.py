@@ -160,7 +160,8 @@ def _sgd_run(fused: bool, inf_steps: set[int], steps: int = 5):
     from fasttrain.optim import build_optimizer
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    opt = build_optimizer(model.parameters(), OptimConfig(lr=0.1), torch.device("cpu"), fused=fused)
+    opt = build_optimizer(model.parameters(), OptimConfig(lr=0.1, optim_impl="fused" if fused else "foreach"),
+                          torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
