@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .config import OptimConfig
+from .errors import UserError
 
 LARS_ETA = 0.001  # MLPerf's trust coefficient (its reference's `eeta`)
 
@@ -44,12 +45,14 @@ def fused_kernel(cfg: OptimConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.optim_impl == "auto" else cfg.optim_impl == "fused"
 
 
-def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """SGD (fused or foreach: --optim-impl), LARS, AdamW or LAMB."""
+def build_optimizer(params, cfg: OptimConfig, device: torch.device, compiled_step: bool = False
+                    ) -> torch.optim.Optimizer:
+    """SGD (fused or foreach: --optim-impl), LARS, AdamW or LAMB. `compiled_step` (--compile-step): the LR
+    will be a tensor (capture.tensor_lr), which torch's AdamW takes fused, or on CUDA as capturable."""
     params = [p for p in params if p.requires_grad]
     groups = param_groups(params, cfg)
     if cfg.optimizer in ADAPTIVE:
-        return build_adaptive(groups, cfg, device)
+        return build_adaptive(groups, cfg, device, compiled_step)
     if cfg.optimizer == "lars":
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     for g in groups:
@@ -152,11 +155,19 @@ ADAPTIVE = ("adamw", "lamb")
 BETAS = (0.9, 0.999)
 
 
-def build_adaptive(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_adaptive(groups: list[dict], cfg: OptimConfig, device: torch.device, compiled_step: bool = False
+                   ) -> torch.optim.Optimizer:
     for g in groups:
         g.pop("trust", None)
     if cfg.optimizer == "adamw":
-        fast = {"fused": True} if fused_kernel(cfg, device) else {"foreach": True}
+        fused = fused_kernel(cfg, device)
+        if compiled_step and not fused and device.type != "cuda":
+            # torch's foreach AdamW takes a tensor LR only as capturable, which it supports on GPUs only
+            if cfg.optim_impl == "foreach":
+                raise UserError("--compile-step with --opt adamw --optim-impl foreach needs a GPU (torch's foreach "
+                                "AdamW takes the compiled step's tensor LR only there): drop --optim-impl foreach")
+            fused = True
+        fast = {"fused": True} if fused else {"foreach": True, "capturable": compiled_step}
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, weight_decay=cfg.weight_decay, **fast)
     return Lamb(groups, lr=cfg.lr, betas=BETAS, weight_decay=cfg.weight_decay)
 
