@@ -21,6 +21,8 @@ injected through environment variables, so fault tests are exact and determinist
     FT_TEST_LEAK_MB=N            every validation keeps N MiB more (resident): a leak the memory test must see
     FT_TEST_MALLOC_TRIM=1        before each host memory reading, glibc's malloc_trim(0) hands freed heap memory
                                  back to the OS: the reading is then memory in use, not memory glibc keeps
+    FT_TEST_EAGER_COMPILE=1      --compile-step's function traced by dynamo but run by its eager backend
+                                 (inductor's code generation takes minutes on 2 cores)
     FT_TEST_THREAD_LOG=PATH      each process appends "RANK THREADS" when training starts (torch's intra-op
                                  threads); also in processes --multiprocessing-distributed spawns, which run
                                  this file as __mp_main__ (so the patch is made at import, not under __main__)
@@ -180,4 +182,7 @@ if __name__ == "__main__":
         _patch_leak()
     if os.environ.get("FT_TEST_MALLOC_TRIM"):
         _patch_trim()
+    if os.environ.get("FT_TEST_EAGER_COMPILE"):
+        import fasttrain.capture as K
+        K.compile_fn = lambda fn, mode: torch.compile(fn, backend="eager", dynamic=False)
     sys.exit(main(sys.argv[1:]))

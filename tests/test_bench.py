@@ -171,19 +171,26 @@ def test_reference_loop_entry_point_runs(tiny_data, capsys):
 
 
 def test_gpu_run_dry_run_parses_its_command(tmp_path):
+    """Issue 22's order for a short window: the ResNet-50 ceiling variants first, then end to end with the peers
+    and the DALI sweep (both with the fastest ceiling variant), the resume check, the goals over all three."""
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "ARCHS": "resnet50",
-           "SCRATCH": str(tmp_path / "scratch")}
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "SCRATCH": str(tmp_path / "scratch")}
     res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    bench, goals, loader, resume = (line.rstrip() for line in (out / "gpu_run_plan.txt").read_text().splitlines())
-    assert "-m fasttrain bench --out" in bench and "-a resnet50" in bench and "-j 16 -b 256" in bench
-    assert goals.endswith(f"check_goals.py {out}/bench/bench.json")
-    assert "profile_loader.py DATA -j 16 -b 256" in loader
+    ceiling, e2e, dali, resume, goals = (line.rstrip() for line in (out / "gpu_run_plan.txt").read_text().splitlines())
+    bench = "-m fasttrain bench -j 16 -b 256 --images 4096 -a resnet50 --sections"
+    assert ceiling.startswith("timeout 220 ") and f"{bench} ceiling --out {out}/ceiling" in ceiling
+    best = f"--best-of {out}/ceiling/bench.json"
+    assert e2e.startswith("timeout 130 ") and f"{bench} e2e --out {out}/e2e {best}" in e2e
+    assert dali.startswith("timeout 100 ") and f"{bench} dali --out {out}/dali {best}" in dali
     # checkpoints go to SCRATCH: only the few result files come back from the GPU machine
     assert "resume_check.py" in resume and f"--out {tmp_path}/scratch/resume" in resume and "--loader dali" in resume
-    assert (out / "bench").is_dir() and sorted(os.listdir(out)) == ["bench", "gpu_run_plan.txt"]
+    assert goals.endswith(f"check_goals.py {out}/ceiling/bench.json {out}/e2e/bench.json {out}/dali/bench.json")
+    assert sorted(os.listdir(out)) == ["gpu_run_plan.txt"]
+    res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO,
+                         env={**env, "CEILING_S": "0", "RESUME_CHECK": "0"}, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--sections ceiling" not in res.stdout and "resume_check" not in res.stdout
 
 
 def test_gpu_run_takes_dali_and_pythonpath_as_it_finds_them():
@@ -311,6 +318,32 @@ def test_check_goals_uses_issue_12s_table_and_exits_1_when_short(tmp_path):
     path.write_text(json.dumps(gpu_doc()))
     assert cg.main([str(path)]) == 0
     assert cg.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_check_goals_reads_gpu_runs_stages_as_one_run_with_h200_goals(tmp_path):
+    """gpu_run.sh's ceiling, e2e and dali bench.json pooled; on an H200 (issue 22) ResNet-50's best compiled
+    model-only rate against 7,500 img/s and its best end-to-end rate against 7,200."""
+    cg = _check_goals()
+    env = {"gpu": "NVIDIA H200"}
+    ceiling = [_e("ceiling", "synthetic", 2_200.0, "resnet50", reference=True, ratio=1.0),
+               _e("ceiling", "synthetic", 7_600.0, "resnet50", ratio=3.4)]
+    ceiling[1]["toggles"] = {"compile": True}
+    e2e = [_e("e2e", "reference", 2_000.0, "resnet50", reference=True, ratio=1.0),
+           _e("e2e", "torchvision", 7_100.0, "resnet50", ratio=3.55, of_ceiling=0.96)]
+    dali = [_e("dali", "dali-gpu", 7_250.0, "resnet50", of_ceiling=0.97)]
+    paths = []
+    for name, rows in (("ceiling", ceiling), ("e2e", e2e), ("dali", dali)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"environment": env, "entries": rows}))
+    lines = [line for _, line in cg.goals(cg.read([str(p) for p in paths]))]
+    assert "MET   resnet50 compiled model only: ceiling/resnet50/synthetic 7,600 img/s (goal 7,500 on one H200)" \
+        in lines
+    assert "MET   resnet50 end to end: dali/resnet50/dali-gpu 7,250 img/s (goal 7,200 on one H200)" in lines
+    ceiling[1]["images_per_sec"] = 7_400.0
+    paths[0].write_text(json.dumps({"environment": env, "entries": ceiling}))
+    assert cg.main([str(p) for p in paths]) == 1
+    assert not any("H200" in line for _, line in cg.goals({"environment": {"gpu": "NVIDIA H100"},
+                                                             "entries": ceiling + e2e}))
 
 
 def test_check_goals_on_a_cpu_run_has_no_gpu_goals():

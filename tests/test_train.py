@@ -185,3 +185,26 @@ def test_fused_sgd_matches_foreach_when_the_grad_scaler_skips_steps(inf_steps):
     for a, b in zip(p_fused + b_fused, p_ref + b_ref):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_channels_last_reaches_validation_too(loader, tiny_data):
+    """--channels-last: the val batches come channels_last like the train ones (both loaders), and --val-tta
+    flip's mirror keeps the layout, so validation runs the channels_last model on what it wants (issue 22)."""
+    from fasttrain.config import DataConfig
+    from fasttrain.data import build_loaders, dali_backend
+    from fasttrain.data.base import Layout
+    from fasttrain.dist import DistInfo
+    if loader == "dali" and not dali_backend.available():
+        pytest.skip("nvidia.dali does not import")
+    cfg = DataConfig(data=tiny_data, loader=loader, workers=1, batch_size=8, image_size=32)
+    loaders = build_loaders(cfg, DistInfo(device=torch.device("cpu")), Layout(torch.device("cpu"), True), seed=0)
+    try:
+        for batches in (loaders.train, loaders.val):
+            batches.set_epoch(0)
+            images, _ = next(iter(batches))
+            assert images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
+            assert images.flip(3).is_contiguous(memory_format=torch.channels_last)
+    finally:
+        loaders.train.close()
+        loaders.val.close()
