@@ -95,7 +95,8 @@ if (( dry )); then
     (( E2E_S > 0 )) && { printf '%q ' timeout "$E2E_S" "$PY" -m fasttrain "${e2e[@]}" "${best[@]}"; echo; }
     (( DALI_S > 0 )) && { printf '%q ' timeout "$DALI_S" "$PY" -m fasttrain "${dali[@]}" "${best[@]}"; echo; }
     [[ "${RESUME_CHECK:-1}" == 1 ]] && {
-      printf '%q ' "$PY" benchmarks/resume_check.py --time-limit LEFT "${resume[@]}" -- train DATA "${train[@]}"; echo; }
+      printf '%q ' "$PY" benchmarks/resume_check.py --time-limit LEFT "${resume[@]}" -- train DATA "${train[@]}"
+      echo; }
     printf '%q ' "$PY" "${goals[@]}"; echo
   } > "$OUT/gpu_run_plan.txt"
   echo "gpu_run: dry run: would run, in this order (the resume check gets what is left of ${TOTAL_S}s):"

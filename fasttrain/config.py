@@ -112,9 +112,9 @@ class OptimConfig:
                          "global batches of thousands); AdamW or LAMB (betas 0.9, 0.999; --momentum unused; they "
                          "want a far lower --lr, e.g. 0.001 x global batch / 512, and a larger --wd, e.g. 0.05)")
     optim_impl: str = opt("auto", "--optim-impl", choices=("auto", "fused", "foreach"),
-                          help="torch's SGD/AdamW kernels: fused = one kernel for all parameters, foreach = multi-tensor "
-                          "kernels op by op; auto = fused on CUDA, foreach elsewhere (LARS and LAMB: their own update, "
-                          "compiled with --compile-step)")
+                          help="torch's SGD/AdamW kernels: fused = one kernel for all parameters, foreach = "
+                          "multi-tensor kernels op by op; auto = fused on CUDA, foreach elsewhere (LARS and LAMB: "
+                          "their own update, compiled with --compile-step)")
     no_bn_wd: bool = opt(False, "--no-bn-wd", help="no weight decay on BatchNorm weights and biases (LARS: always)")
     ema: float = opt(0.0, "--ema", metavar="DECAY",
                      help="keep an exponential moving average of the weights (e.g. 0.9999), validated each epoch "
@@ -142,9 +142,9 @@ class RunConfig:
     amp: str = opt("auto", "--amp", choices=("auto", "none", "bf16", "fp16"),
                    help="autocast precision; fp16 uses a gradient scaler (auto: bf16 on GPU, none on CPU)")
     loss_scale: float = opt(0.0, "--loss-scale", metavar="S",
-                            help="with --amp fp16: a static loss scale S (e.g. 1024; a power of 2 unscales exactly): no "
-                            "overflow check, a non-finite step is --on-nan's; 0 = torch's dynamic GradScaler, which skips "
-                            "overflowing steps")
+                            help="with --amp fp16: a static loss scale S (e.g. 1024; a power of 2 unscales exactly): "
+                            "no overflow check, a non-finite step is --on-nan's; 0 = torch's dynamic GradScaler, "
+                            "which skips overflowing steps")
     channels_last: bool | None = opt(None, "--channels-last", tristate=True,
                                      help="NHWC memory format for model and input (auto: on for GPU)")
     compile: bool | None = opt(None, "--compile", tristate=True,

@@ -189,7 +189,8 @@ def test_gpu_run_dry_run_parses_its_command(tmp_path):
     assert goals.endswith(f"check_goals.py {out}/ceiling/bench.json {out}/e2e/bench.json {out}/dali/bench.json")
     assert sorted(os.listdir(out)) == ["gpu_run_plan.txt"]
     res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO,
-                         env={**env, "CEILING_S": "0", "RESUME_CHECK": "0"}, capture_output=True, text=True, timeout=120)
+                         env={**env, "CEILING_S": "0", "RESUME_CHECK": "0"}, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0 and "--sections ceiling" not in res.stdout and "resume_check" not in res.stdout
 
 
@@ -533,12 +534,13 @@ def test_ceiling_section_runs_each_variant_with_its_own_settings(tmp_path, monke
         "failed: RuntimeError: the line that says why"
 
     gpu = ceiling_variants(torch.device("cuda"), 256)
+    ro = "reduce-overhead"
     assert [(tg.amp, tg.loss_scale, tg.compile_mode, tg.compile_step, tg.sgd, tg.opt, b) for tg, b in gpu] == [
         ("bf16", 0, "default", False, "auto", "sgd", 256), ("bf16", 0, "default", True, "auto", "sgd", 256),
-        ("bf16", 0, "reduce-overhead", True, "auto", "sgd", 256), ("bf16", 0, "reduce-overhead", False, "auto", "sgd", 256),
-        ("fp16", 1024, "reduce-overhead", True, "auto", "sgd", 256), ("bf16", 0, "reduce-overhead", True, "auto", "sgd", 384),
-        ("bf16", 0, "reduce-overhead", True, "auto", "lars", 512), ("fp16", 0, "reduce-overhead", True, "auto", "sgd", 256),
-        ("bf16", 0, "reduce-overhead", True, "foreach", "sgd", 256),
+        ("bf16", 0, ro, True, "auto", "sgd", 256), ("bf16", 0, ro, False, "auto", "sgd", 256),
+        ("fp16", 1024, ro, True, "auto", "sgd", 256), ("bf16", 0, ro, True, "auto", "sgd", 384),
+        ("bf16", 0, ro, True, "auto", "lars", 512), ("fp16", 0, ro, True, "auto", "sgd", 256),
+        ("bf16", 0, ro, True, "foreach", "sgd", 256),
         ("bf16", 0, "max-autotune-no-cudagraphs", True, "auto", "sgd", 256),
         ("bf16", 0, "max-autotune", True, "auto", "sgd", 256)]
     assert all(tg.compile and tg.channels_last and tg.cudnn_benchmark for tg, _ in gpu)
