@@ -221,13 +221,18 @@ def parse_config(ns: argparse.Namespace) -> C.Config:
         if "." in key and value is not None:
             group, name = key.split(".", 1)
             flags[(group, name)] = value
-    values = {}
+    values = recipe = {}
     if getattr(ns, "recipe", None):
         from . import recipes
-        values = recipes.load(ns.recipe)[0]
+        values = recipe = recipes.load(ns.recipe)[0]
+    given = set(flags)  # what the layers above the recipe set
     if ns.config:
-        values = _over(values, C.load_toml(ns.config), f"config file {ns.config}")
+        toml = C.load_toml(ns.config)
+        given |= set(toml)
+        values = _over(values, toml, f"config file {ns.config}")
     values = _over(values, flags, "the command line")
+    if recipe and ("optim", "epochs") in given:
+        values = _scale_recipe(ns.recipe, recipe, values, given)
     demo = (ns.command == "train" and values.get(("data", "data")) is None
             and not values.get(("data", "dummy")) and values.get(("data", "loader")) != "synthetic")
     if demo:
@@ -236,6 +241,18 @@ def parse_config(ns: argparse.Namespace) -> C.Config:
             defaults.pop(("optim", "warmup_epochs"))
         values = _over(defaults, values, "")
     return C.build_config(values)
+
+
+def _scale_recipe(name: str, recipe: dict, values: dict, given: set) -> dict:
+    """--recipe with another --epochs: the recipe's epoch knobs in proportion (recipes.scale_to_epochs), said
+    once (by rank 0 under torchrun, whose every process parses the command line)."""
+    from . import recipes
+    epochs = values[("optim", "epochs")]
+    scaled = recipes.scale_to_epochs(recipe, values, given)
+    if scaled and os.environ.get("RANK", "0") == "0":
+        own = recipe[("optim", "epochs")]
+        print(f"fasttrain: {recipes.describe_scaling(name, own, epochs, recipe, scaled)}", flush=True)
+    return {**values, **scaled}
 
 
 def use_huge_pages() -> None:

@@ -296,6 +296,8 @@ def build_config(values: dict[tuple[str, str], Any]) -> Config:
     for (group, name), value in values.items():
         f = next(f for g, f in all_fields() if g == group and f.name == name)
         setattr(getattr(cfg, group), name, _coerce(f, value))
+    if cfg.data.dummy:  # the reference's --dummy is the synthetic loader
+        cfg.data.loader = "synthetic"
     validate(cfg)
     return cfg
 
@@ -337,7 +339,15 @@ def resolve_toggles(run: RunConfig, device_type: str) -> RunConfig:
                                cudnn_benchmark=pick(run.cudnn_benchmark, gpu))
 
 
+def replace(cfg: Config, **groups: dict[str, Any]) -> Config:
+    """A new Config with some fields of some groups changed (`replace(cfg, run={"seed": 1})`); `cfg` and its
+    groups are left as they are, so a caller (a test, a notebook, the bench) keeps its own object."""
+    return dataclasses.replace(cfg, **{g: dataclasses.replace(getattr(cfg, g), **changes)
+                                       for g, changes in groups.items()})
+
+
 def validate(cfg: Config) -> None:
+    """Raise UserError for a bad combination of options; changes nothing."""
     check_counts(("--batch-size", cfg.data.batch_size, 1), ("--workers", cfg.data.workers, 0),
                  ("--image-size", cfg.data.image_size, 16, " pixels"))
     if cfg.optim.epochs < 1 and not cfg.run.evaluate:
@@ -353,8 +363,6 @@ def validate(cfg: Config) -> None:
     if cfg.run.resume == "auto" and not cfg.run.output_dir:
         raise UserError("--resume auto continues the run in --output-dir, and without it each run gets a new "
                         "folder (runs/<arch>-<timestamp>): pass the same --output-dir DIR on every (re)start")
-    if cfg.data.dummy:
-        cfg.data.loader = "synthetic"
     if cfg.model.pretrained and not cfg.model.weights:
         raise UserError("--pretrained would download weights, and fasttrain downloads nothing: "
                         "pass the weights file with --weights PATH")
@@ -385,8 +393,9 @@ def validate_knobs(cfg: Config) -> None:
         raise UserError(f"--randaugment is RandAugment's magnitude, 0 to 30, got {cfg.data.randaugment}")
     if cfg.data.auto_augment and cfg.data.randaugment:
         raise UserError("--auto-augment and --randaugment are two policies for the same step: pick one")
-    if (cfg.data.auto_augment or cfg.data.randaugment) and cfg.data.loader in ("dali", "synthetic"):
-        what = "--dummy's synthetic batches have no images to augment" if cfg.data.loader == "synthetic" else \
+    loader = "synthetic" if cfg.data.dummy else cfg.data.loader
+    if (cfg.data.auto_augment or cfg.data.randaugment) and loader in ("dali", "synthetic"):
+        what = "--dummy's synthetic batches have no images to augment" if loader == "synthetic" else \
             "fasttrain's DALI pipeline has no AutoAugment/RandAugment"
         raise UserError(f"--auto-augment and --randaugment are torchvision's, applied in the torchvision loader; "
                         f"{what}: use --loader torchvision (or leave --loader auto)")

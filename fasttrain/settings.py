@@ -82,6 +82,8 @@ def describe(cfg: Config, dist, loaders, threads: str, config_path: str | None) 
     global_batch = loaders.batch * world * o.grad_accum_steps
     if o.lr_schedule == "step":
         sched = "step schedule (0.1x every 30 epochs)"
+    elif o.lr_schedule == "triangular":
+        sched = f"triangular schedule (peak at epoch {o.lr_peak_epoch:g})"
     else:
         sched = f"{o.lr_schedule} schedule"
     warm = f", warm-up {o.warmup_epochs:g} epoch{'s' if o.warmup_epochs != 1 else ''}" if o.warmup_epochs else ""

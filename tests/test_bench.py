@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -133,18 +132,21 @@ def test_check_goals_reads_the_json(quick):
     assert res.returncode == (1 if "SHORT" in res.stdout else 0), res.stdout + res.stderr
 
 
-def test_time_loop_excludes_warmup_and_counts_images():
+def test_time_loop_excludes_warmup_and_counts_images(monkeypatch):
+    """A fake clock: the first step (a compile) takes 50 units, every other step 1: the timed window holds
+    the last 4 steps exactly, the warm-up the first 2."""
+    now = [0.0]
+    monkeypatch.setattr(measure, "_clock", lambda: now[0])
     batches = [(torch.zeros(3, 1), torch.zeros(3)) for _ in range(6)]
     calls = []
 
     def step(x, y):
         calls.append(len(calls))
-        if len(calls) == 1:
-            time.sleep(0.5)  # a first step that compiles: must not be in the timed window
+        now[0] += 50.0 if len(calls) == 1 else 1.0
 
     t = time_loop(batches, step, torch.device("cpu"), warmup=2, steps=4)
-    assert len(calls) == 6 and t.images == 12 and len(t.step_ms) == 4
-    assert t.warmup_s >= 0.5 > t.seconds
+    assert len(calls) == 6 and t.images == 12 and t.step_ms == [1000.0] * 4
+    assert (t.warmup_s, t.seconds, t.images_per_sec) == (51.0, 4.0, 3.0)
     with pytest.raises(RuntimeError, match="loader ended after 6 of 8"):
         time_loop(batches, None, torch.device("cpu"), warmup=2, steps=6)
 
@@ -683,9 +685,10 @@ def test_gpu_memory_of_an_entry(monkeypatch):
     outside torch); faked here, there is no GPU. A CPU entry has none of these keys."""
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * 2**20, 100 * 2**20))
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 12 * 2**20)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 20 * 2**20)
-    assert measure.gpu_memory(cuda) == {"gpu_peak_mb": 12.0, "gpu_reserved_mb": 20.0, "gpu_used_mb": 30.0}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 12 * 2**20 + 2**18)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 20 * 2**20 + 2**19)
+    # torch's byte counters (faked) in MiB, and the driver's in use = total - free, which no counter gives
+    assert measure.gpu_memory(cuda) == {"gpu_peak_mb": 12.25, "gpu_reserved_mb": 20.5, "gpu_used_mb": 30.0}
     assert measure.gpu_memory(torch.device("cpu")) is None
     t = time_loop(iter([(torch.zeros(2, 1), torch.zeros(2))] * 4), None, torch.device("cpu"), 1, 3)
     assert not any(k.startswith("gpu_") for k in t.summary())
