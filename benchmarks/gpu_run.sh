@@ -19,7 +19,8 @@
 #      with --opt lars, fp16 with the dynamic GradScaler, foreach SGD; then max-autotune-no-cudagraphs and
 #      max-autotune (minutes of autotuning each: last). A variant that fails is left out with its reason
 #      (bench.json's plan.skipped) and the next one runs;
-#   3. e2e/ (E2E_S): ResNet-50 end to end with the fastest ceiling variant (`--best-of`; its batch too):
+#   3. e2e/ (E2E_S): ResNet-50 end to end with the fastest ceiling variant (`--best-of`; its batch too; not a
+#      variant whose compile took over 2 minutes, which would use up this stage):
 #      the reference loop, fasttrain's torchvision and DALI GPU loaders, and the peers (timm's loader with
 #      its prefetcher, torchvision's GPU decode_jpeg) feeding the same trainer; the model-only rate of the
 #      same settings (of_ceiling divides by it) and the reference loop's;
@@ -35,9 +36,9 @@
 #      (profile.txt, profile-metrics.jsonl, trace.json.gz).
 # On 4,096 generated JPEGs like those benchmarks/ANCHORS.md's figures were measured on (~460x375 px, ~70 KB),
 # drawn once into FASTTRAIN_CACHE in ~15 s on 16 cores.
-# Time plan (estimates, not yet run this way): setup and JPEGs ~20 s; ceiling 220 s (ResNet-50's compile
+# Time plan (estimates, not yet run this way): setup and JPEGs ~20 s; ceiling 200 s (ResNet-50's compile
 # took 46 s on the H200, and each variant compiles anew: the first three or four variants fit, more where
-# inductor's cache serves graphs an earlier variant compiled); end to end 130 s (one compile, seven short
+# inductor's cache serves graphs an earlier variant compiled); end to end 150 s (one compile, seven short
 # entries); DALI 100 s; the resume check's three short runs 60-90 s (the 2026-11-27 H200 run: its two runs
 # took ~36 s, and the comparison run as long again): about 570 s. A 15-minute device lease has room for it
 # once. Lengthen CEILING_S for more ceiling variants; 0 leaves a stage out (CEILING_S=0: no --best-of, the
@@ -47,7 +48,7 @@
 # SCRATCH and FASTTRAIN_CACHE, outside OUT. No matplotlib there? Then render the PNG elsewhere:
 # fasttrain bench --from-json DIR/bench.json --out DIR.
 # Knobs (environment): OUT (default runs/gpu), SCRATCH (/tmp/fasttrain-gpu-run), WORKERS (16), BATCH (256),
-# IMAGES (4096), ARCH (resnet50), CEILING_S (220), E2E_S (130), DALI_S (100), TOTAL_S (570: the resume check
+# IMAGES (4096), ARCH (resnet50), CEILING_S (200), E2E_S (150), DALI_S (100), TOTAL_S (570: the resume check
 # gets what is left of it), RESUME_MIN_S (60), RESUME_CHECK (1; 0 leaves it out), PROFILE_LOADER (0),
 # PROFILE (0), PYTHON (python3).
 set -euo pipefail
@@ -57,8 +58,8 @@ dry=0
 OUT=${OUT:-runs/gpu}
 SCRATCH=${SCRATCH:-/tmp/fasttrain-gpu-run}
 PY=${PYTHON:-python3}
-CEILING_S=${CEILING_S:-220}
-E2E_S=${E2E_S:-130}
+CEILING_S=${CEILING_S:-200}
+E2E_S=${E2E_S:-150}
 DALI_S=${DALI_S:-100}
 TOTAL_S=${TOTAL_S:-570}
 RESUME_MIN_S=${RESUME_MIN_S:-60}
@@ -156,10 +157,9 @@ run_bench() {
 }
 
 run_bench ceiling "$CEILING_S" "${ceiling[@]}"
-# The later stages train with the fastest ceiling variant, when the ceiling stage measured one.
-"$PY" -c 'import json, sys; e = json.load(open(sys.argv[1]))["entries"]
-sys.exit(not any(x["section"] == "ceiling" and not x["reference"] for x in e))' "$OUT/ceiling/bench.json" \
-  2>/dev/null || best=()
+# The later stages train with the fastest ceiling variant, when the ceiling stage measured one (--best-of's pick).
+"$PY" -c 'import sys; from fasttrain.bench import best_ceiling; print(*best_ceiling(sys.argv[1], [sys.argv[2]]))' \
+  "$OUT/ceiling/bench.json" "$ARCH" 2>/dev/null || best=()
 run_bench e2e "$E2E_S" "${e2e[@]}" "${best[@]}"
 (( has_dali )) && run_bench dali "$DALI_S" "${dali[@]}" "${best[@]}"
 

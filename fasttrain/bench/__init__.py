@@ -75,13 +75,19 @@ def ceiling_variants(device: torch.device, batch: int) -> list[tuple[Toggles, in
             (replace(step, compile_mode="max-autotune"), batch)]
 
 
+BEST_OF_WARMUP_S = 120.0  # --best-of passes over variants whose warm-up (compile) took longer
+
+
 def best_ceiling(path: str, archs: list[str]) -> tuple[Toggles, int]:
     """--best-of: the toggles and batch of the fastest ceiling variant (not the reference loop) of these archs
-    in an earlier bench.json, for the compiled entries of this run."""
+    in an earlier bench.json, for the compiled entries of this run. Not one whose warm-up took more than
+    BEST_OF_WARMUP_S (max-autotune's minutes of autotuning): gpu_run.sh gives each later stage a time limit
+    that such a compile alone would use up."""
     try:
         with open(path) as fh:
             entries = json.load(fh)["entries"]
-        rows = [e for e in entries if e["section"] == "ceiling" and not e.get("reference") and e["arch"] in archs]
+        rows = [e for e in entries if e["section"] == "ceiling" and not e.get("reference") and e["arch"] in archs
+                and (e.get("warmup_s") or 0.0) <= BEST_OF_WARMUP_S]
         best = max(rows, key=lambda e: e["images_per_sec"]) if rows else None
         if best is not None:
             return Toggles(**best["toggles"]), int(best["batch_size"])
