@@ -3,10 +3,9 @@ compiled function: milliseconds per step and the operator calls the profiler see
 
     python benchmarks/optim_step_cost.py lars        # or lamb, sgd; --device cuda on a GPU
 
-Op by op, LARS and LAMB run ~8 and ~25 operator calls per tensor (norms, the trust ratio, the update); the
+Op by op, LARS and LAMB make several operator calls per tensor (norms, the trust ratio, the update); the
 compiled step is one call of a graph inductor generated. On a GPU each operator call is at least one kernel
-launch; the compiled graph's kernels the profiler lists under their own names (CUDA: triton_*). Results:
-benchmarks/RESULTS.md.
+launch. Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ AdamW and LAMB (--opt adamw, --opt lamb: build_adaptive).
 SGD and AdamW are torch's: the fused kernel (one launch for all parameters) on CUDA, foreach elsewhere, or
 what --optim-impl says (benchmarks/ANCHORS.md and RESULTS.md have the two measured against each other).
 LARS and LAMB are written here, as one update over a parameter group's tensors with public per-tensor ops
-(a norm of each weight and gradient, the trust ratio, the update: about ten kernels per tensor when run
-eagerly). torch's multi-tensor `torch._foreach_*` functions are not used: the project uses no underscore
+(a norm of each weight and gradient, the trust ratio, the update: several kernels per tensor when run
+eagerly; benchmarks/RESULTS.md counts the operator calls). torch's multi-tensor `torch._foreach_*` functions are not used: the project uses no underscore
 torch API, and torch's own documentation of its public `torch.foreach` module (newer than the torch
 versions fasttrain supports) calls them the private functions it replaces. What makes the update few
 kernels instead is `--compile-step` (capture.py): the whole optimizer step is one torch.compile'd function,
