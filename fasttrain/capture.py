@@ -16,8 +16,11 @@ back to zeros, which is where it starts. It returns that decision as a 0-d bool 
 can skip) for the engine's meters, so no step reads a device value on the host.
 
 The LR schedule stays schedules.py's LambdaLR, stepped on the host; the LR it computes is written into the
-0-d tensor the compiled step reads (torch's schedulers fill a tensor LR in place): a new LR each step with
-no recompile. torch.compile's mode is --compile-mode's: with reduce-overhead the step is CUDA graphs.
+0-d tensor the compiled step reads (torch's schedulers fill a tensor LR in place: one small copy per param
+group a step): a new LR each step with no recompile. torch.compile's mode is --compile-mode's: with
+reduce-overhead the step is CUDA graphs. What stays eager in a step besides: the meters' update of the
+window's losses and logits (a few small kernels, as without --compile-step), fp16's GradScaler's own
+unscale and scale update (dynamic scale only), and zero_grad (no kernel: the gradients are set to None).
 
 The step is called through the optimizer's class (`type(opt).step(opt)`): the LR scheduler wraps the
 instance's step in a function of a torch file that dynamo does not trace, which would run it eagerly. torch's
@@ -74,10 +77,18 @@ class CompiledUpdate:
         self.skip = tr.on_nan == "skip" and not dynamic  # --on-nan skip: the EMA and the meters skip too
         self.mask = self.skip or dynamic                   # the parameters and optimizer state skip
         self.unscale = getattr(tr.scaler, "inverse_scale", None)  # a static fp16 loss scale (--loss-scale)
+        self.lrs = [group["lr"] for group in self.optimizer.param_groups]  # tensor_lr's, read by the graph
         self._step = compile_fn(self._run, mode)
 
     def __call__(self) -> torch.Tensor | None:
         return self._step()
+
+    def after_schedule(self) -> None:
+        """After the schedule's step: the LR it set, in the tensor the compiled step reads. (torch's schedulers
+        fill a tensor LR in place; one that put a float there instead would make every new LR a recompile.)"""
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
+            if group["lr"] is not lr:
+                group["lr"] = keep_lr_kind(lr, group["lr"])
 
     @torch.no_grad()
     def _run(self) -> torch.Tensor | None:

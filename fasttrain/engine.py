@@ -114,6 +114,7 @@ class Trainer:
         keep = self.update()
         self.scaler.update()
         self._step_schedule()
+        self.update.after_schedule()
         self.optimizer.zero_grad(set_to_none=True)
         if keep is None or self.on_nan != "skip" or is_dynamic_scaler(self.scaler):
             return None  # fp16's GradScaler skips an overflowing step's update only, as op by op

@@ -171,3 +171,32 @@ def test_compiled_step_with_inductor(tiny_data, tmp_path, monkeypatch):
     op_by_op = train(tiny_data, tmp_path / "eager", *extra)
     compiled = train(tiny_data, tmp_path / "compiled", *extra, "--compile-step")
     assert_same_run(tmp_path / "eager", tmp_path / "compiled", op_by_op, compiled, exact=False)
+
+
+def test_the_compiled_step_keeps_reading_one_lr_tensor(monkeypatch):
+    """The schedule's new LR lands in the tensor the compiled step was traced with, also from a scheduler that
+    would put a float there (so no LR change recompiles), and a checkpoint's LR too."""
+    from fasttrain.config import OptimConfig
+    from fasttrain.engine import Trainer
+    from fasttrain.optim import build_optimizer
+    from fasttrain.schedules import build_scheduler
+    monkeypatch.setattr(capture, "compile_fn", lambda fn, mode: fn)
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model.parameters(), OptimConfig(lr=0.1, warmup_epochs=1), torch.device("cpu"))
+    sched = build_scheduler(opt, OptimConfig(lr=0.1, warmup_epochs=1), 4)
+    capture.tensor_lr(opt, torch.device("cpu"))
+    lr = opt.param_groups[0]["lr"]
+    tr = Trainer(model, model, opt, sched, torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(),
+                 None, None)
+    update = capture.CompiledUpdate(tr)
+    with pytest.warns(UserWarning, match="before `optimizer.step"):  # no step here (the engine drops this one)
+        sched.step()
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.05)  # torch fills it in place
+    opt.param_groups[0]["lr"] = 0.075  # what a scheduler assigning floats would leave
+    update.after_schedule()
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.075)
+    state = opt.state_dict()
+    state["param_groups"][0]["lr"] = 0.025
+    tr.load_state_dict({"state_dict": model.state_dict(), "optimizer": state, "scheduler": sched.state_dict()},
+                       global_step=1)
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.025)
