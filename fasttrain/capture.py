@@ -30,6 +30,8 @@ few graphs, each compiled; LARS and LAMB are traced whole with the rest.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .scaling import is_dynamic_scaler
@@ -62,9 +64,14 @@ def _restore(keep: torch.Tensor, tensors: list[torch.Tensor], saved: list[torch.
         t.copy_(torch.where(keep, t, s))
 
 
-def compile_fn(fn, mode: str):
-    """torch.compile as --compile-step uses it (tests swap in dynamo's eager backend: traced, not code-generated)."""
-    return torch.compile(fn, mode=mode, dynamic=False)
+def compile_fn(fn, mode: str, backend: str = "inductor"):
+    """torch.compile as --compile-step uses it (tests trace it with dynamo's eager backend: no code generated).
+    Each CompiledUpdate its own compiled entries where torch can keep them apart (isolate_recompiles): the
+    function's code is the same for every instance, and instances made in one process (the bench, the tests)
+    would otherwise share dynamo's recompile limit and run uncompiled past it (the bench also calls
+    torch.compiler.reset() between variants, for a torch without that option)."""
+    isolate = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+    return torch.compile(fn, mode=mode, dynamic=False, backend=backend, **isolate)
 
 
 class CompiledUpdate:

@@ -197,7 +197,8 @@ if __name__ == "__main__":
         _patch_trim()
     if os.environ.get("FT_TEST_EAGER_COMPILE"):
         import fasttrain.capture as K
-        K.compile_fn = lambda fn, mode: torch.compile(fn, backend="eager", dynamic=False)
+        real = K.compile_fn
+        K.compile_fn = lambda fn, mode: real(fn, mode, backend="eager")
     if "FT_TEST_NO_SHARED_DISK" in os.environ:
         _patch_no_shared_disk()
     sys.exit(main(sys.argv[1:]))

@@ -19,7 +19,7 @@ from fasttrain.bench.peers import peer_status
 from fasttrain.bench.report import add_ratios, table
 from fasttrain.data import dali_backend
 
-from .conftest import REPO, run_group
+from .conftest import REPO, eager_backend, run_group
 
 MODEL_COMBOS = {"fp32", "fp32+channels_last", "bf16", "bf16+channels_last"}
 HAS_TIMM = peer_status(torch.device("cpu"))["timm"] is None
@@ -489,7 +489,7 @@ def test_a_failing_peer_is_left_out_and_a_failing_fasttrain_loader_is_not():
 def eager_compiled_step(monkeypatch):
     """--compile-step traced by dynamo but run without inductor's code generation (minutes on 2 cores)."""
     from fasttrain import capture
-    monkeypatch.setattr(capture, "compile_fn", lambda fn, mode: torch.compile(fn, backend="eager", dynamic=False))
+    monkeypatch.setattr(capture, "compile_fn", eager_backend)
 
 
 def test_ceiling_section_runs_each_variant_with_its_own_settings(tmp_path, monkeypatch):

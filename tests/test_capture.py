@@ -18,6 +18,8 @@ from fasttrain import cli
 from fasttrain.metrics import read_jsonl
 from fasttrain.train import build_trainer
 
+from .conftest import eager_backend
+
 ARGS = ["--device", "cpu", "-j", "0", "-b", "16", "--image-size", "32", "--seed", "4", "-p", "2", "--epochs", "2",
         "--warmup-epochs", "0.5", "--lr-schedule", "cosine"]
 
@@ -46,7 +48,7 @@ class NanAt:
 def traced(monkeypatch):
     """The small model, and --compile-step traced by dynamo but run without inductor."""
     monkeypatch.setattr("fasttrain.train.build_model", small_model)
-    monkeypatch.setattr(capture, "compile_fn", lambda fn, mode: torch.compile(fn, backend="eager", dynamic=False))
+    monkeypatch.setattr(capture, "compile_fn", eager_backend)
 
 
 def nan_at(monkeypatch, at: int, factor: float = float("nan")) -> None:
@@ -152,7 +154,7 @@ def test_compile_step_flags_and_settings_line(tiny_data, tmp_path, capsys, monke
                                                          "'max-autotune-no-cudagraphs', 'max-autotune')")):
         assert cli.main(["train", str(tiny_data), *ARGS, "--output-dir", str(tmp_path / "x"), *argv]) == 2
         assert needle in capsys.readouterr().err
-    monkeypatch.setattr(capture, "compile_fn", lambda fn, mode: torch.compile(fn, backend="eager", dynamic=False))
+    monkeypatch.setattr(capture, "compile_fn", eager_backend)
     train(tiny_data, tmp_path / "r", "--compile-step", "--amp", "fp16", "--loss-scale", "256", "--steps-per-epoch", "2",
           "--epochs", "1", "--opt", "adamw", "--optim-impl", "fused", "--lr", "0.001")
     out = capsys.readouterr().out

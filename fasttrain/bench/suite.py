@@ -313,6 +313,7 @@ def ceiling_section(plan: Plan, arch: str, add: Add = _nothing) -> list[dict]:
             add(out[-1])
             log(f"ceiling {arch} {tg.label} batch {b}: {t.images_per_sec:.1f} img/s (warm-up {t.warmup_s:.1f}s)")
         step = loaders = None
+        torch.compiler.reset()  # each variant compiles anew: the last one's graphs (and CUDA graph pools) go
         gc.collect()
         if plan.device.type == "cuda":
             torch.cuda.empty_cache()
