@@ -88,6 +88,7 @@ if (( dry )); then
   "$PY" -c "$parse" "${e2e[@]}" "${best[@]}"
   "$PY" -c "$parse" "${dali[@]}" "${best[@]}"
   "$PY" -c "$parse" train DATA "${train[@]}" --output-dir "$SCRATCH/resume/stopped"
+  "$PY" -c 'from fasttrain.bench import best_ceiling'  # what picks --best-of's variant between the stages
   "$PY" -m py_compile benchmarks/check_goals.py benchmarks/resume_check.py benchmarks/profile_loader.py \
     tests/fault_worker.py
   "$PY" benchmarks/profile_loader.py --help > /dev/null
