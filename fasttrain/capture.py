@@ -70,8 +70,9 @@ def compile_fn(fn, mode: str, backend: str = "inductor"):
     function's code is the same for every instance, and instances made in one process (the bench, the tests)
     would otherwise share dynamo's recompile limit and run uncompiled past it (the bench also calls
     torch.compiler.reset() between variants, for a torch without that option)."""
-    isolate = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
-    return torch.compile(fn, mode=mode, dynamic=False, backend=backend, **isolate)
+    isolated = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+    return torch.compile(fn, mode=mode, dynamic=False, backend=backend,
+                         **({"isolate_recompiles": True} if isolated else {}))
 
 
 class CompiledUpdate:

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from . import dist as D
-from .capture import keep_lr_kind
+from .capture import CompiledUpdate, keep_lr_kind
 from .errors import UserError
 from .metrics import DeviceMeter, GpuIdle, Progress
 from .scaling import is_dynamic_scaler, same_kind
@@ -47,7 +47,7 @@ class Trainer:
     mix: Callable | None = None     # MixUp/CutMix of a batch: (images, labels) -> (images, soft labels)
     skipped_steps: int = 0
     ema: object = None              # ema.EMA of the weights with --ema, updated after every optimizer step
-    update: Callable | None = None  # capture.CompiledUpdate with --compile-step: the optimizer step, compiled
+    update: CompiledUpdate | None = None  # --compile-step: the optimizer step, compiled (capture.py)
     _nonfinite: torch.Tensor | None = field(default=None, repr=False)
     _skipped: torch.Tensor | None = field(default=None, repr=False)  # --compile-step's skips, not yet counted
     _window: list = field(default_factory=list, repr=False)  # this window's (loss, logits, labels) so far
@@ -166,7 +166,8 @@ class Trainer:
             raise UserError("the checkpoint was trained with other --no-bn-wd/--opt settings (its optimizer has "
                             "another number of parameter groups): resume with the settings it was trained with")
         if ck.get("optimizer"):
-            how = [{k: g[k] for k in ("foreach", "fused", "capturable") if k in g} for g in self.optimizer.param_groups]
+            how = [{k: g[k] for k in ("foreach", "fused", "capturable") if k in g}
+                   for g in self.optimizer.param_groups]
             lrs = [g["lr"] for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(ck["optimizer"])
             for group, kept, lr in zip(self.optimizer.param_groups, how, lrs):

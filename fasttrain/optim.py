@@ -3,19 +3,19 @@ weight decay on BatchNorm and biases (--no-bn-wd); LARS as MLPerf's ResNet-50 us
 AdamW and LAMB (--opt adamw, --opt lamb: build_adaptive).
 
 SGD and AdamW are torch's: the fused kernel (one launch for all parameters) on CUDA, foreach elsewhere, or
-what --optim-impl says (benchmarks/ANCHORS.md and RESULTS.md have the two measured against each other).
-LARS and LAMB are written here, as one update over a parameter group's tensors with public per-tensor ops
-(a norm of each weight and gradient, the trust ratio, the update: several kernels per tensor when run
-eagerly; benchmarks/RESULTS.md counts the operator calls). torch's multi-tensor `torch._foreach_*` functions are not used: the project uses no underscore
-torch API, and torch's own documentation of its public `torch.foreach` module (newer than the torch
-versions fasttrain supports) calls them the private functions it replaces. What makes the update few
-kernels instead is `--compile-step` (capture.py): the whole optimizer step is one torch.compile'd function,
-and inductor fuses each tensor's ops (with --compile-mode reduce-overhead, one CUDA graph replays them all).
-For that, their state exists from the start (zeros, what the first step would build on) and the LR may be a
-0-d tensor, so no step adds state or changes a Python value dynamo specializes on; LAMB's step count is a
-0-d float64 tensor (exact to 2^53 steps; its bias corrections computed in double, as before). Checkpoints of
-the per-tensor loop they replaced (LAMB's step an int) load into them. Both are checked against timm's
-Lars and Lamb (tests/test_optim.py). The LR schedule is schedules.py's.
+what --optim-impl says (benchmarks/ANCHORS.md and RESULTS.md have the two measured against each other). LARS
+and LAMB are written here, as one update over a parameter group's tensors with public per-tensor ops (a norm
+of each weight and gradient, the trust ratio, the update: several kernels per tensor when run eagerly;
+benchmarks/RESULTS.md counts the operator calls). torch's multi-tensor `torch._foreach_*` functions are not
+used: the project uses no underscore torch API, and torch's own documentation of its public `torch.foreach`
+module (newer than the torch versions fasttrain supports) calls them the private functions it replaces. What
+makes the update few kernels instead is `--compile-step` (capture.py): the whole optimizer step is one
+torch.compile'd function, and inductor fuses each tensor's ops (with --compile-mode reduce-overhead, into CUDA
+graphs). For that, their state exists from the start (zeros, what the first step would build
+on) and the LR may be a 0-d tensor, so no step adds state or changes a Python value dynamo specializes on;
+LAMB's step count is a 0-d float64 tensor (exact to 2^53 steps; its bias corrections computed in double, as
+before). Checkpoints of the per-tensor loop they replaced (LAMB's step an int) load into them. Both are
+checked against timm's Lars and Lamb (tests/test_optim.py). The LR schedule is schedules.py's.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ def small_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     # no conv bias before the BatchNorm (as in a ResNet): its gradient would be rounding noise, which LAMB
     # scales up to a full step, so two correct implementations would part ways there
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
-                               torch.nn.Linear(4 * 6 * 6, 3))
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
 
 
 def run_steps(model, opt, steps: int, lrs=None) -> list[torch.Tensor]:
