@@ -5,6 +5,8 @@
     fasttrain bench --quick --out /tmp/b              # seconds: checks that everything runs; rough numbers
     fasttrain bench --from-json runs/gpu/bench.json --out runs/gpu   # redraw table and PNG from a JSON
     fasttrain bench --shards --sections loader        # each loader also reading the same images as tar shards
+    fasttrain bench --sections ceiling -a resnet50 --out runs/c     # model-only variants past the compiled rate
+    fasttrain bench --sections e2e -a resnet50 --best-of runs/c/bench.json   # end to end with the fastest one
     make bench                                        # = fasttrain bench --out runs/bench
 
 Sections: loader only (reference ImageFolder+PIL loader, fasttrain's torchvision path, DALI CPU and DALI
