@@ -526,6 +526,7 @@ def test_ceiling_section_runs_each_variant_with_its_own_settings(tmp_path, monke
                                       ("LARS", None, True, "GradScaler")]
     assert [b[4] for b in built] == pytest.approx([0.1 * 4 / 256] * 4 + [0.1 * 8 / 256])  # --lr-per-256 0.1
     assert all(finite_positive(e["images_per_sec"]) for e in rows) and rows[-1]["batch_size"] == 8
+    assert all(0.5 < e["train_loss"] < 5 for e in rows[1:])  # 8 random classes: about ln 8 = 2.1, and finite
     assert isinstance(StaticScaler(2.0), StaticScaler) and LARS  # the classes named above
 
     monkeypatch.setattr(suite, "fasttrain_step", step)

@@ -254,7 +254,11 @@ def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int,
     tr.forward.train()
     meter = DeviceMeter(plan.device)
     layout = Layout(plan.device, tg.channels_last, AMP_DTYPES[tg.amp] or torch.float32)
-    return (lambda x, y: tr.train_step(x, y, meter)), layout, cfg
+
+    def step(x, y):
+        return tr.train_step(x, y, meter)
+    step.meter = meter  # the steps' losses: the ceiling section records their mean (NaN: a broken variant)
+    return step, layout, cfg
 
 
 def model_section(plan: Plan, arch: str, add: Add = _nothing, combos: list[Toggles] | None = None
@@ -309,7 +313,9 @@ def ceiling_section(plan: Plan, arch: str, add: Add = _nothing) -> list[dict]:
             plan.skipped[f"ceiling/{arch}/{tg.label}@{b}"] = f"failed: {type(e).__name__}: {last[:300]}"
             log(f"ceiling {arch} {tg.label} batch {b}: failed ({type(e).__name__}: {last[:300]})")
         else:
-            out.append(entry("ceiling", f"ceiling/{arch}/{tg.label}@{b}", "synthetic", arch, tg, b, None, t, steps))
+            loss = step.meter.read()["loss"]  # random labels: about ln(classes) while the variant trains right
+            out.append(entry("ceiling", f"ceiling/{arch}/{tg.label}@{b}", "synthetic", arch, tg, b, None, t, steps,
+                             train_loss=loss))
             add(out[-1])
             log(f"ceiling {arch} {tg.label} batch {b}: {t.images_per_sec:.1f} img/s (warm-up {t.warmup_s:.1f}s)")
         step = loaders = None
