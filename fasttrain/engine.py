@@ -23,7 +23,7 @@ import torch
 from . import dist as D
 from .capture import CompiledUpdate, keep_lr_kind
 from .errors import UserError
-from .metrics import DeviceMeter, GpuIdle, Progress
+from .metrics import DeviceMeter, GpuIdle, Progress, batch_stats
 from .scaling import is_dynamic_scaler, same_kind
 
 
@@ -50,7 +50,7 @@ class Trainer:
     update: CompiledUpdate | None = None  # --compile-step: the optimizer step, compiled (capture.py)
     _nonfinite: torch.Tensor | None = field(default=None, repr=False)
     _skipped: torch.Tensor | None = field(default=None, repr=False)  # --compile-step's skips, not yet counted
-    _window: list = field(default_factory=list, repr=False)  # this window's (loss, logits, labels) so far
+    _window: list = field(default_factory=list, repr=False)  # this window's (loss, meter stats, n) so far
     _schedule_started: bool = field(default=False, repr=False)
 
     def autocast(self):
@@ -69,7 +69,7 @@ class Trainer:
                 logits = self.forward(images)
                 loss = self.criterion(logits, labels)
             self.scaler.scale(loss / self.accum_steps if self.accum_steps > 1 else loss).backward()
-        self._window.append((loss.detach(), logits.detach(), labels))
+        self._window.append((loss.detach(), *batch_stats(loss, logits, labels)))
         if not last:
             return False
         window, self._window = self._window, []
@@ -79,10 +79,10 @@ class Trainer:
             keep = None
         else:
             return True  # skipped (--on-nan skip): nor do the skipped step's losses enter the meters
-        for loss, logits, labels in window:
+        for loss, stats, n in window:
             bad = ~torch.isfinite(loss)
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
-            meter.update(loss, logits.float(), labels, keep)
+            meter.add(stats, n, keep)
         return True
 
     def _eager_update(self) -> bool:

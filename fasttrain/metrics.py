@@ -18,6 +18,20 @@ import torch
 from .monitor import fmt_seconds
 
 
+@torch.no_grad()
+def batch_stats(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(loss x n, top-1 hits, top-5 hits) of a batch as a float64 tensor on the device, and n. The training
+    step takes them right after a batch's backward, so it keeps three numbers per batch, not the logits
+    (which a CUDA-graphed forward may overwrite at its next replay)."""
+    if labels.ndim == 2:
+        labels = labels.argmax(1)
+    n = labels.shape[0]
+    k = min(5, logits.shape[1])
+    top = logits.float().topk(k, dim=1).indices
+    hit = top.eq(labels.view(-1, 1))
+    return torch.stack([loss.detach().double() * n, hit[:, :1].sum().double(), hit.sum().double()]), n
+
+
 class DeviceMeter:
     """Sums of loss*n, top-1 and top-5 correct, kept on the device; n (known on the host) kept on the host, less
     `dropped`: the images of steps --compile-step skipped on the device (--on-nan skip), a device count."""
@@ -28,17 +42,14 @@ class DeviceMeter:
         self.dropped: torch.Tensor | None = None
 
     @torch.no_grad()
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-               keep: torch.Tensor | None = None) -> None:
-        """labels: class indices [B], or soft labels [B, C] (MixUp/CutMix), scored against their largest share.
-        keep: a 0-d bool tensor, False for a step skipped on the device (its loss may be NaN: left out)."""
-        if labels.ndim == 2:
-            labels = labels.argmax(1)
-        n = labels.shape[0]
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top.eq(labels.view(-1, 1))
-        stats = torch.stack([loss.detach().double() * n, hit[:, :1].sum().double(), hit.sum().double()])
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """labels: class indices [B], or soft labels [B, C] (MixUp/CutMix), scored against their largest share."""
+        self.add(*batch_stats(loss, logits, labels))
+
+    @torch.no_grad()
+    def add(self, stats: torch.Tensor, n: int, keep: torch.Tensor | None = None) -> None:
+        """A batch's batch_stats. keep: a 0-d bool tensor, False for a step skipped on the device (its loss may
+        be NaN: left out)."""
         if keep is None:
             self.sums += stats
         else:

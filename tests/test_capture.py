@@ -202,3 +202,40 @@ def test_the_compiled_step_keeps_reading_one_lr_tensor(monkeypatch):
     tr.load_state_dict({"state_dict": model.state_dict(), "optimizer": state, "scheduler": sched.state_dict()},
                        global_step=1)
     assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.025)
+
+
+class Overwriting(torch.nn.Module):
+    """A forward whose next call overwrites the logits it returned before, as a CUDA-graphed forward
+    (--compile-mode reduce-overhead) reuses its output memory at its next replay."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.last = model, None
+
+    def forward(self, x):
+        y = self.model(x)
+        if self.last is not None and self.last.shape == y.shape:
+            self.last.data.copy_(y.detach())
+        self.last = y
+        return y
+
+
+def test_meters_take_a_batch_before_the_next_forward_can_overwrite_its_logits():
+    """With --grad-accum-steps 2 a window's first logits would be read after the second forward: a CUDA-graphed
+    forward has overwritten them by then. The step keeps each batch's three meter numbers instead."""
+    from fasttrain.engine import Trainer
+    from fasttrain.metrics import DeviceMeter
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 6, generator=gen), torch.randint(0, 4, (8,), generator=gen)) for _ in range(2)]
+    sums = []
+    for wrap in (lambda m: m, Overwriting):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tr = Trainer(model, wrap(model), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                     torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(), None, None,
+                     accum_steps=2)
+        meter = DeviceMeter(torch.device("cpu"))
+        assert [tr.train_step(x, y, meter) for x, y in batches] == [False, True]
+        sums.append(meter.sums)
+    assert torch.equal(sums[0], sums[1])
