@@ -44,6 +44,7 @@ def finite_positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_quick_bench_has_every_section_with_sane_numbers(quick):
     out, doc = quick
     entries = doc["entries"]
@@ -221,6 +222,7 @@ def test_docs_and_code_cite_nothing_outside_the_repository():
     assert os.path.exists(os.path.join(REPO, "benchmarks", "ANCHORS.md"))
 
 
+@pytest.mark.slow
 def test_resume_check_compares_with_an_uninterrupted_run(tiny_data, tmp_path):
     """benchmarks/resume_check.py as gpu_run.sh runs it (there: DALI "mixed"), with DALI's CPU mode where it
     imports, else the torchvision loader: stopped + resumed gives the uninterrupted run's batches."""

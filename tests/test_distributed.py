@@ -73,6 +73,7 @@ def test_torchrun_two_ranks_scores_every_val_image_once(odd_data, tmp_path):
     assert last == (f"{rows[1]['train_loss']:.4e}", f"{rows[1]['train_top1']:.2f}")
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_at_same_global_batch(odd_data, tmp_path):
     """Also with accumulation under DDP (the first batch of each window skips the all-reduce: no_sync):
     2 ranks x 4 images x 2 batches = 1 rank x 16 images, the same images each step."""
@@ -90,6 +91,7 @@ def test_two_ranks_equal_one_rank_at_same_global_batch(odd_data, tmp_path):
     assert not torch.equal(a["0.weight"], torch.zeros_like(a["0.weight"]))
 
 
+@pytest.mark.slow
 def test_batchnorm_two_ranks_record_what_eval_of_the_checkpoint_gives(odd_data, tmp_path):
     """A BatchNorm model on 2 ranks, and a training set smaller than one batch per process (-b 128: 64 per
     process, 48 images each): it trains (one step of 48 on each rank, with a warning), and the val accuracy
@@ -141,6 +143,7 @@ def test_synthetic_val_scores_exactly_50000_images(world):
     assert total == 50_000 and len(train) == 1_281_167 // world // 256
 
 
+@pytest.mark.slow
 def test_one_rank_failing_ends_both_in_bounded_time(odd_data, tmp_path):
     r = torchrun(2, odd_data, *ARGS, "--epochs", "2", "--output-dir", tmp_path, "--dist-timeout", "30",
                  env={"FT_TEST_RAISE": "1:3", "FT_TEST_TINY_MODEL": "1"}, timeout=120)
@@ -148,6 +151,7 @@ def test_one_rank_failing_ends_both_in_bounded_time(odd_data, tmp_path):
     assert "injected failure on rank 1" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader,stop", [("torchvision", "ctrl-c"), pytest.param("dali", "sigterm", marks=pytest.mark.skipif(
     not dali_backend.available(), reason="nvidia-dali is not installed"))])
 def test_stop_signal_saves_stops_all_and_restart_resumes_exactly(odd_data, tmp_path, loader, stop):
@@ -182,6 +186,7 @@ def test_stop_signal_saves_stops_all_and_restart_resumes_exactly(odd_data, tmp_p
     assert rows == [[row[k] for k in keys] for row in read_jsonl(tmp_path / "straight" / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_kill9_of_the_whole_job_then_resume_exactly(odd_data, tmp_path):
     """The node dies (kill -9 of torchrun and both ranks, at an arbitrary moment after the first checkpoint):
     at most one checkpoint interval is lost, and `--resume auto` ends with the weights of a run never killed."""
@@ -217,6 +222,7 @@ def test_kill9_of_the_whole_job_then_resume_exactly(odd_data, tmp_path):
     assert [row["epoch"] for row in read_jsonl(out / "metrics.jsonl")] == [0, 1]
 
 
+@pytest.mark.slow
 def test_bad_files_under_two_ranks(odd_data, tmp_path):
     """A bad train file in one rank's shard and a bad val file: named once each, both ranks run every step
     (the torchvision loader drops the file from its batch), val scores every good image exactly once."""
@@ -240,6 +246,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_reference_spawn_flags_and_each_process_gets_its_share_of_the_cores(odd_data, tmp_path):
     """--multiprocessing-distributed --nproc-per-node 2 on CPU: each spawned process runs torch with its share
     of the cores (cores / 2 processes), as torchrun's OMP_NUM_THREADS

@@ -186,6 +186,7 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_kill9_mid_training_and_mid_checkpoint_write_then_resume(tiny_data, tmp_path):
     """kill -9 while a checkpoint is half-written: the previous checkpoint is whole, --resume auto goes on
     from it and ends with the same weights as a run never killed."""
@@ -226,6 +227,7 @@ def _lines(path):
     return open(path).read().count("\n") if os.path.exists(path) else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
     not dali_backend.available(), reason="nvidia-dali is not installed"))])
 def test_kill9_at_random_moments_loses_at_most_one_interval(tiny_data, tmp_path, loader):
@@ -287,6 +289,7 @@ def test_nan_skip_skips_that_update(tiny_data, tmp_path):
     assert all(torch.isfinite(v).all() for v in weights(tmp_path)["state_dict"].values())
 
 
+@pytest.mark.slow
 def test_nan_on_one_of_two_ranks_stops_both(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, "train",
            tiny_data, *ARGS, "--epochs", "1", "--output-dir", str(tmp_path)]
@@ -295,6 +298,7 @@ def test_nan_on_one_of_two_ranks_stops_both(tiny_data, tmp_path):
     assert r.stderr.count("loss became NaN or infinite") == 2  # both ranks stop, at the same sync point
 
 
+@pytest.mark.slow
 def test_nan_skip_count_survives_a_resume(tiny_data, tmp_path):
     """A step skipped before a stop (here Ctrl-C: exit 130, no traceback) is still counted in metrics.jsonl
     after --resume auto."""
@@ -307,6 +311,7 @@ def test_nan_skip_count_survives_a_resume(tiny_data, tmp_path):
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["skipped_steps"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["op-by-op", "compiled"])
 def test_nan_skip_on_one_of_two_ranks_skips_that_step_on_both(step, tiny_data, tmp_path):
     """--on-nan skip: rank 1's NaN loss drops that step's update on both ranks (DDP keeps them equal); the run
