@@ -494,6 +494,7 @@ def eager_compiled_step(monkeypatch):
     monkeypatch.setattr(capture, "compile_fn", eager_backend)
 
 
+@pytest.mark.slow
 def test_ceiling_section_runs_each_variant_with_its_own_settings(tmp_path, monkeypatch):
     """`--sections ceiling`: one entry per variant, each a trainer of its own built from its flags (the
     compiled optimizer step, a static fp16 loss scale, the SGD kernel, LARS at twice the batch with the LR
