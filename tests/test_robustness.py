@@ -314,12 +314,16 @@ def test_nan_skip_count_survives_a_resume(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_skip_on_one_of_two_ranks_skips_that_step_on_both(tiny_data, tmp_path):
+@pytest.mark.parametrize("step", ["op-by-op", "compiled"])
+def test_nan_skip_on_one_of_two_ranks_skips_that_step_on_both(step, tiny_data, tmp_path):
     """--on-nan skip: rank 1's NaN loss drops that step's update on both ranks (DDP keeps them equal); the run
-    finishes with finite weights and counts one skipped step."""
+    finishes with finite weights and counts one skipped step. With --compile-step the decision is made on
+    each rank's device from the all-reduced gradients, the same on both."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, "train",
            tiny_data, *ARGS, "--epochs", "1", "--on-nan", "skip", "--output-dir", str(tmp_path)]
-    r = run_group(cmd, 240, {"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "1:3", "OMP_NUM_THREADS": "1"})
+    cmd += ["--compile-step"] * (step == "compiled")
+    r = run_group(cmd, 240, {"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "1:3", "OMP_NUM_THREADS": "1",
+                             "FT_TEST_EAGER_COMPILE": "1", "PYTHONPATH": REPO})  # this tree's fasttrain
     assert r.returncode == 0, r.stderr[-3000:]
     row = read_jsonl(tmp_path / "metrics.jsonl")[0]
     assert row["skipped_steps"] == 1 and np.isfinite(row["train_loss"])
