@@ -175,8 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--images", type=int, default=None, metavar="N",
                     help="JPEGs to generate when no DATA is given (default: 512 on CPU, 128 with --quick, 4096 on GPU)")
     bn.add_argument("--full", action="store_true", help="on CPU also time torch.compile (minutes)")
-    bn.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+    bn.add_argument("--compile-mode", default="default", choices=C.COMPILE_MODES,
                     help="torch.compile mode of the compiled entries (as train --compile-mode)")
+    bn.add_argument("--best-of", default=None, metavar="BENCH_JSON",
+                    help="the model, end-to-end and DALI sections' compiled entries take the settings and batch of "
+                    "the fastest ceiling variant in BENCH_JSON (an earlier `--sections ceiling` run)")
     bn.add_argument("--sections", default=None, metavar="LIST",
                     help="comma list of loader,model,e2e,ceiling,recipe,dali,auto (default: loader,model,e2e; "
                          "ceiling: model-only variants past the compiled rate, each compiled anew; recipe: progressive "

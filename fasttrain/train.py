@@ -1,5 +1,5 @@
 """The main job, as one straight line: resume file -> seed -> data -> threads -> settings -> model ->
-restore -> compile/DDP -> loop.
+restore -> compile/DDP (and the optimizer step with --compile-step) -> loop.
 
     run(cfg, dist)   # dist from dist.setup(); launch.py does that (and spawning, signals, exit codes)
 """
@@ -23,6 +23,7 @@ from . import cpu_share
 from . import dist as D
 from . import settings
 from . import signals
+from .capture import CompiledUpdate, tensor_lr
 from .checkpointer import Checkpointer, Start, log0, output_dir, read_resume, warn0
 from .config import Config, RunConfig, resolve_lr, resolve_toggles
 from .data import build_loaders
@@ -34,6 +35,7 @@ from .metrics import Progress
 from .mix import build_mix
 from .model import FlipTTA, build_model
 from .optim import build_optimizer
+from .scaling import build_scaler
 from .schedules import Resolution, build_scheduler
 from .watch import Watch
 
@@ -97,6 +99,12 @@ def wrap_model(model: torch.nn.Module, run: RunConfig, dist: D.DistInfo, train_s
     return train_fwd, eval_forward(model, run)
 
 
+def compile_update(tr: Trainer, run: RunConfig) -> None:
+    """--compile-step: the trainer's optimizer step as one compiled function (capture.py), built after the
+    checkpoint is restored, in --compile-mode."""
+    tr.update = CompiledUpdate(tr, run.compile_mode) if run.compile_step else None
+
+
 def eval_forward(model: torch.nn.Module, run: RunConfig):
     """A raw model (or the EMA's) for validation: with --val-tta flip inside FlipTTA, compiled if --compile."""
     fwd = FlipTTA(model) if run.val_tta == "flip" else model
@@ -108,9 +116,11 @@ def build_trainer(cfg: Config, dist: D.DistInfo, num_classes: int, steps_per_epo
     model = build_model(cfg.model, num_classes).to(dist.device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model.parameters(), cfg.optim, dist.device)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, dist.device, compiled_step=cfg.run.compile_step)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.run.amp == "fp16")
+    if cfg.run.compile_step:
+        tensor_lr(optimizer, dist.device)  # after the schedule has taken the float LRs as its base
+    scaler = build_scaler(cfg.run.amp, cfg.run.loss_scale, dist.device)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)  # also takes soft labels
     ema = EMA(model, cfg.optim.ema) if cfg.optim.ema and not cfg.run.evaluate else None
     return Trainer(model, model, optimizer, scheduler, scaler, criterion, AMP_DTYPES[cfg.run.amp], dist,
@@ -224,6 +234,7 @@ def _train(cfg: Config, dist: D.DistInfo, out: str, tr: Trainer, loaders, saver:
     t_compile = time.perf_counter()
     sizes = Resolution.from_config(cfg.data)
     tr.forward, eval_fwd = wrap_model(tr.model, cfg.run, dist, len(sizes.sizes(start.epoch, cfg.optim.epochs)))
+    compile_update(tr, cfg.run)
     ema_fwd = eval_forward(tr.ema.module, cfg.run) if tr.ema is not None else None
     watch = Watch(cfg, dist, out, tr, loaders, start)
     saver.wall_seconds = watch.clock.wall_seconds  # kept in every checkpoint: the run's time across resumes

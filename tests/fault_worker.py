@@ -21,6 +21,8 @@ injected through environment variables, so fault tests are exact and determinist
     FT_TEST_LEAK_MB=N            every validation keeps N MiB more (resident): a leak the memory test must see
     FT_TEST_MALLOC_TRIM=1        before each host memory reading, glibc's malloc_trim(0) hands freed heap memory
                                  back to the OS: the reading is then memory in use, not memory glibc keeps
+    FT_TEST_EAGER_COMPILE=1      --compile-step's function traced by dynamo but run by its eager backend
+                                 (inductor's code generation takes minutes on 2 cores)
     FT_TEST_NO_SHARED_DISK=RANK  that rank cannot see the run's files (a node without the shared file system):
                                  its stat of a checkpoint finds nothing, and reading one fails the test
     FT_TEST_THREAD_LOG=PATH      each process appends "RANK THREADS" when training starts (torch's intra-op
@@ -193,6 +195,10 @@ if __name__ == "__main__":
         _patch_leak()
     if os.environ.get("FT_TEST_MALLOC_TRIM"):
         _patch_trim()
+    if os.environ.get("FT_TEST_EAGER_COMPILE"):
+        import fasttrain.capture as K
+        real = K.compile_fn
+        K.compile_fn = lambda fn, mode: real(fn, mode, backend="eager")
     if "FT_TEST_NO_SHARED_DISK" in os.environ:
         _patch_no_shared_disk()
     sys.exit(main(sys.argv[1:]))

@@ -19,7 +19,7 @@ from fasttrain.bench.peers import peer_status
 from fasttrain.bench.report import add_ratios, table
 from fasttrain.data import dali_backend
 
-from .conftest import REPO, run_group
+from .conftest import REPO, eager_backend, run_group
 
 MODEL_COMBOS = {"fp32", "fp32+channels_last", "bf16", "bf16+channels_last"}
 HAS_TIMM = peer_status(torch.device("cpu"))["timm"] is None
@@ -174,34 +174,44 @@ def test_reference_loop_entry_point_runs(tiny_data, capsys):
 
 
 def test_gpu_run_dry_run_parses_its_command(tmp_path):
+    """Issue 22's order for a short window: the ResNet-50 ceiling variants first, then end to end with the peers
+    and the DALI sweep (both with the fastest ceiling variant), the resume check, the goals over all three."""
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "ARCHS": "resnet50",
-           "SCRATCH": str(tmp_path / "scratch")}
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "SCRATCH": str(tmp_path / "scratch")}
     res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    bench, goals, loader, resume = (line.rstrip() for line in (out / "gpu_run_plan.txt").read_text().splitlines())
-    assert "-m fasttrain bench --out" in bench and "-a resnet50" in bench and "-j 16 -b 256" in bench
-    assert goals.endswith(f"check_goals.py {out}/bench/bench.json")
-    assert "profile_loader.py DATA -j 16 -b 256" in loader
+    ceiling, e2e, dali, resume, goals = (line.rstrip() for line in (out / "gpu_run_plan.txt").read_text().splitlines())
+    bench = "-m fasttrain bench -j 16 -b 256 --images 4096 -a resnet50 --sections"
+    assert ceiling.startswith("timeout 200 ") and f"{bench} ceiling --out {out}/ceiling" in ceiling
+    best = f"--best-of {out}/ceiling/bench.json"
+    assert e2e.startswith("timeout 150 ") and f"{bench} e2e --out {out}/e2e {best}" in e2e
+    assert dali.startswith("timeout 100 ") and f"{bench} dali --out {out}/dali {best}" in dali
     # checkpoints go to SCRATCH: only the few result files come back from the GPU machine
     assert "resume_check.py" in resume and f"--out {tmp_path}/scratch/resume" in resume and "--loader dali" in resume
-    assert (out / "bench").is_dir() and sorted(os.listdir(out)) == ["bench", "gpu_run_plan.txt"]
+    assert goals.endswith(f"check_goals.py {out}/ceiling/bench.json {out}/e2e/bench.json {out}/dali/bench.json")
+    assert sorted(os.listdir(out)) == ["gpu_run_plan.txt"]
+    res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO,
+                         env={**env, "CEILING_S": "0", "RESUME_CHECK": "0"}, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "--sections ceiling" not in res.stdout and "resume_check" not in res.stdout
 
 
-def test_gpu_run_dry_run_with_tune_plans_a_tune_of_each_arch(tmp_path):
-    """TUNE=1 (issue 23): after the bench, `fasttrain tune` of each arch with the bench's fastest toggles."""
+def test_gpu_run_dry_run_plans_issue_23s_stages_when_given_time(tmp_path):
+    """AUTO_S: `bench --sections auto` over both archs after the other stages, its bench.json among the goals';
+    TUNE_S: `fasttrain tune` of each arch last. Neither runs unless given a time (the default plan above)."""
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "ARCHS": "resnet50 resnet18", "TUNE": "1",
-           "SECTIONS": "auto", "SCRATCH": str(tmp_path / "scratch")}
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "SCRATCH": str(tmp_path / "scratch"),
+           "CEILING_S": "0", "E2E_S": "0", "DALI_S": "0", "RESUME_CHECK": "0", "AUTO_S": "300", "TUNE_S": "120"}
     res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    lines = (out / "gpu_run_plan.txt").read_text().splitlines()
-    assert "--sections auto" in lines[0]
-    assert [line.split(" -a ")[1].split()[0] for line in lines if " -m fasttrain tune DATA" in line] == [
-        "resnet50", "resnet18"]
-    assert all("--amp bf16 --channels-last --compile" in line for line in lines if "fasttrain tune" in line)
+    auto, goals, *tunes = (line.rstrip() for line in (out / "gpu_run_plan.txt").read_text().splitlines())
+    assert auto.startswith("timeout 300 ") and f"--sections auto --out {out}/auto -a resnet50 -a resnet18" in auto
+    assert goals.endswith(f"{out}/dali/bench.json {out}/auto/bench.json")
+    assert [t.split(" -a ")[1].split()[0] for t in tunes] == ["resnet50", "resnet18"]
+    assert all(t.startswith("timeout 120 ") and "-m fasttrain tune DATA" in t and "--channels-last --compile" in t
+               for t in tunes)
 
 
 def test_gpu_run_takes_dali_and_pythonpath_as_it_finds_them():
@@ -276,7 +286,8 @@ def test_compiled_toggles_keep_each_field_in_its_place(mode):
     compiled = [tg for tg in combos if tg.compile]
     assert len(compiled) == 1 and compiled[0].compile_mode == mode
     assert all(tg.cudnn_benchmark is True for tg in combos)
-    assert all(tg.compile_mode in ("default", "reduce-overhead", "max-autotune") for tg in combos)
+    assert all(tg.compile_mode in ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+               for tg in combos)
 
 
 def _check_goals():
@@ -329,6 +340,32 @@ def test_check_goals_uses_issue_12s_table_and_exits_1_when_short(tmp_path):
     path.write_text(json.dumps(gpu_doc()))
     assert cg.main([str(path)]) == 0
     assert cg.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_check_goals_reads_gpu_runs_stages_as_one_run_with_h200_goals(tmp_path):
+    """gpu_run.sh's ceiling, e2e and dali bench.json pooled; on an H200 (issue 22) ResNet-50's best compiled
+    model-only rate against 7,500 img/s and its best end-to-end rate against 7,200."""
+    cg = _check_goals()
+    env = {"gpu": "NVIDIA H200"}
+    ceiling = [_e("ceiling", "synthetic", 2_200.0, "resnet50", reference=True, ratio=1.0),
+               _e("ceiling", "synthetic", 7_600.0, "resnet50", ratio=3.4)]
+    ceiling[1]["toggles"] = {"compile": True}
+    e2e = [_e("e2e", "reference", 2_000.0, "resnet50", reference=True, ratio=1.0),
+           _e("e2e", "torchvision", 7_100.0, "resnet50", ratio=3.55, of_ceiling=0.96)]
+    dali = [_e("dali", "dali-gpu", 7_250.0, "resnet50", of_ceiling=0.97)]
+    paths = []
+    for name, rows in (("ceiling", ceiling), ("e2e", e2e), ("dali", dali)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"environment": env, "entries": rows}))
+    lines = [line for _, line in cg.goals(cg.read([str(p) for p in paths]))]
+    assert "MET   resnet50 compiled model only: ceiling/resnet50/synthetic 7,600 img/s (goal 7,500 on one H200)" \
+        in lines
+    assert "MET   resnet50 end to end: dali/resnet50/dali-gpu 7,250 img/s (goal 7,200 on one H200)" in lines
+    ceiling[1]["images_per_sec"] = 7_400.0
+    paths[0].write_text(json.dumps({"environment": env, "entries": ceiling}))
+    assert cg.main([str(p) for p in paths]) == 1
+    assert not any("H200" in line for _, line in cg.goals({"environment": {"gpu": "NVIDIA H100"},
+                                                             "entries": ceiling + e2e}))
 
 
 def test_check_goals_on_a_cpu_run_has_no_gpu_goals():
@@ -468,27 +505,67 @@ def test_a_failing_peer_is_left_out_and_a_failing_fasttrain_loader_is_not():
         timed(plan, "torchvision", broken)
 
 
-def test_ceiling_section_runs_each_variant_with_its_own_batch_and_sgd(tmp_path, monkeypatch):
-    """`--sections ceiling`: one entry per variant (amp, SGD implementation, batch), each a trainer of its
-    own, and the plan a GPU gets lists issue 12's variants (compile modes, fp16, batches 384/512, foreach)."""
+def eager_compiled_step(monkeypatch):
+    """--compile-step traced by dynamo but run without inductor's code generation (minutes on 2 cores)."""
+    from fasttrain import capture
+    monkeypatch.setattr(capture, "compile_fn", eager_backend)
+
+
+@pytest.mark.slow
+def test_ceiling_section_runs_each_variant_with_its_own_settings(tmp_path, monkeypatch):
+    """`--sections ceiling`: one entry per variant, each a trainer of its own built from its flags (the
+    compiled optimizer step, a static fp16 loss scale, the SGD kernel, LARS at twice the batch with the LR
+    per 256 images); a variant that fails is left out with its reason and the others still run; the plan a GPU
+    gets lists issue 22's variants in the order a short window should measure them."""
     from fasttrain.bench import ceiling_variants
     from fasttrain.bench import suite
-    built = []
-    real = suite.build_optimizer
-    monkeypatch.setattr(suite, "build_optimizer", lambda *a, **k: built.append(k.get("fused")) or real(*a, **k))
+    from fasttrain.optim import LARS
+    from fasttrain.scaling import StaticScaler
+    eager_compiled_step(monkeypatch)
+    built, real = [], suite.compile_update
+
+    def spy(tr, run):
+        real(tr, run)
+        built.append((type(tr.optimizer).__name__, tr.optimizer.defaults.get("fused"), tr.update is not None,
+                      type(tr.scaler).__name__, float(tr.optimizer.param_groups[0]["lr"])))
+    monkeypatch.setattr(suite, "compile_update", spy)
+    real_step = suite.fasttrain_step
+
+    def step(plan, arch, tg, *a, **k):
+        if tg.opt == "lars":
+            raise RuntimeError("inductor says no\nthe line that says why")
+        return real_step(plan, arch, tg, *a, **k)
     assert cli.main(["bench", "--quick", "--sections", "ceiling", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "bench.json").read_text())
     rows = [e for e in doc["entries"] if e["section"] == "ceiling"]
-    assert [e["reference"] for e in rows] == [True, False, False, False]
-    assert [(e["toggles"]["amp"], e["toggles"]["sgd"]) for e in rows[1:]] == \
-        [("bf16", "auto"), ("fp16", "auto"), ("bf16", "fused")]
-    assert built == [True]  # only the sgd-fused variant replaced the default optimizer (foreach on CPU)
-    assert all(finite_positive(e["images_per_sec"]) and e["batch_size"] == 4 for e in rows)
+    assert [e["name"].split("/")[-1] for e in rows] == [
+        "reference", "bf16+channels_last@4", "bf16+channels_last+step@4", "fp16(scale1024)+channels_last+step@4",
+        "bf16+channels_last+step+sgd-fused@4", "bf16+channels_last+step+lars@8"]
+    assert [b[:4] for b in built] == [("SGD", None, False, "GradScaler"), ("SGD", None, True, "GradScaler"),
+                                      ("SGD", None, True, "StaticScaler"), ("SGD", True, True, "GradScaler"),
+                                      ("LARS", None, True, "GradScaler")]
+    assert [b[4] for b in built] == pytest.approx([0.1 * 4 / 256] * 4 + [0.1 * 8 / 256])  # --lr-per-256 0.1
+    assert all(finite_positive(e["images_per_sec"]) for e in rows) and rows[-1]["batch_size"] == 8
+    assert all(0.5 < e["train_loss"] < 5 for e in rows[1:])  # 8 random classes: about ln 8 = 2.1, and finite
+    assert isinstance(StaticScaler(2.0), StaticScaler) and LARS  # the classes named above
+
+    monkeypatch.setattr(suite, "fasttrain_step", step)
+    assert cli.main(["bench", "--quick", "--sections", "ceiling", "--out", str(tmp_path / "f")]) == 0
+    doc = json.loads((tmp_path / "f" / "bench.json").read_text())
+    assert len(doc["entries"]) == 5 and "lars" not in doc["entries"][-1]["name"]
+    assert doc["plan"]["skipped"]["ceiling/resnet18/bf16+channels_last+step+lars@8"] == \
+        "failed: RuntimeError: the line that says why"
+
     gpu = ceiling_variants(torch.device("cuda"), 256)
-    assert {(tg.amp, tg.compile_mode, tg.sgd, b) for tg, b in gpu} >= {
-        ("bf16", "default", "auto", 256), ("fp16", "default", "auto", 256), ("bf16", "default", "foreach", 256),
-        ("bf16", "default", "auto", 384), ("bf16", "default", "auto", 512), ("bf16", "reduce-overhead", "auto", 256),
-        ("bf16", "max-autotune", "auto", 256)}
+    ro = "reduce-overhead"
+    assert [(tg.amp, tg.loss_scale, tg.compile_mode, tg.compile_step, tg.sgd, tg.opt, b) for tg, b in gpu] == [
+        ("bf16", 0, "default", False, "auto", "sgd", 256), ("bf16", 0, "default", True, "auto", "sgd", 256),
+        ("bf16", 0, ro, True, "auto", "sgd", 256), ("bf16", 0, ro, False, "auto", "sgd", 256),
+        ("fp16", 1024, ro, True, "auto", "sgd", 256), ("bf16", 0, ro, True, "auto", "sgd", 384),
+        ("bf16", 0, ro, True, "auto", "lars", 512), ("fp16", 0, ro, True, "auto", "sgd", 256),
+        ("bf16", 0, ro, True, "foreach", "sgd", 256),
+        ("bf16", 0, "max-autotune-no-cudagraphs", True, "auto", "sgd", 256),
+        ("bf16", 0, "max-autotune", True, "auto", "sgd", 256)]
     assert all(tg.compile and tg.channels_last and tg.cudnn_benchmark for tg, _ in gpu)
 
 
@@ -540,10 +617,11 @@ def test_a_bench_stopped_midway_keeps_every_entry_it_measured(tmp_path, monkeypa
             raise KeyboardInterrupt  # what the time limit's SIGTERM/SIGINT looks like to Python
         return real(*a, **k)
     monkeypatch.setattr(suite, "fasttrain_step", step)
+    eager_compiled_step(monkeypatch)
     assert cli.main(["bench", "--quick", "--sections", "ceiling", "--out", str(tmp_path)]) == 130
     rows = json.loads((tmp_path / "bench.json").read_text())["entries"]
     assert [e["name"] for e in rows] == ["ceiling/resnet18/reference", "ceiling/resnet18/bf16+channels_last@4",
-                                         "ceiling/resnet18/fp16+channels_last@4"]
+                                         "ceiling/resnet18/bf16+channels_last+step@4"]
     assert all(finite_positive(e["ratio_to_reference"]) for e in rows)
 
 
@@ -650,6 +728,49 @@ def test_dali_is_imported_in_one_place():
                     if re.search(r"^\s*(import nvidia\.dali|from nvidia\.dali|from nvidia import dali)", text, re.M):
                         found.append(os.path.relpath(path, REPO))
     assert found == [os.path.join("fasttrain", "data", "dali_backend.py")], found
+
+
+def test_best_of_takes_the_fastest_ceiling_variant(tmp_path, capsys):
+    """--best-of BENCH_JSON (gpu_run.sh: the end-to-end and DALI runs after the ceiling run): the compiled
+    combination and the model batch become the fastest ceiling variant's, of those that compiled within
+    BEST_OF_WARMUP_S (a max-autotune compile would use up a later stage's time); a file without one is a
+    one-line error."""
+    from fasttrain.bench import make_plan
+    from fasttrain.bench.suite import Toggles
+    fast = Toggles(amp="fp16", channels_last=True, compile=True, compile_mode="reduce-overhead", compile_step=True,
+                   loss_scale=1024.0, cudnn_benchmark=True)
+    rows = [{"section": "ceiling", "arch": "resnet50", "reference": True, "images_per_sec": 9e9, "toggles": {},
+             "batch_size": 256},
+            {"section": "ceiling", "arch": "resnet50", "reference": False, "images_per_sec": 7000.0,
+             "toggles": dict(vars(fast)), "batch_size": 384},
+            {"section": "ceiling", "arch": "resnet50", "reference": False, "images_per_sec": 6000.0,
+             "toggles": dict(vars(Toggles())), "batch_size": 512},
+            {"section": "ceiling", "arch": "resnet18", "reference": False, "images_per_sec": 18000.0,
+             "toggles": dict(vars(Toggles())), "batch_size": 256},
+            {"section": "ceiling", "arch": "resnet50", "reference": False, "images_per_sec": 8000.0,  # minutes to
+             "toggles": dict(vars(Toggles(compile_mode="max-autotune"))), "batch_size": 256, "warmup_s": 400.0}]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"entries": rows}))
+    ns = cli.build_parser().parse_args(["bench", "-a", "resnet50", "--best-of", str(path)])
+    plan = make_plan(ns, torch.device("cuda"))
+    assert plan.combos[-1] == fast and plan.model_batch == 384 and plan.loader_batch == 256
+    assert plan.combos[0] == Toggles(cudnn_benchmark=True)  # the other combinations are as without it
+    path.write_text(json.dumps({"entries": rows[:1]}))
+    assert cli.main(["bench", "-a", "resnet50", "--best-of", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "no ceiling entry of resnet50 in it" in capsys.readouterr().err
+
+
+def test_e2e_alone_times_the_one_combination_it_feeds(tmp_path, monkeypatch):
+    """`--sections e2e` (gpu_run.sh's peers run): of the model section only the reference loop and the most
+    toggled combination (--best-of's) run, and are recorded: the combination end to end is divided by it."""
+    from fasttrain.bench import suite
+    fed = []
+    monkeypatch.setattr(suite, "e2e_section", lambda plan, data, arch, model, best, add: fed.append((model, best[0])))
+    assert cli.main(["bench", "--quick", "--sections", "e2e", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["entries"]
+    assert [e["name"] for e in rows] == ["model/resnet18/reference", "model/resnet18/bf16+channels_last"]
+    (model, tg), = fed
+    assert [e["name"] for e in model] == [e["name"] for e in rows] and tg.label == "bf16+channels_last"
 
 
 @pytest.mark.slow

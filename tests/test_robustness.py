@@ -230,10 +230,12 @@ def _lines(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
     not dali_backend.available(), reason="nvidia-dali is not installed"))])
-def test_kill9_at_random_moments_loses_at_most_one_interval(tiny_data, tmp_path, loader):
+def test_kill9_at_random_moments_loses_at_most_the_write_in_flight(tiny_data, tmp_path, loader):
     """kill -9 three times at arbitrary moments (mid-step, mid-checkpoint, in validation, at start-up), each
-    time `--resume auto`: no kill loses more than --checkpoint-interval steps, and the run that finally
-    finishes ends with the same weights as one never killed."""
+    time `--resume auto`: no kill loses more than the steps since the last checkpoint whose write finished
+    (checkpoints are written beside training, one at a time: the next save waits for the previous write, so
+    at most two intervals, one when a write takes less than an interval), and the run that finally finishes
+    ends with the same weights as one never killed."""
     interval, steps = 2, 6  # 96 train images / batch 16
     env = {**os.environ, "FT_TEST_TINY_MODEL": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     args = [*ARGS, "--epochs", "3", "--checkpoint-interval", str(interval), "--loader", loader, "--resume", "auto"]
@@ -262,7 +264,7 @@ def test_kill9_at_random_moments_loses_at_most_one_interval(tiny_data, tmp_path,
             proc.kill()
             proc.communicate()
         done = start + _lines(log) - n0  # global steps finished when it died
-        assert done - _global_step(out, steps) <= interval, (done, _global_step(out, steps))
+        assert done - _global_step(out, steps) <= 2 * interval, (done, _global_step(out, steps))
     assert kills >= 2
     r = run_worker(tiny_data, *args, "--output-dir", out, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -312,12 +314,16 @@ def test_nan_skip_count_survives_a_resume(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_skip_on_one_of_two_ranks_skips_that_step_on_both(tiny_data, tmp_path):
+@pytest.mark.parametrize("step", ["op-by-op", "compiled"])
+def test_nan_skip_on_one_of_two_ranks_skips_that_step_on_both(step, tiny_data, tmp_path):
     """--on-nan skip: rank 1's NaN loss drops that step's update on both ranks (DDP keeps them equal); the run
-    finishes with finite weights and counts one skipped step."""
+    finishes with finite weights and counts one skipped step. With --compile-step the decision is made on
+    each rank's device from the all-reduced gradients, the same on both."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, "train",
            tiny_data, *ARGS, "--epochs", "1", "--on-nan", "skip", "--output-dir", str(tmp_path)]
-    r = run_group(cmd, 240, {"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "1:3", "OMP_NUM_THREADS": "1"})
+    cmd += ["--compile-step"] * (step == "compiled")
+    r = run_group(cmd, 240, {"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "1:3", "OMP_NUM_THREADS": "1",
+                             "FT_TEST_EAGER_COMPILE": "1", "PYTHONPATH": REPO})  # this tree's fasttrain
     assert r.returncode == 0, r.stderr[-3000:]
     row = read_jsonl(tmp_path / "metrics.jsonl")[0]
     assert row["skipped_steps"] == 1 and np.isfinite(row["train_loss"])

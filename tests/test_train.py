@@ -160,7 +160,8 @@ def _sgd_run(fused: bool, inf_steps: set[int], steps: int = 5):
     from fasttrain.optim import build_optimizer
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    opt = build_optimizer(model.parameters(), OptimConfig(lr=0.1), torch.device("cpu"), fused=fused)
+    opt = build_optimizer(model.parameters(), OptimConfig(lr=0.1, optim_impl="fused" if fused else "foreach"),
+                          torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
@@ -184,6 +185,29 @@ def test_fused_sgd_matches_foreach_when_the_grad_scaler_skips_steps(inf_steps):
     for a, b in zip(p_fused + b_fused, p_ref + b_ref):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_channels_last_reaches_validation_too(loader, tiny_data):
+    """--channels-last: the val batches come channels_last like the train ones (both loaders), and --val-tta
+    flip's mirror keeps the layout, so validation runs the channels_last model on what it wants (issue 22)."""
+    from fasttrain.config import DataConfig
+    from fasttrain.data import build_loaders, dali_backend
+    from fasttrain.data.base import Layout
+    from fasttrain.dist import DistInfo
+    if loader == "dali" and not dali_backend.available():
+        pytest.skip("nvidia.dali does not import")
+    cfg = DataConfig(data=tiny_data, loader=loader, workers=1, batch_size=8, image_size=32)
+    loaders = build_loaders(cfg, DistInfo(device=torch.device("cpu")), Layout(torch.device("cpu"), True), seed=0)
+    try:
+        for batches in (loaders.train, loaders.val):
+            batches.set_epoch(0)
+            images, _ = next(iter(batches))
+            assert images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
+            assert images.flip(3).is_contiguous(memory_format=torch.channels_last)
+    finally:
+        loaders.train.close()
+        loaders.val.close()
 
 
 def test_run_leaves_the_callers_config_and_process_as_it_found_them(tiny_data, tmp_path):
