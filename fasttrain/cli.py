@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             from .launch import launch
             return launch(cfg, eval_checkpoint=getattr(ns, "checkpoint", None))
         if ns.command == "tune":
-            from .calibrate import tune_command
+            from .tune import tune_command
             return tune_command(parse_config(ns), quick=ns.quick)
         if ns.command == "predict":
             from .predict import predict_command

@@ -17,12 +17,12 @@ import time
 import numpy as np
 import torch
 
-from . import calibrate
 from . import checkpoint as ckpt_io
 from . import cpu_share
 from . import dist as D
 from . import settings
 from . import signals
+from . import tune
 from .capture import CompiledUpdate, tensor_lr
 from .checkpointer import Checkpointer, Start, log0, output_dir, read_resume, warn0
 from .config import Config, RunConfig, resolve_lr, resolve_toggles
@@ -146,7 +146,7 @@ def run(cfg: Config, dist: D.DistInfo) -> int:
         layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
         threads = cpu_share.describe(*cpu_share.apply(dist.local_world_size))  # before --loader auto measures
         # --loader auto: the profile cached for this host, data and model, else a brief measurement
-        pick = None if cfg.run.evaluate else calibrate.picker(cfg, dist, layout, ck)
+        pick = None if cfg.run.evaluate else tune.picker(cfg, dist, layout, ck)
         loaders = build_loaders(cfg.data, dist, layout, seed, cfg.optim.grad_accum_steps, pick)
         try:
             if cfg.run.evaluate:

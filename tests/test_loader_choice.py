@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fasttrain import calibrate, cli
+from fasttrain import calibrate, cli, tune
 from fasttrain import loader_choice as LC
 from fasttrain.config import Config, DataConfig
 from fasttrain.data.base import Layout
@@ -175,11 +175,11 @@ def test_a_resumed_run_keeps_the_loader_of_its_checkpoint(tiny_data):
     train, val = scan_dataset(tiny_data)
     cfg = Config(data=DataConfig(data=tiny_data, image_size=32))
     ck = {"config": {"data": {"loader": "hybrid", "dali_share": 0.25, "hw_decoder_load": 0.99, "prefetch": 3}}}
-    d, why = calibrate.choose(cfg, DistInfo(), Layout(CPU, False), ck, train, val, 1, 8)
+    d, why = tune.choose(cfg, DistInfo(), Layout(CPU, False), ck, train, val, 1, 8)
     assert (d.loader, d.dali_share, d.hw_decoder_load, d.prefetch) == ("hybrid", 0.25, 0.99, 3)
     assert "the loader of the run this one resumes" in why
     cfg.data.randaugment = 9  # only the torchvision loader applies it
-    d, why = calibrate.choose(cfg, DistInfo(), Layout(CPU, False), None, train, val, 1, 8)
+    d, why = tune.choose(cfg, DistInfo(), Layout(CPU, False), None, train, val, 1, 8)
     assert d.loader == "torchvision" and "--randaugment" in why
 
 
@@ -200,13 +200,13 @@ def test_without_dali_or_when_measuring_fails_auto_keeps_the_unmeasured_rule(tin
     train, val = scan_dataset(tiny_data)
     cfg = Config(data=DataConfig(data=tiny_data, image_size=32, calibrate="fresh"))
     monkeypatch.setattr(dali_backend, "available", lambda: False)
-    d, why = calibrate.choose(cfg, DistInfo(), Layout(CPU, False), None, train, val, 1, 8)
+    d, why = tune.choose(cfg, DistInfo(), Layout(CPU, False), None, train, val, 1, 8)
     assert d.loader == "torchvision" and why == "auto: torchvision, the one loader here (no DALI)"
     monkeypatch.setattr(dali_backend, "available", lambda: True)
 
     def broken(*a, **k):
         raise RuntimeError("CUDA out of memory")
     monkeypatch.setattr(calibrate, "model_step", broken)
-    d, why = calibrate.choose(cfg, DistInfo(), Layout(CPU, False), None, train, val, 1, 8)
+    d, why = tune.choose(cfg, DistInfo(), Layout(CPU, False), None, train, val, 1, 8)
     assert d.loader == "torchvision" and "unmeasured (the calibration failed)" in why
     assert "could not time the model step (RuntimeError: CUDA out of memory)" in capsys.readouterr().err

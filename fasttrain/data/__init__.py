@@ -3,7 +3,7 @@
 Backends: torchvision (CPU decode, works everywhere), dali (GPU "mixed" decode, or DALI's CPU-only mode
 with --device cpu; imported lazily, only in dali_backend.py), hybrid (both feeding the same steps: hybrid.py),
 synthetic (random tensors on the device). `--loader auto` is decided by a `pick` the caller hands in (the
-trainer's: loader_choice.py, by measurement), after the one scan of DATA; without one, by resolve_backend.
+trainer's: tune.py, by measurement), after the one scan of DATA; without one, by resolve_backend.
 """
 
 from __future__ import annotations
