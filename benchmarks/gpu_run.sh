@@ -46,7 +46,12 @@
 # (470: the resume check gets what is left of it), PYTHON (python3), COMPILE_MODE (torch.compile mode of
 # the compiled entries: default, reduce-overhead = + CUDA graphs, max-autotune), SECTIONS (the bench's
 # --sections), RESUME_CHECK (1; 0 leaves the resume check out), PROFILE_LOADER (1; 0 leaves the DALI loader
-# profile out), PROFILE (1; 0 leaves the ResNet-50 training profile out).
+# profile out), PROFILE (1; 0 leaves the ResNet-50 training profile out), LIKE (default; imagenet: the
+# bench's JPEGs sized like ImageNet's, `fasttrain bench --like imagenet`, for the whole script), MAX_SIDE
+# (unset; N: each fasttrain loader also reads the same images as tar shards pre-resized to N px,
+# `fasttrain bench --shards --max-side N`, loader only).
+# Decoding full-size against pre-resized ImageNet-sized JPEGs (issue 23), loader section only:
+#   LIKE=imagenet MAX_SIDE=256 SECTIONS=loader RESUME_CHECK=0 PROFILE=0 PROFILE_LOADER=0 bash benchmarks/gpu_run.sh
 # A session that raises the ceiling instead (issue 12: compile modes, fp16, batch 384/512, foreach SGD; each
 # variant compiles anew, ~50 s each, max-autotune last; bench.json keeps each variant as it finishes):
 #   SECTIONS=ceiling ARCHS=resnet50 RESUME_CHECK=0 PROFILE=0 LIMIT_S=540 bash benchmarks/gpu_run.sh
@@ -73,6 +78,8 @@ args=(bench --out "$OUT/bench" -j "$WORKERS" -b "${BATCH:-256}" --images "$IMAGE
 for a in ${ARCHS:-resnet50 resnet18}; do args+=(-a "$a"); done
 [[ -n "${COMPILE_MODE:-}" ]] && args+=(--compile-mode "$COMPILE_MODE")
 [[ -n "${SECTIONS:-}" ]] && args+=(--sections "$SECTIONS")
+[[ -n "${LIKE:-}" ]] && args+=(--like "$LIKE")
+[[ -n "${MAX_SIDE:-}" ]] && args+=(--shards --max-side "$MAX_SIDE")
 # ResNet-18 at 64 px for 16 steps of 256: the check is about positions, not speed.
 resume=(--out "$SCRATCH/resume" --stop-at 6)
 train=(--loader dali -j "$WORKERS" -b 256 --image-size 64 --epochs 1 -p 2 --seed 0 --no-compile)
@@ -144,7 +151,7 @@ fi
 # The bench's generated JPEGs (drawn once into FASTTRAIN_CACHE; made here if the bench stopped before), for
 # the loader profile, the resume check and the training profile.
 if (( dali )); then
-  data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES))")
+  data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES, like='${LIKE:-default}'))")
 fi
 
 # Where the DALI GPU loader's time goes alone (issue 12: its 25,000 img/s goal): torch.profiler over 80

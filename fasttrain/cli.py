@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--shards", nargs="?", const="auto", default=None, metavar="DIR",
                     help="loader-only: each fasttrain loader also reads the same images as tar shards (DIR: made by "
                     "`fasttrain shard` from DATA; without it they are written into the cache)")
+    bn.add_argument("--max-side", type=int, default=None, metavar="PX",
+                    help="with --shards: write them pre-resized (`fasttrain shard --max-side PX`), so each shards "
+                    "twin measures decoding the smaller images against the full-size folder")
+    bn.add_argument("--like", default="default", choices=("default", "imagenet"),
+                    help="the generated JPEGs (no DATA): default = ~460x375 px, ~70 KB, all alike (those "
+                    "benchmarks/ANCHORS.md was measured on); imagenet = sized like ImageNet's photos (mean "
+                    "~400x350 px and ~110 KB, widths from ~100 to over 2,000 px)")
     bn.add_argument("--from-json", default=None, metavar="PATH",
                     help="measure nothing: redraw the table and bench.png from an earlier bench.json")
     return p

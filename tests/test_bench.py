@@ -186,6 +186,16 @@ def test_gpu_run_dry_run_parses_its_command(tmp_path):
     assert (out / "bench").is_dir() and sorted(os.listdir(out)) == ["bench", "gpu_run_plan.txt"]
 
 
+def test_gpu_run_passes_like_and_max_side_to_the_bench(tmp_path):
+    """LIKE=imagenet MAX_SIDE=N: the bench draws ImageNet-sized JPEGs and adds pre-resized shards twins."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "LIKE": "imagenet", "MAX_SIDE": "256"}
+    res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    bench = (tmp_path / "gpu_run_plan.txt").read_text().splitlines()[0]
+    assert "--like imagenet --shards --max-side 256" in bench
+
+
 def test_gpu_run_takes_dali_and_pythonpath_as_it_finds_them():
     """No unpacking of DALI parts, no PYTHONPATH of its own: DALI imports as `pip install 'fasttrain[dali]'`
     installs it. The goal check's exit 1 (a SHORT goal) must not stop the script before the resume check."""
@@ -593,6 +603,10 @@ def test_dali_section_without_dali_is_a_one_line_error(tmp_path, monkeypatch, ca
     (["-b", "0"], "--batch-size must be at least 1, got 0"),
     (["-j", "-1"], "--workers must be 0 or more, got -1"),
     (["--from-json", "missing.json"], "--from-json missing.json: not a bench.json (FileNotFoundError"),
+    (["--shards", "--max-side", "4"], "--max-side must be at least 8, got 4"),
+    (["--max-side", "64"], "--max-side says how the bench writes its shards: give it with --shards (no DIR"),
+    (["--shards", "dir", "--max-side", "64"], "--max-side says how the bench writes its shards"),
+    (["data", "--like", "imagenet"], "--like imagenet draws the benchmark's own JPEGs: it has no meaning with DATA"),
 ])
 def test_bench_refuses_bad_numbers_in_one_line(args, message, tmp_path, capsys, monkeypatch):
     """Before: 0 fell back to the default silently, -j -1 ended in DataLoader's traceback, a missing
@@ -630,3 +644,25 @@ def test_dali_is_imported_in_one_place():
                     if re.search(r"^\s*(import nvidia\.dali|from nvidia\.dali|from nvidia import dali)", text, re.M):
                         found.append(os.path.relpath(path, REPO))
     assert found == [os.path.join("fasttrain", "data", "dali_backend.py")], found
+
+
+def test_like_imagenet_draws_jpegs_sized_like_imagenets(tmp_path):
+    """`--like imagenet`: sizes spread as ImageNet's (mean ~400x350, widths from ~100 to over 2,000 px; the
+    default images are all ~460x375), JPEGs of several qualities, the same files whatever the processes,
+    cached apart from the default images."""
+    import numpy as np
+    from PIL import Image
+
+    from fasttrain.bench.images import bench_dataset, cache_root, imagenet_size
+    rng = np.random.default_rng(0)
+    w, h = np.array([imagenet_size(rng) for _ in range(4000)]).T
+    assert 370 < w.mean() < 430 and 320 < h.mean() < 380, (w.mean(), h.mean())
+    assert w.min() < 130 and w.max() > 2000 and (h > w).mean() > 0.15  # small, huge and portrait ones
+    one = bench_dataset(16, out=str(tmp_path / "one"), like="imagenet", processes=1)
+    two = bench_dataset(16, out=str(tmp_path / "two"), like="imagenet", processes=2)
+    paths = sorted(os.path.relpath(os.path.join(d, f), one) for d, _, fs in os.walk(one) for f in fs)
+    assert len(paths) == 32 and all(open(os.path.join(one, p), "rb").read() == open(os.path.join(two, p), "rb").read()
+                                    for p in paths)
+    sizes = {Image.open(os.path.join(one, p)).size for p in paths}
+    assert len(sizes) > 20 and all(Image.open(os.path.join(one, p)).format == "JPEG" for p in paths)
+    assert cache_root(16, "imagenet") != cache_root(16) and "imagenet" in cache_root(16, "imagenet")

@@ -411,3 +411,24 @@ def test_both_loaders_train_from_resized_shards(tiny_data, tmp_path_factory, tmp
     assert cli.main(["eval", str(tiny_data), "--checkpoint", str(tmp_path / "r" / "checkpoint.pth.tar"),
                      *args]) == 0
     assert "on 36 images" in capsys.readouterr().out
+
+
+def test_bench_compares_the_folder_with_its_pre_resized_shards(clean, tmp_path, monkeypatch):
+    """`fasttrain bench --shards --max-side N`: the twins read shards written with --max-side N (cached apart
+    from the full-size ones) and say so in their names; their rate against the folder's is the decode
+    rate full-size against pre-resized."""
+    from dataclasses import replace
+
+    from fasttrain.bench.loaders import FASTTRAIN_LOADERS, BenchData
+    from fasttrain.bench.shards import bench_shards, shard_twins
+    from fasttrain.bench.suite import Plan, loader_section
+    folder, _ = clean
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    where = bench_shards(folder, max_side=32)
+    assert where != bench_shards(folder) and BenchData.scan(where).max_side == 32
+    assert BenchData.scan(folder).max_side is None
+    plan = Plan(torch.device("cpu"), ["resnet18"], 1, 8, 8, image_size=32, loader_steps=(1, 2),
+                loaders=shard_twins(["torchvision"], FASTTRAIN_LOADERS))
+    entries = loader_section(plan, replace(BenchData.scan(folder), shards=BenchData.scan(where)))
+    assert [e["name"] for e in entries] == ["loader/torchvision", "loader/torchvision-shards (max side 32)"]
+    assert entries[1]["vs_folder"] > 0 and entries[1]["timed_images"] == 16
