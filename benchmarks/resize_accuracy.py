@@ -6,7 +6,8 @@ full-size images and on copies pre-resized to each N, every model scored on the 
 The data (drawn here, deterministic): the demo's 10 learnable classes (stripes, checkerboards, dots, rings
 in warm or cool colours; fasttrain/data/demo.py), at ImageNet's spread of sizes (bench --like imagenet's)
 scaled by --image-size/224, so the images stand to the model's crop as ImageNet's stand to a 224 px crop;
---max-side is scaled alike (default 146 and 100: FFCV's 512 and 350 px at 224). A texture's period is
+--max-side is scaled alike (default 146 and 100 at 64 px crops: 2.3x and 1.6x the crop, as 512 and 350 px
+are at 224). A texture's period is
 drawn in pixels, so a resized image's texture is finer: what a small RandomResizedCrop of it has lost is
 what the experiment measures.
 

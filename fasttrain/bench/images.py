@@ -8,10 +8,10 @@ tracks pixel count and entropy (bytes), so the two kinds differ in what they are
 - "imagenet": ImageNet's spread (its train set: mean about 400x350 px and 110 KB a file, widths from under
   100 to over 2,000 px): a log-normal longer side (median 380 px, sigma 0.4, kept within 96-3,000 px) and
   2.5% large ones (log-uniform 1,000-2,800 px), mostly 4:3 landscape, some 3:4 portrait, a fifth of any
-  aspect from 1:2 to 2:1; quality 85-96 and grain
-  drawn per image, so a few large files carry much of the bytes and the decode work, as there. A bench on
-  these does not flatter decode rates with ImageNet's small-image half only. What the generator gives
-  (mean size, bytes, width range) is measured in benchmarks/RESULTS.md.
+  aspect from 1:2 to 2:1; JPEG quality 88-96 and grain drawn per image. A few large files carry much of
+  the bytes and of the decode work, as in ImageNet, so decode rates measured on them are not flattered by
+  images all of one modest size. What the generator gives (mean size and bytes, width range) and what
+  decoding it costs against the default images: benchmarks/RESULTS.md.
 Deterministic (one seed per chunk of files), and written to a temporary folder renamed into place
 (demo.written_into_place).
 
