@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import io
 import json
 import os
 import re
@@ -39,6 +38,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from .data import shards as S
+from .data.resize import resize_options, resized
 from .errors import UserError
 
 BLOCK, RECORD = 512, 10240  # tar's block, and the record size tarfile and GNU tar pad an archive to
@@ -147,23 +147,6 @@ def check_sample(item: Item, checks: tuple[int, int]) -> tuple[bytes | None, dic
     return (None if result["error"] else data), result
 
 
-def resized(data: bytes, resize: tuple[int, int], min_side: int) -> tuple[bytes | None, str | None]:
-    """(the bytes to write in place of `data`, None to write it as it is; an error when the resized image
-    would be bad: check-data's --min-side, on what the loaders will read)."""
-    from .data.resize import shrink
-    max_side, quality = resize
-    if not max_side:
-        return None, None
-    out = shrink(data, max_side, quality)
-    if out is not None:
-        from PIL import Image
-        with Image.open(io.BytesIO(out)) as im:
-            w, h = im.size
-        if min(w, h) < min_side:
-            return None, f"too small once resized to --max-side {max_side} ({w}x{h} < --min-side {min_side})"
-    return out, None
-
-
 class _TarWriter:
     """A tar file written member by member, hashed on the way; offsets of each member's data."""
 
@@ -209,7 +192,7 @@ def write_shard(plan: Plan, out: str) -> dict:
             if data is None:
                 bad.append({"path": it.rel, "error": result["error"]})
                 continue
-            small, error = resized(data, plan.resize, plan.checks[0])
+            small, error = resized(data, *plan.resize, min_side=plan.checks[0])
             if error:
                 bad.append({"path": it.rel, "error": error})
                 continue
@@ -322,22 +305,6 @@ def shard_command(ns: argparse.Namespace) -> int:
     shutil.rmtree(os.path.join(ns.out, S.PARTIAL))
     _summary(ns, manifest, kept, time.perf_counter() - t0)
     return 0
-
-
-def resize_options(ns: argparse.Namespace) -> tuple[int, int]:
-    """(max side, quality) from --max-side and --quality; (0, 0) without --max-side."""
-    from .data.resize import QUALITY
-    max_side, quality = getattr(ns, "max_side", None), getattr(ns, "quality", None)
-    if max_side is None:
-        if quality is not None:
-            raise UserError("--quality is the JPEG quality of the images --max-side resizes: give --max-side too")
-        return 0, 0
-    if max_side < ns.min_side:
-        raise UserError(f"--max-side must be at least --min-side ({ns.min_side}), got {max_side}")
-    quality = QUALITY if quality is None else quality
-    if not 1 <= quality <= 100:
-        raise UserError(f"--quality must be a JPEG quality from 1 to 100, got {quality}")
-    return max_side, quality
 
 
 def _complete(out: str, fingerprint: str) -> bool:

@@ -305,13 +305,15 @@ def test_bench_times_each_loader_on_the_folder_and_on_its_shards(clean, tmp_path
 
 @pytest.fixture(scope="module")
 def resized(dirty, tmp_path_factory):
-    """The dirty tree plus a gray image and a 72x12 strip (32x5 once resized: under --min-side 8), as
-    shards with --max-side 32 (-j 2, 3 kB shards): the 48x40 JPEGs resized, the 20x16 PNG kept."""
+    """The dirty tree plus a gray JPEG, a 64x48 RGBA PNG and a 72x12 strip (32x5 once resized: under
+    --min-side 8), as shards with --max-side 32 (-j 2, 3 kB shards): the 48x40 JPEGs resized, the 20x16 PNG
+    kept."""
     from PIL import Image
     root = tmp_path_factory.mktemp("resized")
     data = str(root / "data")
     shutil.copytree(dirty[0], data)
     Image.new("L", (40, 60), 90).save(os.path.join(data, "train", "vstripes_cool", "gray.jpg"), quality=90)
+    Image.new("RGBA", (64, 48), (10, 10, 200, 100)).save(os.path.join(data, "train", "vstripes_cool", "alpha.png"))
     Image.new("RGB", (72, 12), (200, 10, 10)).save(os.path.join(data, "val", "vstripes_cool", "strip.jpg"), quality=90)
     bad = {**dirty[2], "val/vstripes_cool/strip.jpg": None}
     for j, out in (("2", "out"), ("1", "again")):
@@ -351,12 +353,15 @@ def test_max_side_resizes_the_large_images_and_keeps_the_rest(resized, capsys):
             assert im.mode == ("L" if src.mode == "L" else "RGB")
             same = np.asarray(src.convert("L").resize(im.size, Image.Resampling.LANCZOS), np.float32)
             errors.append(np.abs(np.asarray(im.convert("L"), np.float32) - same).mean())
-    assert (kept, shrunk) == (1, 33)  # the PNG; 48x40 JPEGs and the gray one
+    assert (kept, shrunk) == (1, 34)  # the small PNG; 48x40 JPEGs, the gray one and the RGBA PNG
     assert max(errors) < 5  # the same picture: the JPEG's error, on images of strong stripes and noise
     manifest = json.load(open(out / "manifest.json"))
-    assert manifest["resize"] == {"max_side": 32, "quality": 90, "resized": 33, "bytes_before": before,
+    assert manifest["resize"] == {"max_side": 32, "quality": 90, "resized": 34, "bytes_before": before,
                                   "bytes_after": after}
     assert after < before
+    exts = [line.split(" ")[0] for sp in manifest["splits"].values() for sh in sp["shards"]
+            for line in open(out / sh["idx"]).read().splitlines()[1:]]
+    assert exts.count("png") == 1 and exts.count("jpg") == 34  # the resized PNG is a .jpg now
     reasons = {b["path"]: b["error"] for b in manifest["bad"]}
     assert set(reasons) == set(bad) and "too small once resized to --max-side 32 (32x5 < --min-side 8)" in reasons["val/vstripes_cool/strip.jpg"]
     capsys.readouterr()
