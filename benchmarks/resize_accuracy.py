@@ -1,7 +1,7 @@
 """What pre-resizing (`fasttrain shard --max-side N`) costs in accuracy: the same short schedule trained on
 full-size images and on copies pre-resized to each N, every model scored on the same full-size val images.
 
-    python benchmarks/resize_accuracy.py --work /tmp/ra --json benchmarks/results/X.json    # ~10 min, 2 cores
+    python benchmarks/resize_accuracy.py --work /tmp/ra --json benchmarks/results/X.json    # ~40 min, 2 cores
 
 The data (drawn here, deterministic): the demo's 10 learnable classes (stripes, checkerboards, dots, rings
 in warm or cool colours; fasttrain/data/demo.py), at ImageNet's spread of sizes (bench --like imagenet's)
@@ -15,7 +15,8 @@ Each copy (the full-size one too) is written by `fasttrain shard`, so every run 
 run is `fasttrain train SHARDS` (the demo's settings: ResNet-18, SGD lr 0.05, 1 warm-up epoch, cosine,
 --epochs E) then `fasttrain eval FOLDER --checkpoint` of its last checkpoint on the full-size val folder,
 and its own val (resized as its train set) from metrics.jsonl. --seeds repeats every run per seed: at a few
-hundred val images, one image is a quarter of a percent, and seeds move top-1 by more than that.
+hundred val images, one image is a quarter of a percent, and seeds move top-1 by more than that. A run
+already finished in --work (its resize_accuracy.json) is kept, so an interrupted call picks up where it was.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def main() -> int:
     p.add_argument("--max-side", default="146,100", help="comma list of --max-side values (default: 146,100)")
     p.add_argument("--per-class", type=int, default=120, help="train images per class (10 classes)")
     p.add_argument("--val-per-class", type=int, default=40, help="val images per class")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--seeds", default="0,1", help="comma list of training seeds")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma list of training seeds")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("-a", "--arch", default="resnet18")
     p.add_argument("-b", "--batch-size", type=int, default=64)
@@ -97,6 +98,10 @@ def main() -> int:
         print(f"resize_accuracy: {name}: {out.strip().splitlines()[-2]}", flush=True)
         for seed in seeds:
             run = os.path.join(ns.work, "runs", f"{name}-seed{seed}")
+            done = os.path.join(run, "resize_accuracy.json")
+            if os.path.exists(done):  # a run an earlier, interrupted call finished: kept
+                results["runs"].append(json.load(open(done)))
+                continue
             t = time.perf_counter()
             fasttrain("train", shards, "-a", ns.arch, "--image-size", str(ns.image_size), "-b", str(ns.batch_size),
                       "-j", str(ns.workers), "--epochs", str(ns.epochs), "--lr", "0.05", "--warmup-epochs", "1",
@@ -109,8 +114,18 @@ def main() -> int:
             top1 = float(re.findall(r"val: Acc@1 ([0-9.]+)", ev)[-1])
             results["runs"].append({"copy": name, "max_side": side, "seed": seed, "train_seconds": round(seconds, 1),
                                     "own_val_top1": rows[-1]["val_top1"], "full_size_val_top1": top1})
+            with open(done, "w") as fh:
+                json.dump(results["runs"][-1], fh)
             print(f"resize_accuracy: {name} seed {seed}: full-size val top-1 {top1:.2f} (own val "
                   f"{rows[-1]['val_top1']:.2f}), trained in {seconds:.0f}s", flush=True)
+    results["summary"] = {}
+    for name in results["copies"]:
+        top1 = np.array([r["full_size_val_top1"] for r in results["runs"] if r["copy"] == name])
+        results["summary"][name] = {"runs": len(top1), "mean": round(float(top1.mean()), 2),
+                                    "std": round(float(top1.std(ddof=1)), 2) if len(top1) > 1 else None,
+                                    "min": float(top1.min()), "max": float(top1.max())}
+        print(f"resize_accuracy: {name}: full-size val top-1 mean {top1.mean():.2f} over {len(top1)} seeds "
+              f"({top1.min():.2f}-{top1.max():.2f})", flush=True)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     results["environment"] = {"commit": commit.stdout.strip() or "unknown", "python": platform.python_version(),
