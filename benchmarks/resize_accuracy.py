@@ -95,7 +95,8 @@ def main() -> int:
         results["copies"][name] = {"max_side": side, **manifest["resize"],
                                    "shard_bytes": sum(s["bytes"] for sp in manifest["splits"].values()
                                                       for s in sp["shards"])}
-        print(f"resize_accuracy: {name}: {out.strip().splitlines()[-2]}", flush=True)
+        said = [line for line in out.splitlines() if "wrote" in line or "nothing to do" in line]
+        print(f"resize_accuracy: {name}: {said[-1] if said else out.strip()}", flush=True)
         for seed in seeds:
             run = os.path.join(ns.work, "runs", f"{name}-seed{seed}")
             done = os.path.join(run, "resize_accuracy.json")

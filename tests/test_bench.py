@@ -666,3 +666,20 @@ def test_like_imagenet_draws_jpegs_sized_like_imagenets(tmp_path):
     sizes = {Image.open(os.path.join(one, p)).size for p in paths}
     assert len(sizes) > 20 and all(Image.open(os.path.join(one, p)).format == "JPEG" for p in paths)
     assert cache_root(16, "imagenet") != cache_root(16) and "imagenet" in cache_root(16, "imagenet")
+
+
+@pytest.mark.slow
+def test_resize_accuracy_trains_each_copy_and_scores_it_on_full_size_val(tmp_path):
+    """benchmarks/resize_accuracy.py at a toy size: a full-size and a pre-resized copy, each trained and
+    scored on the same full-size val images."""
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "resize_accuracy.py"), "--work", tmp_path / "w",
+           "--json", tmp_path / "r.json", "--per-class", "2", "--val-per-class", "1", "--epochs", "1", "--seeds", "0",
+           "--image-size", "32", "--max-side", "40", "-b", "8", "-j", "1"]
+    r = run_group(cmd, 300, {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.load(open(tmp_path / "r.json"))
+    assert set(doc["copies"]) == {"full", "max40"} and doc["copies"]["full"]["resized"] == 0
+    assert 0 < doc["copies"]["max40"]["resized"] and doc["copies"]["max40"]["bytes_after"] < doc["copies"]["full"][
+        "bytes_after"]
+    assert [(run["copy"], run["seed"]) for run in doc["runs"]] == [("full", 0), ("max40", 0)]
+    assert all(0 <= run["full_size_val_top1"] <= 100 for run in doc["runs"])
