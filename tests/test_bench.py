@@ -683,3 +683,14 @@ def test_resize_accuracy_trains_each_copy_and_scores_it_on_full_size_val(tmp_pat
         "bytes_after"]
     assert [(run["copy"], run["seed"]) for run in doc["runs"]] == [("full", 0), ("max40", 0)]
     assert all(0 <= run["full_size_val_top1"] <= 100 for run in doc["runs"])
+
+
+def test_decode_cost_reads_folders_and_shards(tiny_data, tmp_path):
+    """benchmarks/decode_cost.py: CPU ms per image of each dataset given, a folder and its resized shards."""
+    assert cli.main(["shard", tiny_data, str(tmp_path / "s"), "--max-side", "32", "-j", "1"]) == 0
+    r = run_group([sys.executable, os.path.join(REPO, "benchmarks", "decode_cost.py"), tiny_data, tmp_path / "s",
+                   "--repeats", "1", "--json", tmp_path / "d.json"], 120, {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    sets = json.load(open(tmp_path / "d.json"))["sets"]
+    assert [(s["images"], s["mean_width"]) for s in sets.values()] == [(96, 48), (96, 32)]
+    assert all(s["full_ms"][0] > 0 for s in sets.values())
