@@ -47,7 +47,8 @@
 # the compiled entries: default, reduce-overhead = + CUDA graphs, max-autotune), SECTIONS (the bench's
 # --sections), RESUME_CHECK (1; 0 leaves the resume check out), PROFILE_LOADER (1; 0 leaves the DALI loader
 # profile out), PROFILE (1; 0 leaves the ResNet-50 training profile out), LIKE (default; imagenet: the
-# bench's JPEGs sized like ImageNet's, `fasttrain bench --like imagenet`, for the whole script), MAX_SIDE
+# bench's JPEGs sized like ImageNet's, `fasttrain bench --like imagenet`, for the whole script; drawing 4,096
+# of them took 511 s on one core of the 2-core dev machine, so expect about a minute here), MAX_SIDE
 # (unset; N: each fasttrain loader also reads the same images as tar shards pre-resized to N px,
 # `fasttrain bench --shards --max-side N`, loader only).
 # Decoding full-size against pre-resized ImageNet-sized JPEGs (issue 23), loader section only:
