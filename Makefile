@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench bench-stages install clean
+.PHONY: demo test test-fast bench bench-stages install clean
 
 $(STAMP): pyproject.toml fasttrain/data/_jpeg.c  # the C file: rebuilds the crop decoder
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The suite without its slow end-to-end and fault-injection runs (kill -9, 2-rank stops, NaN on one rank):
+# for a quick check while editing; CI runs the full `make test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(VENV)/bin/fasttrain bench --out runs/bench

@@ -51,6 +51,19 @@ def atomic_save(obj, path: str) -> None:
     _fsync_dir(path)
 
 
+def to_cpu(obj):
+    """A copy of a checkpoint's contents that nothing else refers to: every tensor copied to the CPU (from the
+    GPU, or cloned), every container new; plain values as they are. What a background write can take while
+    training goes on changing the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def atomic_copy(src: str, dst: str) -> None:
     tmp = f"{dst}.tmp.{os.getpid()}"
     shutil.copyfile(src, tmp)
@@ -85,13 +98,20 @@ def _one_line(e: Exception, limit: int = 160) -> str:
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
-def load(path: str, what: str = "checkpoint") -> dict:
+def load(path: str, what: str = "checkpoint", mmap: bool = False) -> dict:
     """Load a checkpoint (or weights file) to the CPU with weights_only=True, or a one-line error saying why
-    not. A file that holds pickled Python objects (classes, functions) is refused, never executed."""
+    not. A file that holds pickled Python objects (classes, functions) is refused, never executed. `mmap`:
+    tensors map the file (copy-on-write) instead of being read into memory at once, where the file allows
+    (torch.save's zip format; an old-format file is read whole)."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         # torch wraps every unpickling failure of weights_only=True in "Weights only load failed": only an
         # "Unsupported global" is a pickled Python object; anything else (a text file, garbage) is no checkpoint.

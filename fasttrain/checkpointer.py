@@ -7,10 +7,13 @@ only the epoch and step), each rank's RNGs and train meter of the epoch so far, 
 
 When: at every epoch end, every `--checkpoint-interval` steps (counted in steps, whatever `-p` is: the
 engine stops at those steps too), and at the sync point after a stop request (SIGTERM, Ctrl-C).
-Saving is collective (the per-rank parts are gathered), rank 0 writes, a barrier follows. Reading: rank 0
-reads the file once (weights_only) and broadcasts it, so every rank resumes from the same bytes and a
-rank that cannot see the file (no shared disk) still can; an unreadable file is the same one-line error
-on every rank.
+Saving is collective (the per-rank parts are gathered) and rank 0 writes: it copies the state to host
+memory (the step waits only for that copy) and a thread of its own writes the file while training goes on,
+one write at a time, atomically; the run waits for the last one before it ends, stops or fails, so nothing
+is lost and a crash leaves the previous checkpoint whole. Reading: rank 0 reads the file (weights_only) and
+decides; where every rank sees the same file each loads it itself, memory-mapped, else rank 0 sends it, so
+a rank without the shared disk still resumes from the same bytes; an unreadable file is the same one-line
+error on every rank.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -56,28 +60,60 @@ def output_dir(cfg: Config, dist: D.DistInfo) -> str:
     return out[0]
 
 
+def file_stamp(path: str) -> tuple[int, int] | None:
+    """(size, mtime in ns) of a file this process can see, or None: whether two ranks see the same file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def read_resume(resume: str, out: str | None, dist: D.DistInfo) -> dict | None:
-    """The checkpoint a run continues from (None: start afresh), read on rank 0 and broadcast. `resume` is
-    a path or 'auto' (OUTPUT_DIR/checkpoint.pth.tar if it exists)."""
+    """The checkpoint a run continues from (None: start afresh). `resume` is a path or 'auto'
+    (OUTPUT_DIR/checkpoint.pth.tar if it exists). Rank 0 reads and checks it and tells every rank its verdict
+    (start afresh, resume, or the one-line error); where every rank sees the same file (a shared file system:
+    same size and modification time), each loads it itself, memory-mapped, so no rank receives a whole
+    checkpoint through the process group; where some rank does not, rank 0 sends it to all (pickled)."""
     if not resume:
         return None
     path = os.path.join(out, ckpt_io.LATEST) if resume == "auto" else resume
-    got = None
+    verdict, ck = None, None
     if dist.is_main:
         try:
             if resume == "auto" and not os.path.isfile(path):
-                got = ("none",)
+                verdict = ("none",)
             elif not os.path.isfile(path):
-                got = ("error", f"checkpoint {path} does not exist (to start from scratch, drop --resume; "
-                                "--resume auto resumes only if OUTPUT_DIR/checkpoint.pth.tar exists)")
+                verdict = ("error", f"checkpoint {path} does not exist (to start from scratch, drop --resume; "
+                                    "--resume auto resumes only if OUTPUT_DIR/checkpoint.pth.tar exists)")
             else:
-                got = ("ok", {**ckpt_io.resumable(ckpt_io.load(path), path), "path": path})
+                ck = _read(path)
+                verdict = ("ok", file_stamp(path))
         except UserError as e:
-            got = ("error", str(e))
-    got = D.broadcast_object(got, dist)
-    if got[0] == "error":
-        raise UserError(got[1])
-    return got[1] if got[0] == "ok" else None
+            verdict = ("error", str(e))
+    verdict = D.broadcast_object(verdict, dist)
+    if verdict[0] == "error":
+        raise UserError(verdict[1])
+    if verdict[0] == "none":
+        return None
+    if not dist.distributed:
+        return ck
+    if all(D.all_gather_object(file_stamp(path) == verdict[1], dist)):
+        failed = None
+        if not dist.is_main:
+            try:
+                ck = _read(path)
+            except UserError as e:
+                failed = f"rank {dist.rank}: {e}"
+        failed = next((f for f in D.all_gather_object(failed, dist) if f), None)
+        if failed:
+            raise UserError(failed)
+        return {**ck, "read_by": "every rank"}
+    return {**D.broadcast_object(ck, dist), "read_by": "rank 0"}
+
+
+def _read(path: str) -> dict:
+    return {**ckpt_io.resumable(ckpt_io.load(path, mmap=True), path), "path": path}
 
 
 def check_same_steps(ck: dict, cfg: Config, step: int) -> None:
@@ -111,6 +147,8 @@ class Checkpointer:
         self.best_acc1 = 0.0
         self.stopped_by = 0  # the signal that stopped the run, agreed by all ranks
         self.wall_seconds = lambda: 0.0  # the run's time so far, kept in each checkpoint (Watch's clock)
+        self.writer: ThreadPoolExecutor | None = None  # rank 0 writes checkpoints on this thread...
+        self.pending: Future | None = None             # ...one at a time: this one, until flush()
 
     def restore(self, ck: dict) -> Start:
         """Put every component back as the checkpoint left it (RNGs, loader positions and meters per rank,
@@ -132,7 +170,9 @@ class Checkpointer:
                 log0(self.dist, f"the checkpoint holds data positions of {len(data)} rank(s), this run has "
                                 f"{world}: each rank's loader starts at the saved step of its new shard")
         meters = ck.get("meters") or []  # each rank's train meter of the epoch so far (mid-epoch checkpoints)
-        log0(self.dist, f"resumed from {ck['path']} at epoch {epoch} step {step}")
+        how = {"every rank": " (each rank read it from the shared file system)",
+               "rank 0": f" (read by rank 0 and sent to the other {world - 1}: not every rank can see the file)"}
+        log0(self.dist, f"resumed from {ck['path']} at epoch {epoch} step {step}{how.get(ck.get('read_by'), '')}")
         return Start(epoch, step, meters[rank] if len(meters) == world else None,
                      float(ck.get("wall_seconds", 0.0)))
 
@@ -163,14 +203,38 @@ class Checkpointer:
         rng, data, meters = ([e[i] for e in every] for i in range(3))
         finite = all(bool(torch.isfinite(p).all()) for p in self.tr.model.parameters())
         if self.dist.is_main and finite:
-            ckpt_io.atomic_save({
+            self.flush()  # one write at a time: the previous one is whole on disk before the next starts
+            state = ckpt_io.to_cpu({  # a copy: training goes on changing the originals while it is written
                 "epoch": epoch, "step": step, "arch": self.cfg.model.arch, **self.tr.state_dict(),
                 "best_acc1": self.best_acc1, "seed": self.seed, "rng": rng, "data": data if data_state else None,
                 "meters": meters if meter is not None else None, "classes": list(self.loaders.classes),
                 "config": self.cfg.to_dict(), "val_top1": val_top1, "wall_seconds": self.wall_seconds(),
-            }, os.path.join(self.out, ckpt_io.LATEST))
-            if is_best:
-                ckpt_io.atomic_copy(os.path.join(self.out, ckpt_io.LATEST), os.path.join(self.out, ckpt_io.BEST))
+            })
+            if self.writer is None:
+                self.writer = ThreadPoolExecutor(1, thread_name_prefix="fasttrain-checkpoint")
+            self.pending = self.writer.submit(_write, state, self.out, is_best)
         elif self.dist.is_main:
             warn0(self.dist, "weights are not finite: checkpoint NOT written (the previous one is kept)")
         D.barrier(self.dist)
+
+    def flush(self) -> None:
+        """Wait for the checkpoint being written, if any; its error, if it failed, is raised here."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """flush(), and the writer thread ends. At the end of a run, a stop or an error: nothing is lost."""
+        try:
+            self.flush()
+        finally:
+            if self.writer is not None:
+                self.writer.shutdown(wait=True)
+                self.writer = None
+
+
+def _write(state: dict, out: str, is_best: bool) -> None:
+    """The checkpoint file (atomically: a crash leaves the previous one whole), and model_best's copy."""
+    ckpt_io.atomic_save(state, os.path.join(out, ckpt_io.LATEST))
+    if is_best:
+        ckpt_io.atomic_copy(os.path.join(out, ckpt_io.LATEST), os.path.join(out, ckpt_io.BEST))

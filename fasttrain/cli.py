@@ -171,8 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--images", type=int, default=None, metavar="N",
                     help="JPEGs to generate when no DATA is given (default: 512 on CPU, 128 with --quick, 4096 on GPU)")
     bn.add_argument("--full", action="store_true", help="on CPU also time torch.compile (minutes)")
-    bn.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+    bn.add_argument("--compile-mode", default="default", choices=C.COMPILE_MODES,
                     help="torch.compile mode of the compiled entries (as train --compile-mode)")
+    bn.add_argument("--best-of", default=None, metavar="BENCH_JSON",
+                    help="the model, end-to-end and DALI sections' compiled entries take the settings and batch of "
+                    "the fastest ceiling variant in BENCH_JSON (an earlier `--sections ceiling` run)")
     bn.add_argument("--sections", default=None, metavar="LIST",
                     help="comma list of loader,model,e2e,ceiling,recipe,dali (default: loader,model,e2e; ceiling: "
                          "model-only variants past the compiled rate, each compiled anew; recipe: progressive "
@@ -231,13 +234,18 @@ def parse_config(ns: argparse.Namespace) -> C.Config:
         if "." in key and value is not None:
             group, name = key.split(".", 1)
             flags[(group, name)] = value
-    values = {}
+    values = recipe = {}
     if getattr(ns, "recipe", None):
         from . import recipes
-        values = recipes.load(ns.recipe)[0]
+        values = recipe = recipes.load(ns.recipe)[0]
+    given = set(flags)  # what the layers above the recipe set
     if ns.config:
-        values = _over(values, C.load_toml(ns.config), f"config file {ns.config}")
+        toml = C.load_toml(ns.config)
+        given |= set(toml)
+        values = _over(values, toml, f"config file {ns.config}")
     values = _over(values, flags, "the command line")
+    if recipe and ("optim", "epochs") in given:
+        values = _scale_recipe(ns.recipe, recipe, values, given)
     demo = (ns.command == "train" and values.get(("data", "data")) is None
             and not values.get(("data", "dummy")) and values.get(("data", "loader")) != "synthetic")
     if demo:
@@ -246,6 +254,18 @@ def parse_config(ns: argparse.Namespace) -> C.Config:
             defaults.pop(("optim", "warmup_epochs"))
         values = _over(defaults, values, "")
     return C.build_config(values)
+
+
+def _scale_recipe(name: str, recipe: dict, values: dict, given: set) -> dict:
+    """--recipe with another --epochs: the recipe's epoch knobs in proportion (recipes.scale_to_epochs), said
+    once (by rank 0 under torchrun, whose every process parses the command line)."""
+    from . import recipes
+    epochs = values[("optim", "epochs")]
+    scaled = recipes.scale_to_epochs(recipe, values, given)
+    if scaled and os.environ.get("RANK", "0") == "0":
+        own = recipe[("optim", "epochs")]
+        print(f"fasttrain: {recipes.describe_scaling(name, own, epochs, recipe, scaled)}", flush=True)
+    return {**values, **scaled}
 
 
 def use_huge_pages() -> None:

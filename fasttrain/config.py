@@ -28,6 +28,9 @@ def opt(default, *flags: str, help: str, choices=None, metavar=None, tristate=Fa
                                             "tristate": tristate})
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
 @dataclass
 class DataConfig:
     data: str | None = opt(None, help="dataset root holding train/ and val/ in ImageFolder layout "
@@ -108,6 +111,10 @@ class OptimConfig:
                          help="optimizer: SGD with momentum as the reference; LARS as MLPerf's ResNet-50 (for "
                          "global batches of thousands); AdamW or LAMB (betas 0.9, 0.999; --momentum unused; they "
                          "want a far lower --lr, e.g. 0.001 x global batch / 512, and a larger --wd, e.g. 0.05)")
+    optim_impl: str = opt("auto", "--optim-impl", choices=("auto", "fused", "foreach"),
+                          help="torch's SGD/AdamW kernels: fused = one kernel for all parameters, foreach = "
+                          "multi-tensor kernels op by op; auto = fused on CUDA, foreach elsewhere (LARS and LAMB: "
+                          "their own update, compiled with --compile-step)")
     no_bn_wd: bool = opt(False, "--no-bn-wd", help="no weight decay on BatchNorm weights and biases (LARS: always)")
     ema: float = opt(0.0, "--ema", metavar="DECAY",
                      help="keep an exponential moving average of the weights (e.g. 0.9999), validated each epoch "
@@ -134,12 +141,22 @@ class RunConfig:
     # compile, cuDNN autotuning) and the safe one on a CPU (fp32, NCHW, eager). resolve_toggles() fills them.
     amp: str = opt("auto", "--amp", choices=("auto", "none", "bf16", "fp16"),
                    help="autocast precision; fp16 uses a gradient scaler (auto: bf16 on GPU, none on CPU)")
+    loss_scale: float = opt(0.0, "--loss-scale", metavar="S",
+                            help="with --amp fp16: a static loss scale S (e.g. 1024; a power of 2 unscales exactly): "
+                            "no overflow check, a non-finite step is --on-nan's; 0 = torch's dynamic GradScaler, "
+                            "which skips overflowing steps")
     channels_last: bool | None = opt(None, "--channels-last", tristate=True,
                                      help="NHWC memory format for model and input (auto: on for GPU)")
     compile: bool | None = opt(None, "--compile", tristate=True,
                                help="torch.compile the model (auto: on for GPU training)")
-    compile_mode: str = opt("default", "--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
-                            help="torch.compile mode; reduce-overhead adds CUDA graphs (fewer launch gaps)")
+    compile_mode: str = opt("default", "--compile-mode", choices=COMPILE_MODES,
+                            help="torch.compile mode; reduce-overhead adds CUDA graphs (fewer launch gaps); "
+                            "max-autotune also tries Triton kernels for convolutions and matmuls (minutes to compile), "
+                            "with CUDA graphs or without (max-autotune-no-cudagraphs)")
+    compile_step: bool | None = opt(None, "--compile-step", tristate=True,
+                                    help="torch.compile the optimizer step too (gradient clipping, the update, --ema, "
+                                    "--on-nan skip's check), in --compile-mode, with the LR a tensor the schedule "
+                                    "writes: no recompile, no host sync (auto: off)")
     cudnn_benchmark: bool | None = opt(None, "--cudnn-benchmark", tristate=True,
                                        help="let cuDNN autotune convolution algorithms (auto: on for GPU)")
     seed: int | None = opt(None, "--seed", metavar="N",
@@ -279,6 +296,8 @@ def build_config(values: dict[tuple[str, str], Any]) -> Config:
     for (group, name), value in values.items():
         f = next(f for g, f in all_fields() if g == group and f.name == name)
         setattr(getattr(cfg, group), name, _coerce(f, value))
+    if cfg.data.dummy:  # the reference's --dummy is the synthetic loader
+        cfg.data.loader = "synthetic"
     validate(cfg)
     return cfg
 
@@ -316,10 +335,19 @@ def resolve_toggles(run: RunConfig, device_type: str) -> RunConfig:
         return auto if value is None else value
     return dataclasses.replace(run, amp=amp, channels_last=pick(run.channels_last, gpu),
                                compile=pick(run.compile, gpu and not run.evaluate),
+                               compile_step=pick(run.compile_step, False) and not run.evaluate,
                                cudnn_benchmark=pick(run.cudnn_benchmark, gpu))
 
 
+def replace(cfg: Config, **groups: dict[str, Any]) -> Config:
+    """A new Config with some fields of some groups changed (`replace(cfg, run={"seed": 1})`); `cfg` and its
+    groups are left as they are, so a caller (a test, a notebook, the bench) keeps its own object."""
+    return dataclasses.replace(cfg, **{g: dataclasses.replace(getattr(cfg, g), **changes)
+                                       for g, changes in groups.items()})
+
+
 def validate(cfg: Config) -> None:
+    """Raise UserError for a bad combination of options; changes nothing."""
     check_counts(("--batch-size", cfg.data.batch_size, 1), ("--workers", cfg.data.workers, 0),
                  ("--image-size", cfg.data.image_size, 16, " pixels"))
     if cfg.optim.epochs < 1 and not cfg.run.evaluate:
@@ -335,8 +363,6 @@ def validate(cfg: Config) -> None:
     if cfg.run.resume == "auto" and not cfg.run.output_dir:
         raise UserError("--resume auto continues the run in --output-dir, and without it each run gets a new "
                         "folder (runs/<arch>-<timestamp>): pass the same --output-dir DIR on every (re)start")
-    if cfg.data.dummy:
-        cfg.data.loader = "synthetic"
     if cfg.model.pretrained and not cfg.model.weights:
         raise UserError("--pretrained would download weights, and fasttrain downloads nothing: "
                         "pass the weights file with --weights PATH")
@@ -353,6 +379,12 @@ def validate_knobs(cfg: Config) -> None:
                  ("--max-bad-files", d.max_bad_files, 0), ("--checkpoint-interval", cfg.run.checkpoint_interval, 0),
                  ("--start-epoch", o.start_epoch, 0), ("--warmup-epochs", o.warmup_epochs, 0),
                  ("--momentum", o.momentum, 0), ("--wd", o.weight_decay, 0))
+    if cfg.run.loss_scale < 0 or (cfg.run.loss_scale and cfg.run.amp != "fp16"):
+        raise UserError(f"--loss-scale is fp16's static loss scale (e.g. 1024, or 0 = dynamic): it needs --amp fp16 "
+                        f"and a value above 0, got {cfg.run.loss_scale:g} with --amp {cfg.run.amp}")
+    if o.optim_impl != "auto" and o.optimizer not in ("sgd", "adamw"):
+        raise UserError(f"--optim-impl picks torch's SGD or AdamW kernels; --opt {o.optimizer} has its own update "
+                        "(with --compile-step it is compiled): drop --optim-impl")
     if not 0.0 <= o.label_smoothing < 1.0:
         raise UserError(f"--label-smoothing must be in [0, 1) (0.1 is usual), got {o.label_smoothing}")
     check_counts(("--prefetch", d.prefetch, 1), ("--num-classes", d.num_classes, 1),
@@ -361,8 +393,9 @@ def validate_knobs(cfg: Config) -> None:
         raise UserError(f"--randaugment is RandAugment's magnitude, 0 to 30, got {cfg.data.randaugment}")
     if cfg.data.auto_augment and cfg.data.randaugment:
         raise UserError("--auto-augment and --randaugment are two policies for the same step: pick one")
-    if (cfg.data.auto_augment or cfg.data.randaugment) and cfg.data.loader in ("dali", "synthetic"):
-        what = "--dummy's synthetic batches have no images to augment" if cfg.data.loader == "synthetic" else \
+    loader = "synthetic" if cfg.data.dummy else cfg.data.loader
+    if (cfg.data.auto_augment or cfg.data.randaugment) and loader in ("dali", "synthetic"):
+        what = "--dummy's synthetic batches have no images to augment" if loader == "synthetic" else \
             "fasttrain's DALI pipeline has no AutoAugment/RandAugment"
         raise UserError(f"--auto-augment and --randaugment are torchvision's, applied in the torchvision loader; "
                         f"{what}: use --loader torchvision (or leave --loader auto)")

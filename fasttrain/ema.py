@@ -42,6 +42,10 @@ class EMA:
         for mine, theirs in others:
             mine.copy_(theirs)
 
+    def float_tensors(self) -> list[torch.Tensor]:
+        """What update() averages (the rest it copies)."""
+        return [t for t in _tensors(self.module) if t.is_floating_point()]
+
     @torch.no_grad()
     def reset(self, model: torch.nn.Module) -> None:
         """Start the average over from the model's current weights."""

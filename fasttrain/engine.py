@@ -21,8 +21,10 @@ from typing import Callable
 import torch
 
 from . import dist as D
+from .capture import CompiledUpdate, keep_lr_kind
 from .errors import UserError
-from .metrics import DeviceMeter, GpuIdle, Progress
+from .metrics import DeviceMeter, GpuIdle, Progress, batch_stats
+from .scaling import is_dynamic_scaler, same_kind
 
 
 class NonFiniteLoss(RuntimeError):
@@ -35,7 +37,7 @@ class Trainer:
     forward: torch.nn.Module        # what runs: compiled and/or DDP-wrapped `model`
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
+    scaler: torch.amp.GradScaler    # or scaling.StaticScaler (--loss-scale)
     criterion: torch.nn.Module
     amp_dtype: torch.dtype | None
     dist: D.DistInfo
@@ -45,8 +47,10 @@ class Trainer:
     mix: Callable | None = None     # MixUp/CutMix of a batch: (images, labels) -> (images, soft labels)
     skipped_steps: int = 0
     ema: object = None              # ema.EMA of the weights with --ema, updated after every optimizer step
+    update: CompiledUpdate | None = None  # --compile-step: the optimizer step, compiled (capture.py)
     _nonfinite: torch.Tensor | None = field(default=None, repr=False)
-    _window: list = field(default_factory=list, repr=False)  # this window's (loss, logits, labels) so far
+    _skipped: torch.Tensor | None = field(default=None, repr=False)  # --compile-step's skips, not yet counted
+    _window: list = field(default_factory=list, repr=False)  # this window's (loss, meter stats, n) so far
     _schedule_started: bool = field(default=False, repr=False)
 
     def autocast(self):
@@ -65,17 +69,31 @@ class Trainer:
                 logits = self.forward(images)
                 loss = self.criterion(logits, labels)
             self.scaler.scale(loss / self.accum_steps if self.accum_steps > 1 else loss).backward()
-        self._window.append((loss.detach(), logits.detach(), labels))
+        self._window.append((loss.detach(), *batch_stats(loss, logits, labels)))
         if not last:
             return False
         window, self._window = self._window, []
-        if self.on_nan == "skip" and not self.scaler.is_enabled() and not self._grads_finite():
+        if self.update is not None:
+            keep = self._compiled_update()
+        elif self._eager_update():
+            keep = None
+        else:
+            return True  # skipped (--on-nan skip): nor do the skipped step's losses enter the meters
+        for loss, stats, n in window:
+            bad = ~torch.isfinite(loss)
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            meter.add(stats, n, keep)
+        return True
+
+    def _eager_update(self) -> bool:
+        """The optimizer step, op by op; False when --on-nan skip skipped it."""
+        if self.on_nan == "skip" and not is_dynamic_scaler(self.scaler) and not self._grads_finite():
             # The same decision on every rank: DDP has all-reduced the grads, so a NaN anywhere is everywhere.
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             self.scaler.update()
             self._step_schedule()
-            return True  # nor do the skipped step's losses enter the meters
+            return False
         if self.clip_grad:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op without fp16's scaler)
             # No host sync: the clip factor min(1, max_norm / norm) is applied on the device.
@@ -86,11 +104,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)  # after the step: the next window starts from nothing
         if self.ema is not None:
             self.ema.update(self.model)  # on the device, no sync
-        for loss, logits, labels in window:
-            bad = ~torch.isfinite(loss)
-            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
-            meter.update(loss, logits.float(), labels)
         return True
+
+    def _compiled_update(self) -> torch.Tensor | None:
+        """--compile-step: the step as one compiled function (capture.py), skipped on the device where it must
+        be. Returns the --on-nan skip decision (a 0-d bool tensor) for the meters, None without one."""
+        if is_dynamic_scaler(self.scaler):
+            self.scaler.unscale_(self.optimizer)  # GradScaler's own inf check, on the device; update() reads it
+        keep = self.update()
+        self.scaler.update()
+        self._step_schedule()
+        self.update.after_schedule()
+        self.optimizer.zero_grad(set_to_none=True)
+        if keep is None or self.on_nan != "skip" or is_dynamic_scaler(self.scaler):
+            return None  # fp16's GradScaler skips an overflowing step's update only, as op by op
+        skipped = (~keep).to(torch.int64)
+        self._skipped = skipped if self._skipped is None else self._skipped + skipped
+        return keep
 
     def _step_schedule(self) -> None:
         """One LR schedule step per optimizer step, taken or skipped (fp16's scaler skipping an overflowing
@@ -113,8 +143,16 @@ class Trainer:
         no_sync = None if sync else getattr(self.forward, "no_sync", None)
         return contextlib.nullcontext() if no_sync is None else no_sync()
 
+    def count_skipped(self) -> int:
+        """--on-nan skip's skipped steps so far; with --compile-step a host sync (checkpoints, print steps)."""
+        if self._skipped is not None:
+            self.skipped_steps += int(self._skipped.item())
+            self._skipped = None
+        return self.skipped_steps
+
     def state_dict(self) -> dict:
         """The reference's keys (state_dict, optimizer, scheduler) and ours (scaler, skipped_steps, ema)."""
+        self.count_skipped()
         return {"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "skipped_steps": self.skipped_steps, "ema": self.ema.state_dict() if self.ema is not None else None}
@@ -128,10 +166,13 @@ class Trainer:
             raise UserError("the checkpoint was trained with other --no-bn-wd/--opt settings (its optimizer has "
                             "another number of parameter groups): resume with the settings it was trained with")
         if ck.get("optimizer"):
-            how = [{k: g[k] for k in ("foreach", "fused") if k in g} for g in self.optimizer.param_groups]
+            how = [{k: g[k] for k in ("foreach", "fused", "capturable") if k in g}
+                   for g in self.optimizer.param_groups]
+            lrs = [g["lr"] for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(ck["optimizer"])
-            for group, kept in zip(self.optimizer.param_groups, how):
+            for group, kept, lr in zip(self.optimizer.param_groups, how, lrs):
                 group.update(kept)  # this machine's kernel choice, not the one of the run that saved it
+                group["lr"] = keep_lr_kind(lr, group["lr"])  # a tensor LR with --compile-step, else a float
         sched = ck.get("scheduler") or {}
         if "lr_lambdas" in sched:
             self.scheduler.load_state_dict(sched)
@@ -140,7 +181,7 @@ class Trainer:
                 warnings.simplefilter("ignore", UserWarning)
                 self.scheduler.last_epoch = global_step - 1
                 self.scheduler.step()
-        if ck.get("scaler"):
+        if same_kind(self.scaler, ck.get("scaler")):  # a static --loss-scale's state is no GradScaler's
             self.scaler.load_state_dict(ck["scaler"])
         self.skipped_steps = int(ck.get("skipped_steps", 0))  # --on-nan skip: counted over the whole run
         if self.ema is not None:
@@ -150,14 +191,17 @@ class Trainer:
                 self.ema.reset(self.model)
 
     def _grads_finite(self) -> bool:
-        # A host sync per step, paid only with --on-nan skip (fp16's GradScaler skips non-finite steps itself).
+        # A host sync per step, paid only with --on-nan skip (fp16's GradScaler skips non-finite steps itself;
+        # --compile-step decides on the device).
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not grads:
             return True
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def check_finite(self) -> None:
-        """At a sync point: under --on-nan abort, stop every rank together if any saw a non-finite loss."""
+        """At a sync point: under --on-nan abort, stop every rank together if any saw a non-finite loss (under
+        --on-nan skip, count --compile-step's skipped steps)."""
+        self.count_skipped()
         seen = bool(self._nonfinite) if self._nonfinite is not None else False
         self._nonfinite = None
         if self.on_nan == "abort" and D.any_rank(seen, self.dist):
@@ -232,6 +276,8 @@ def reduce_meter(meter: DeviceMeter, dist: D.DistInfo, timed: int = 0) -> dict[s
     """Sum a meter over all ranks (exact: counts and sums, not a mean of means). `timed`: this rank's samples
     run in this process (not restored from a checkpoint), summed as "timed"."""
     extra = torch.tensor([float(meter.n), float(timed)], dtype=torch.float64, device=dist.device)
+    if meter.dropped is not None:  # steps --compile-step skipped (--on-nan skip), all run in this process
+        extra = extra - meter.dropped
     totals = torch.cat([meter.sums, extra])
     D.all_reduce_sum(totals, dist)
     loss_sum, c1, c5, n, timed_all = totals.tolist()

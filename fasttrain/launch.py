@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from . import config as C
 from . import dist as D
 from . import signals
 from .config import Config
@@ -22,35 +23,35 @@ from .engine import NonFiniteLoss
 from .errors import UserError
 
 
-def use_demo_data(cfg: Config) -> None:
-    """No DATA: train on the embedded dataset (written once into the cache folder)."""
+def use_demo_data(cfg: Config) -> Config:
+    """No DATA: `cfg` training on the embedded dataset (written once into the cache folder)."""
     from .data.demo import default_root, write_demo_dataset
     root = default_root()
     if not os.path.isdir(os.path.join(root, "val")):
         print(f"fasttrain: writing the embedded demo dataset to {root} (once)", flush=True)
-    cfg.data.data = write_demo_dataset(root)
+    return C.replace(cfg, data={"data": write_demo_dataset(root)})
 
 
-def prepare_eval(cfg: Config, checkpoint: str) -> None:
-    """`fasttrain eval DATA --checkpoint PATH`: the checkpoint's arch (with --blurpool if it had it) and image
-    size, validation only; the validation size, crop ratio and TTA of its run unless given here."""
+def prepare_eval(cfg: Config, checkpoint: str) -> Config:
+    """`fasttrain eval DATA --checkpoint PATH`: `cfg` with the checkpoint's arch (with --blurpool if it had it)
+    and image size, validation only; the validation size, crop ratio and TTA of its run unless given here."""
     from .checkpoint import load
-    from .config import DataConfig
     ck = load(checkpoint)
     saved = ck.get("config") or {}
     model, data, optim = saved.get("model", {}), saved.get("data", {}), saved.get("optim", {})
-    cfg.model.arch = model.get("arch", ck.get("arch", cfg.model.arch))
-    cfg.model.blurpool = model.get("blurpool", cfg.model.blurpool)  # its layers: the keys do not tell
-    # its optimizer's layout, so the checkpoint's optimizer state loads (an evaluation does not use it)
-    cfg.optim.optimizer = optim.get("optimizer", cfg.optim.optimizer)
-    cfg.optim.no_bn_wd = optim.get("no_bn_wd", cfg.optim.no_bn_wd)
-    cfg.data.image_size = data.get("image_size", cfg.data.image_size)
+    data_changes = {"image_size": data.get("image_size", cfg.data.image_size)}
     for key in ("min_res", "max_res", "val_res", "val_crop_ratio"):  # validated as the run was, unless given
-        if getattr(cfg.data, key) == getattr(DataConfig, key) and key in data:
-            setattr(cfg.data, key, data[key])
-    if cfg.run.val_tta == "none":
-        cfg.run.val_tta = saved.get("run", {}).get("val_tta", "none")
-    cfg.run.resume, cfg.run.evaluate = checkpoint, True  # nothing is written: no output folder
+        if getattr(cfg.data, key) == getattr(C.DataConfig, key) and key in data:
+            data_changes[key] = data[key]
+    val_tta = saved.get("run", {}).get("val_tta", "none") if cfg.run.val_tta == "none" else cfg.run.val_tta
+    return C.replace(
+        cfg, data=data_changes,
+        model={"arch": model.get("arch", ck.get("arch", cfg.model.arch)),
+               "blurpool": model.get("blurpool", cfg.model.blurpool)},  # its layers: the keys do not tell
+        # its optimizer's layout, so the checkpoint's optimizer state loads (an evaluation does not use it)
+        optim={"optimizer": optim.get("optimizer", cfg.optim.optimizer),
+               "no_bn_wd": optim.get("no_bn_wd", cfg.optim.no_bn_wd)},
+        run={"val_tta": val_tta, "resume": checkpoint, "evaluate": True})  # nothing is written: no output folder
 
 
 def preflight(cfg: Config) -> None:
@@ -76,13 +77,14 @@ def _free_port() -> int:
 
 
 def launch(cfg: Config, eval_checkpoint: str | None = None) -> int:
+    """Run `cfg` (left as the caller has it): train, or with `eval_checkpoint` evaluate that checkpoint."""
     if eval_checkpoint:
-        prepare_eval(cfg, eval_checkpoint)
+        cfg = prepare_eval(cfg, eval_checkpoint)
     preflight(cfg)
     if cfg.data.data is None and cfg.data.loader != "synthetic":
         if eval_checkpoint:
             raise UserError("fasttrain eval needs DATA (the folder holding val/)")
-        use_demo_data(cfg)
+        cfg = use_demo_data(cfg)
     if not cfg.dist.multiprocessing_distributed:
         return worker(None, cfg, 1)
     nproc = cfg.dist.nproc_per_node or (torch.cuda.device_count() if cfg.run.device != "cpu" else 0) or 1
@@ -106,8 +108,7 @@ def spawn(cfg: Config, nproc: int, url: str) -> int:
         for p in ctx.processes:
             if p.is_alive():
                 os.kill(p.pid, signum)
-    for sig in signals.STOP_SIGNALS:
-        signal.signal(sig, pass_on)
+    before = {sig: signal.signal(sig, pass_on) for sig in signals.STOP_SIGNALS}
     try:
         while not ctx.join():
             pass
@@ -116,6 +117,9 @@ def spawn(cfg: Config, nproc: int, url: str) -> int:
     except mp.ProcessRaisedException as e:
         print(f"fasttrain: error: a worker failed:\n{e}", file=sys.stderr)
         return 1
+    finally:  # the caller's handlers back (a test, a notebook, the bench: launch may run in-process)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     return 0
 
 
@@ -140,5 +144,4 @@ def worker(local_rank: int | None, cfg: Config, nproc: int, url: str | None = No
         print(f"fasttrain: error: rank {info.rank}: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        signals.uninstall()
         D.teardown(info)

@@ -18,37 +18,63 @@ import torch
 from .monitor import fmt_seconds
 
 
+@torch.no_grad()
+def batch_stats(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(loss x n, top-1 hits, top-5 hits) of a batch as a float64 tensor on the device, and n. The training
+    step takes them right after a batch's backward, so it keeps three numbers per batch, not the logits
+    (which a CUDA-graphed forward may overwrite at its next replay)."""
+    if labels.ndim == 2:
+        labels = labels.argmax(1)
+    n = labels.shape[0]
+    k = min(5, logits.shape[1])
+    top = logits.float().topk(k, dim=1).indices
+    hit = top.eq(labels.view(-1, 1))
+    return torch.stack([loss.detach().double() * n, hit[:, :1].sum().double(), hit.sum().double()]), n
+
+
 class DeviceMeter:
-    """Sums of loss*n, top-1 and top-5 correct, kept on the device; n (known on the host) kept on the host."""
+    """Sums of loss*n, top-1 and top-5 correct, kept on the device; n (known on the host) kept on the host, less
+    `dropped`: the images of steps --compile-step skipped on the device (--on-nan skip), a device count."""
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.n = 0
+        self.dropped: torch.Tensor | None = None
 
     @torch.no_grad()
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """labels: class indices [B], or soft labels [B, C] (MixUp/CutMix), scored against their largest share."""
-        if labels.ndim == 2:
-            labels = labels.argmax(1)
-        n = labels.shape[0]
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top.eq(labels.view(-1, 1))
-        self.sums += torch.stack([loss.detach().double() * n, hit[:, :1].sum().double(), hit.sum().double()])
+        self.add(*batch_stats(loss, logits, labels))
+
+    @torch.no_grad()
+    def add(self, stats: torch.Tensor, n: int, keep: torch.Tensor | None = None) -> None:
+        """A batch's batch_stats. keep: a 0-d bool tensor, False for a step skipped on the device (its loss may
+        be NaN: left out)."""
+        if keep is None:
+            self.sums += stats
+        else:
+            self.sums += torch.where(keep, stats, torch.zeros_like(stats))
+            dropped = (~keep).double() * n
+            self.dropped = dropped if self.dropped is None else self.dropped + dropped
         self.n += n
+
+    def count(self) -> int:
+        """Images counted (a host sync when some step may have been skipped on the device)."""
+        return self.n - (int(self.dropped.item()) if self.dropped is not None else 0)
 
     def state_dict(self) -> dict:
         """A host sync (only at checkpoints): what a run resumed mid-epoch needs so its epoch metrics cover the
         whole epoch, not only the steps after the resume."""
-        return {"sums": self.sums.tolist(), "n": self.n}
+        return {"sums": self.sums.tolist(), "n": self.count()}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.sums.device)
         self.n = int(state["n"])
+        self.dropped = None
 
     def read(self) -> dict[str, float]:
         """A host sync. Returns loss, top1, top5 (percent) and samples."""
-        (loss_sum, c1, c5), n = self.sums.tolist(), self.n
+        (loss_sum, c1, c5), n = self.sums.tolist(), self.count()
         n_ = max(n, 1.0)
         return {"loss": loss_sum / n_, "top1": 100.0 * c1 / n_, "top5": 100.0 * c5 / n_, "samples": int(n)}
 

@@ -82,6 +82,8 @@ def describe(cfg: Config, dist, loaders, threads: str, config_path: str | None) 
     global_batch = loaders.batch * world * o.grad_accum_steps
     if o.lr_schedule == "step":
         sched = "step schedule (0.1x every 30 epochs)"
+    elif o.lr_schedule == "triangular":
+        sched = f"triangular schedule (peak at epoch {o.lr_peak_epoch:g})"
     else:
         sched = f"{o.lr_schedule} schedule"
     warm = f", warm-up {o.warmup_epochs:g} epoch{'s' if o.warmup_epochs != 1 else ''}" if o.warmup_epochs else ""
@@ -108,11 +110,14 @@ def describe(cfg: Config, dist, loaders, threads: str, config_path: str | None) 
         f"{crops}",
         f"  batch    {global_batch} global = {loaders.batch} per process x {procs}{accum}; {loaders.steps} "
         f"steps an epoch",
-        f"  optim    {o.optimizer} lr {o.lr:g}{momentum} wd {o.weight_decay:g}, {sched}{warm}"
+        f"  optim    {o.optimizer}{f' ({o.optim_impl})' if o.optim_impl != 'auto' else ''} lr {o.lr:g}"
+        f"{momentum} wd {o.weight_decay:g}, {sched}{warm}"
         + "".join(f", {e}" for e in extras if e),
         f"  epochs   {o.epochs}" + (f" (from {o.start_epoch})" if o.start_epoch else ""),
-        f"  device   {dist.device}: amp {r.amp}, channels_last {_on(r.channels_last)}, compile "
-        f"{r.compile_mode if r.compile else 'off'}, cudnn.benchmark {_on(r.cudnn_benchmark)}; {threads}",
+        f"  device   {dist.device}: amp {r.amp}{f' (static loss scale {r.loss_scale:g})' if r.loss_scale else ''}, "
+        f"channels_last {_on(r.channels_last)}, compile {r.compile_mode if r.compile else 'off'}"
+        f"{f', compiled optimizer step ({r.compile_mode})' if r.compile_step else ''}, cudnn.benchmark "
+        f"{_on(r.cudnn_benchmark)}; {threads}",
         f"  seed     {r.seed}",
         f"  output   {r.output_dir}" + (f", resume {r.resume}" if r.resume else ""),
     ]

@@ -11,10 +11,10 @@ got on again, so each rank sees the same keypress two or three times within mill
 SIGTERM to every process of a step, torchrun included, which forwards it once more. Those repeats are the
 first request, not an impatient second one.
 
-The handler is installed only around the training loop (train.run). Python runs signal handlers between
-bytecodes, so a process blocked in C (joining a process group whose peer died, say) would never act on the
-flag: outside the loop the signals keep their default actions, as a launcher expects (cli.main turns a
-KeyboardInterrupt there into one line and exit 130).
+The handler is installed only around the training loop (train.run, which puts back whatever was there
+before when it returns). Python runs signal handlers between bytecodes, so a process blocked in C (joining
+a process group whose peer died, say) would never act on the flag: outside the loop the signals keep their
+default actions, as a launcher expects (cli.main turns a KeyboardInterrupt there into one line and exit 130).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ REPEAT_GAP_S = 1.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _first: tuple[int, float] | None = None  # (signal, when) of the stop request
+_before: dict = {}  # the handlers install() replaced, which uninstall() puts back
 
 
 def _now() -> float:
@@ -46,12 +47,16 @@ def install() -> None:
     global _first
     _first = None
     for sig in STOP_SIGNALS:
-        signal.signal(sig, _handler)
+        previous = signal.signal(sig, _handler)
+        _before.setdefault(sig, previous)
 
 
 def uninstall() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    """The handlers from before install() back (the process's defaults, or a caller's own: train.run may
+    run inside a test, a notebook or the bench). Once installed, always uninstalled: train.run's finally."""
+    while _before:
+        sig, handler = _before.popitem()
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def stop_requested() -> int:

@@ -1,11 +1,12 @@
 """The main job, as one straight line: resume file -> seed -> data -> threads -> settings -> model ->
-restore -> compile/DDP -> loop.
+restore -> compile/DDP (and the optimizer step with --compile-step) -> loop.
 
     run(cfg, dist)   # dist from dist.setup(); launch.py does that (and spawning, signals, exit codes)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -21,6 +22,7 @@ from . import cpu_share
 from . import dist as D
 from . import settings
 from . import signals
+from .capture import CompiledUpdate, tensor_lr
 from .checkpointer import Checkpointer, Start, log0, output_dir, read_resume, warn0
 from .config import Config, RunConfig, resolve_lr, resolve_toggles
 from .data import build_loaders
@@ -32,6 +34,7 @@ from .metrics import Progress
 from .mix import build_mix
 from .model import FlipTTA, build_model
 from .optim import build_optimizer
+from .scaling import build_scaler
 from .schedules import Resolution, build_scheduler
 from .watch import Watch
 
@@ -95,6 +98,12 @@ def wrap_model(model: torch.nn.Module, run: RunConfig, dist: D.DistInfo, train_s
     return train_fwd, eval_forward(model, run)
 
 
+def compile_update(tr: Trainer, run: RunConfig) -> None:
+    """--compile-step: the trainer's optimizer step as one compiled function (capture.py), built after the
+    checkpoint is restored, in --compile-mode."""
+    tr.update = CompiledUpdate(tr, run.compile_mode) if run.compile_step else None
+
+
 def eval_forward(model: torch.nn.Module, run: RunConfig):
     """A raw model (or the EMA's) for validation: with --val-tta flip inside FlipTTA, compiled if --compile."""
     fwd = FlipTTA(model) if run.val_tta == "flip" else model
@@ -106,9 +115,11 @@ def build_trainer(cfg: Config, dist: D.DistInfo, num_classes: int, steps_per_epo
     model = build_model(cfg.model, num_classes).to(dist.device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model.parameters(), cfg.optim, dist.device)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, dist.device, compiled_step=cfg.run.compile_step)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.run.amp == "fp16")
+    if cfg.run.compile_step:
+        tensor_lr(optimizer, dist.device)  # after the schedule has taken the float LRs as its base
+    scaler = build_scaler(cfg.run.amp, cfg.run.loss_scale, dist.device)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)  # also takes soft labels
     ema = EMA(model, cfg.optim.ema) if cfg.optim.ema and not cfg.run.evaluate else None
     return Trainer(model, model, optimizer, scheduler, scaler, criterion, AMP_DTYPES[cfg.run.amp], dist,
@@ -117,30 +128,43 @@ def build_trainer(cfg: Config, dist: D.DistInfo, num_classes: int, steps_per_epo
 
 
 def run(cfg: Config, dist: D.DistInfo) -> int:
-    """Train (or with -e, only evaluate). Returns the exit status: 0, or 128 + the signal after a stop."""
-    cfg.run = resolve_toggles(cfg.run, dist.device.type)
+    """Train (or with -e, only evaluate). Returns the exit status: 0, or 128 + the signal after a stop.
+    `cfg` stays as the caller has it, and so does the process (cuDNN's autotuner flag, torch's threads, the
+    signal handlers) when this returns: a test, a notebook or the bench may call it in-process."""
     global_batch = dist.per_rank_batch(cfg.data.batch_size) * dist.world_size
-    cfg.optim = resolve_lr(cfg.optim, global_batch)
+    cfg = dataclasses.replace(cfg, run=resolve_toggles(cfg.run, dist.device.type),
+                              optim=resolve_lr(cfg.optim, global_batch))
     if cfg.optim.lr_per_256 and not cfg.run.evaluate:
         log0(dist, f"lr {cfg.optim.lr:g} = --lr-per-256 {cfg.optim.lr_per_256:g} x global batch {global_batch} / 256")
     out = cfg.run.output_dir if cfg.run.evaluate else output_dir(cfg, dist)  # an evaluation writes nothing
     ck = read_resume(cfg.run.resume, out, dist)  # read once, on rank 0; every rank gets it
     seed = run_seed(cfg.run.seed, ck, dist)
     seed_everything(seed)
-    torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
-    layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
-    loaders = build_loaders(cfg.data, dist, layout, seed, cfg.optim.grad_accum_steps)
-    threads_before = torch.get_num_threads()
-    threads = cpu_share.describe(*cpu_share.apply(dist.local_world_size))
+    with process_state():
+        torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+        layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
+        loaders = build_loaders(cfg.data, dist, layout, seed, cfg.optim.grad_accum_steps)
+        threads = cpu_share.describe(*cpu_share.apply(dist.local_world_size))
+        try:
+            if cfg.run.evaluate:
+                return _evaluate(cfg, dist, loaders, ck, threads)
+            return _run(cfg, dist, seed, out, loaders, ck, threads)
+        finally:
+            # DALI pipelines live for the run: free them (threads, GPU buffers) before the process ends
+            loaders.train.close()
+            loaders.val.close()
+
+
+@contextlib.contextmanager
+def process_state():
+    """What a run sets for the whole process, put back as it was when the run ends however it ends."""
+    cudnn, threads = torch.backends.cudnn.benchmark, torch.get_num_threads()
     try:
-        if cfg.run.evaluate:
-            return _evaluate(cfg, dist, loaders, ck, threads)
-        return _run(cfg, dist, seed, out, loaders, ck, threads)
+        yield
     finally:
-        torch.set_num_threads(threads_before)  # a caller in this process (a test, a notebook) keeps its own
-        # DALI pipelines live for the run: free them (threads, GPU buffers) before the process ends
-        loaders.train.close()
-        loaders.val.close()
+        signals.uninstall()  # the handlers _run installs around the loop, if it got that far
+        torch.backends.cudnn.benchmark = cudnn
+        torch.set_num_threads(threads)
 
 
 def resolved(cfg: Config, seed: int, out: str, loaders, dist: D.DistInfo) -> Config:
@@ -193,9 +217,18 @@ def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str, loaders, ck: dict |
                    "already done (raise --epochs to train on)" if ck else
                    f"nothing to train: --start-epoch {start.epoch} is not below --epochs {cfg.optim.epochs}")
         return 0
+    try:
+        return _train(cfg, dist, out, tr, loaders, saver, start)
+    finally:
+        saver.close()  # the last checkpoint's write finishes, whatever ended the run
+
+
+def _train(cfg: Config, dist: D.DistInfo, out: str, tr: Trainer, loaders, saver: Checkpointer, start: Start) -> int:
+    """The epochs from `start` on: compile/DDP, then train, validate and checkpoint each epoch."""
     t_compile = time.perf_counter()
     sizes = Resolution.from_config(cfg.data)
     tr.forward, eval_fwd = wrap_model(tr.model, cfg.run, dist, len(sizes.sizes(start.epoch, cfg.optim.epochs)))
+    compile_update(tr, cfg.run)
     ema_fwd = eval_forward(tr.ema.module, cfg.run) if tr.ema is not None else None
     watch = Watch(cfg, dist, out, tr, loaders, start)
     saver.wall_seconds = watch.clock.wall_seconds  # kept in every checkpoint: the run's time across resumes
@@ -213,6 +246,7 @@ def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str, loaders, ck: dict |
         if resumed and cfg.run.compile:
             log0(dist, f"first epoch incl. torch.compile took {time.perf_counter() - t_compile:.1f}s")
         if stats.stopped:
+            saver.close()  # written, before the line that says so
             watch.tb.close()
             log0(dist, f"stopped by {signal.Signals(saver.stopped_by).name} at epoch {epoch} step "
                        f"{stats.steps_done}; checkpoint saved in {out}; continue with --resume auto --output-dir {out}")
@@ -227,5 +261,6 @@ def _run(cfg: Config, dist: D.DistInfo, seed: int, out: str, loaders, ck: dict |
             val.update({f"{k}_ema": v for k, v in ema.items() if k != "val_samples"})
         watch.end_epoch(epoch, stats, val, time.perf_counter() - t_val, max(saver.best_acc1, val["val_top1"]))
         saver.end_epoch(epoch, val["val_top1"])  # after the metrics row (see Watch.end_epoch)
+    saver.close()  # the last checkpoint whole on disk before the summary names it
     watch.finish()
     return 0

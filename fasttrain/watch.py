@@ -41,10 +41,13 @@ class Watch:
         """A train epoch's progress: shows the run's ETA and feeds TensorBoard at print steps."""
         self.clock.start_epoch(epoch, initial)
         monitor.reset_gpu_peak(self.dist.device)
-        group = self.tr.optimizer.param_groups[0]  # its lr is a Python float: reading it is no device sync
+        group = self.tr.optimizer.param_groups[0]
+        # Read at print steps only: a Python float, or with --compile-step a 0-d tensor (a sync where the meters'
+        # read has just synced anyway).
         return Progress(self.steps, f"Epoch: [{epoch}]", self.dist.is_main, initial, eta=self.clock.eta,
-                        on_update=lambda step, v: self.tb.step(epoch * self.steps + step, {**v, "lr": group["lr"]}),
-                        lr=lambda: group["lr"])
+                        on_update=lambda step, v: self.tb.step(epoch * self.steps + step,
+                                                               {**v, "lr": float(group["lr"])}),
+                        lr=lambda: float(group["lr"]))
 
     def val_progress(self, batches: int) -> Progress:
         """Validation's progress: a bar that goes away when done, or plain lines every -p batches. Under DDP
@@ -70,7 +73,7 @@ class Watch:
                   "lr_last": lr_at(self.tr.scheduler, first + self.steps - 1), "train_loss": stats.loss,
                   "train_top1": stats.top1, "train_top5": stats.top5, **val, "train_samples": stats.samples,
                   "train_images_per_sec": stats.images_per_sec, "data_time_fraction": stats.data_time_fraction,
-                  "skipped_steps": self.tr.skipped_steps, "best_acc1": best_acc1, "time": time.time(),
+                  "skipped_steps": self.tr.count_skipped(), "best_acc1": best_acc1, "time": time.time(),
                   "image_size": self.sizes(epoch), "val_image_size": self.sizes.val_size,
                   **self.time_and_memory(val_seconds)}
         if stats.gpu_idle_fraction is not None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fasttrain.capture import compile_fn as _real_compile_fn
 from fasttrain.data.demo import CLASSES, draw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,3 +76,10 @@ def run_group(cmd, timeout=300, env=None) -> subprocess.CompletedProcess:
 def run_cli(*args, timeout=300, env=None):
     """Run `python -m fasttrain ARGS` in a subprocess; returns CompletedProcess (text)."""
     return run_group([sys.executable, "-m", "fasttrain", *args], timeout=timeout, env=env)
+
+
+def eager_backend(fn, mode):
+    """--compile-step's compile_fn with dynamo's eager backend: the graphs traced as a run traces them, run
+    without inductor's code generation (minutes on 2 cores). Bound to the real compile_fn at import, so a test
+    can monkeypatch capture.compile_fn with it."""
+    return _real_compile_fn(fn, mode, backend="eager")

@@ -21,6 +21,10 @@ injected through environment variables, so fault tests are exact and determinist
     FT_TEST_LEAK_MB=N            every validation keeps N MiB more (resident): a leak the memory test must see
     FT_TEST_MALLOC_TRIM=1        before each host memory reading, glibc's malloc_trim(0) hands freed heap memory
                                  back to the OS: the reading is then memory in use, not memory glibc keeps
+    FT_TEST_EAGER_COMPILE=1      --compile-step's function traced by dynamo but run by its eager backend
+                                 (inductor's code generation takes minutes on 2 cores)
+    FT_TEST_NO_SHARED_DISK=RANK  that rank cannot see the run's files (a node without the shared file system):
+                                 its stat of a checkpoint finds nothing, and reading one fails the test
     FT_TEST_THREAD_LOG=PATH      each process appends "RANK THREADS" when training starts (torch's intra-op
                                  threads); also in processes --multiprocessing-distributed spawns, which run
                                  this file as __mp_main__ (so the patch is made at import, not under __main__)
@@ -153,6 +157,17 @@ def _patch_trim():
     M.host_memory_mb = host_memory_mb
 
 
+def _patch_no_shared_disk():
+    if int(os.environ.get("RANK", "0")) != int(os.environ["FT_TEST_NO_SHARED_DISK"]):
+        return
+    import fasttrain.checkpointer as K
+    K.file_stamp = lambda path: None
+
+    def load(path, *a, **kw):
+        raise AssertionError(f"rank {os.environ['RANK']} read {path}, which it cannot see")
+    C.load = load
+
+
 def _patch_thread_log():
     path, original = os.environ["FT_TEST_THREAD_LOG"], Trainer.train_step
     logged = []
@@ -180,4 +195,10 @@ if __name__ == "__main__":
         _patch_leak()
     if os.environ.get("FT_TEST_MALLOC_TRIM"):
         _patch_trim()
+    if os.environ.get("FT_TEST_EAGER_COMPILE"):
+        import fasttrain.capture as K
+        real = K.compile_fn
+        K.compile_fn = lambda fn, mode: real(fn, mode, backend="eager")
+    if "FT_TEST_NO_SHARED_DISK" in os.environ:
+        _patch_no_shared_disk()
     sys.exit(main(sys.argv[1:]))

@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from fasttrain.bench.peers import peer_status
 from fasttrain.bench.report import add_ratios, table
 from fasttrain.data import dali_backend
 
-from .conftest import REPO, run_group
+from .conftest import REPO, eager_backend, run_group
 
 MODEL_COMBOS = {"fp32", "fp32+channels_last", "bf16", "bf16+channels_last"}
 HAS_TIMM = peer_status(torch.device("cpu"))["timm"] is None
@@ -45,6 +44,7 @@ def finite_positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_quick_bench_has_every_section_with_sane_numbers(quick):
     out, doc = quick
     entries = doc["entries"]
@@ -133,18 +133,21 @@ def test_check_goals_reads_the_json(quick):
     assert res.returncode == (1 if "SHORT" in res.stdout else 0), res.stdout + res.stderr
 
 
-def test_time_loop_excludes_warmup_and_counts_images():
+def test_time_loop_excludes_warmup_and_counts_images(monkeypatch):
+    """A fake clock: the first step (a compile) takes 50 units, every other step 1: the timed window holds
+    the last 4 steps exactly, the warm-up the first 2."""
+    now = [0.0]
+    monkeypatch.setattr(measure, "_clock", lambda: now[0])
     batches = [(torch.zeros(3, 1), torch.zeros(3)) for _ in range(6)]
     calls = []
 
     def step(x, y):
         calls.append(len(calls))
-        if len(calls) == 1:
-            time.sleep(0.5)  # a first step that compiles: must not be in the timed window
+        now[0] += 50.0 if len(calls) == 1 else 1.0
 
     t = time_loop(batches, step, torch.device("cpu"), warmup=2, steps=4)
-    assert len(calls) == 6 and t.images == 12 and len(t.step_ms) == 4
-    assert t.warmup_s >= 0.5 > t.seconds
+    assert len(calls) == 6 and t.images == 12 and t.step_ms == [1000.0] * 4
+    assert (t.warmup_s, t.seconds, t.images_per_sec) == (51.0, 4.0, 3.0)
     with pytest.raises(RuntimeError, match="loader ended after 6 of 8"):
         time_loop(batches, None, torch.device("cpu"), warmup=2, steps=6)
 
@@ -171,29 +174,41 @@ def test_reference_loop_entry_point_runs(tiny_data, capsys):
 
 
 def test_gpu_run_dry_run_parses_its_command(tmp_path):
+    """Issue 22's order for a short window: the ResNet-50 ceiling variants first, then end to end with the peers
+    and the DALI sweep (both with the fastest ceiling variant), the resume check, the goals over all three."""
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "ARCHS": "resnet50",
-           "SCRATCH": str(tmp_path / "scratch")}
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "SCRATCH": str(tmp_path / "scratch")}
     res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    bench, goals, loader, resume = (line.rstrip() for line in (out / "gpu_run_plan.txt").read_text().splitlines())
-    assert "-m fasttrain bench --out" in bench and "-a resnet50" in bench and "-j 16 -b 256" in bench
-    assert goals.endswith(f"check_goals.py {out}/bench/bench.json")
-    assert "profile_loader.py DATA -j 16 -b 256" in loader
+    ceiling, e2e, dali, resume, goals = (line.rstrip() for line in (out / "gpu_run_plan.txt").read_text().splitlines())
+    bench = "-m fasttrain bench -j 16 -b 256 --images 4096 -a resnet50 --sections"
+    assert ceiling.startswith("timeout 200 ") and f"{bench} ceiling --out {out}/ceiling" in ceiling
+    best = f"--best-of {out}/ceiling/bench.json"
+    assert e2e.startswith("timeout 150 ") and f"{bench} e2e --out {out}/e2e {best}" in e2e
+    assert dali.startswith("timeout 100 ") and f"{bench} dali --out {out}/dali {best}" in dali
     # checkpoints go to SCRATCH: only the few result files come back from the GPU machine
     assert "resume_check.py" in resume and f"--out {tmp_path}/scratch/resume" in resume and "--loader dali" in resume
-    assert (out / "bench").is_dir() and sorted(os.listdir(out)) == ["bench", "gpu_run_plan.txt"]
+    assert goals.endswith(f"check_goals.py {out}/ceiling/bench.json {out}/e2e/bench.json {out}/dali/bench.json")
+    assert sorted(os.listdir(out)) == ["gpu_run_plan.txt"]
+    res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO,
+                         env={**env, "CEILING_S": "0", "RESUME_CHECK": "0"}, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "--sections ceiling" not in res.stdout and "resume_check" not in res.stdout
 
 
 def test_gpu_run_passes_like_and_max_side_to_the_bench(tmp_path):
-    """LIKE=imagenet MAX_SIDE=N: the bench draws ImageNet-sized JPEGs and adds pre-resized shards twins."""
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "LIKE": "imagenet", "MAX_SIDE": "256"}
+    """LIKE=imagenet: every stage draws ImageNet-sized JPEGs; LOADER_S=N MAX_SIDE=M: a loader-only stage
+    first, with the pre-resized shards twins (issue 23's decode rate, full-size against pre-resized)."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "LIKE": "imagenet", "LOADER_S": "240",
+           "MAX_SIDE": "256", "DALI_S": "0", "RESUME_CHECK": "0"}
     res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    bench = (tmp_path / "gpu_run_plan.txt").read_text().splitlines()[0]
-    assert "--like imagenet --shards --max-side 256" in bench
+    loader, ceiling, e2e, goals = (line.rstrip() for line in (tmp_path / "gpu_run_plan.txt").read_text().splitlines())
+    assert loader.startswith("timeout 240 ") and "--like imagenet --sections loader" in loader
+    assert loader.endswith("--shards --max-side 256")
+    assert "--like imagenet --sections ceiling" in ceiling and "--like imagenet --sections e2e" in e2e
 
 
 def test_gpu_run_takes_dali_and_pythonpath_as_it_finds_them():
@@ -221,6 +236,7 @@ def test_docs_and_code_cite_nothing_outside_the_repository():
     assert os.path.exists(os.path.join(REPO, "benchmarks", "ANCHORS.md"))
 
 
+@pytest.mark.slow
 def test_resume_check_compares_with_an_uninterrupted_run(tiny_data, tmp_path):
     """benchmarks/resume_check.py as gpu_run.sh runs it (there: DALI "mixed"), with DALI's CPU mode where it
     imports, else the torchvision loader: stopped + resumed gives the uninterrupted run's batches."""
@@ -267,7 +283,8 @@ def test_compiled_toggles_keep_each_field_in_its_place(mode):
     compiled = [tg for tg in combos if tg.compile]
     assert len(compiled) == 1 and compiled[0].compile_mode == mode
     assert all(tg.cudnn_benchmark is True for tg in combos)
-    assert all(tg.compile_mode in ("default", "reduce-overhead", "max-autotune") for tg in combos)
+    assert all(tg.compile_mode in ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+               for tg in combos)
 
 
 def _check_goals():
@@ -320,6 +337,32 @@ def test_check_goals_uses_issue_12s_table_and_exits_1_when_short(tmp_path):
     path.write_text(json.dumps(gpu_doc()))
     assert cg.main([str(path)]) == 0
     assert cg.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_check_goals_reads_gpu_runs_stages_as_one_run_with_h200_goals(tmp_path):
+    """gpu_run.sh's ceiling, e2e and dali bench.json pooled; on an H200 (issue 22) ResNet-50's best compiled
+    model-only rate against 7,500 img/s and its best end-to-end rate against 7,200."""
+    cg = _check_goals()
+    env = {"gpu": "NVIDIA H200"}
+    ceiling = [_e("ceiling", "synthetic", 2_200.0, "resnet50", reference=True, ratio=1.0),
+               _e("ceiling", "synthetic", 7_600.0, "resnet50", ratio=3.4)]
+    ceiling[1]["toggles"] = {"compile": True}
+    e2e = [_e("e2e", "reference", 2_000.0, "resnet50", reference=True, ratio=1.0),
+           _e("e2e", "torchvision", 7_100.0, "resnet50", ratio=3.55, of_ceiling=0.96)]
+    dali = [_e("dali", "dali-gpu", 7_250.0, "resnet50", of_ceiling=0.97)]
+    paths = []
+    for name, rows in (("ceiling", ceiling), ("e2e", e2e), ("dali", dali)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"environment": env, "entries": rows}))
+    lines = [line for _, line in cg.goals(cg.read([str(p) for p in paths]))]
+    assert "MET   resnet50 compiled model only: ceiling/resnet50/synthetic 7,600 img/s (goal 7,500 on one H200)" \
+        in lines
+    assert "MET   resnet50 end to end: dali/resnet50/dali-gpu 7,250 img/s (goal 7,200 on one H200)" in lines
+    ceiling[1]["images_per_sec"] = 7_400.0
+    paths[0].write_text(json.dumps({"environment": env, "entries": ceiling}))
+    assert cg.main([str(p) for p in paths]) == 1
+    assert not any("H200" in line for _, line in cg.goals({"environment": {"gpu": "NVIDIA H100"},
+                                                             "entries": ceiling + e2e}))
 
 
 def test_check_goals_on_a_cpu_run_has_no_gpu_goals():
@@ -459,27 +502,67 @@ def test_a_failing_peer_is_left_out_and_a_failing_fasttrain_loader_is_not():
         timed(plan, "torchvision", broken)
 
 
-def test_ceiling_section_runs_each_variant_with_its_own_batch_and_sgd(tmp_path, monkeypatch):
-    """`--sections ceiling`: one entry per variant (amp, SGD implementation, batch), each a trainer of its
-    own, and the plan a GPU gets lists issue 12's variants (compile modes, fp16, batches 384/512, foreach)."""
+def eager_compiled_step(monkeypatch):
+    """--compile-step traced by dynamo but run without inductor's code generation (minutes on 2 cores)."""
+    from fasttrain import capture
+    monkeypatch.setattr(capture, "compile_fn", eager_backend)
+
+
+@pytest.mark.slow
+def test_ceiling_section_runs_each_variant_with_its_own_settings(tmp_path, monkeypatch):
+    """`--sections ceiling`: one entry per variant, each a trainer of its own built from its flags (the
+    compiled optimizer step, a static fp16 loss scale, the SGD kernel, LARS at twice the batch with the LR
+    per 256 images); a variant that fails is left out with its reason and the others still run; the plan a GPU
+    gets lists issue 22's variants in the order a short window should measure them."""
     from fasttrain.bench import ceiling_variants
     from fasttrain.bench import suite
-    built = []
-    real = suite.build_optimizer
-    monkeypatch.setattr(suite, "build_optimizer", lambda *a, **k: built.append(k.get("fused")) or real(*a, **k))
+    from fasttrain.optim import LARS
+    from fasttrain.scaling import StaticScaler
+    eager_compiled_step(monkeypatch)
+    built, real = [], suite.compile_update
+
+    def spy(tr, run):
+        real(tr, run)
+        built.append((type(tr.optimizer).__name__, tr.optimizer.defaults.get("fused"), tr.update is not None,
+                      type(tr.scaler).__name__, float(tr.optimizer.param_groups[0]["lr"])))
+    monkeypatch.setattr(suite, "compile_update", spy)
+    real_step = suite.fasttrain_step
+
+    def step(plan, arch, tg, *a, **k):
+        if tg.opt == "lars":
+            raise RuntimeError("inductor says no\nthe line that says why")
+        return real_step(plan, arch, tg, *a, **k)
     assert cli.main(["bench", "--quick", "--sections", "ceiling", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "bench.json").read_text())
     rows = [e for e in doc["entries"] if e["section"] == "ceiling"]
-    assert [e["reference"] for e in rows] == [True, False, False, False]
-    assert [(e["toggles"]["amp"], e["toggles"]["sgd"]) for e in rows[1:]] == \
-        [("bf16", "auto"), ("fp16", "auto"), ("bf16", "fused")]
-    assert built == [True]  # only the sgd-fused variant replaced the default optimizer (foreach on CPU)
-    assert all(finite_positive(e["images_per_sec"]) and e["batch_size"] == 4 for e in rows)
+    assert [e["name"].split("/")[-1] for e in rows] == [
+        "reference", "bf16+channels_last@4", "bf16+channels_last+step@4", "fp16(scale1024)+channels_last+step@4",
+        "bf16+channels_last+step+sgd-fused@4", "bf16+channels_last+step+lars@8"]
+    assert [b[:4] for b in built] == [("SGD", None, False, "GradScaler"), ("SGD", None, True, "GradScaler"),
+                                      ("SGD", None, True, "StaticScaler"), ("SGD", True, True, "GradScaler"),
+                                      ("LARS", None, True, "GradScaler")]
+    assert [b[4] for b in built] == pytest.approx([0.1 * 4 / 256] * 4 + [0.1 * 8 / 256])  # --lr-per-256 0.1
+    assert all(finite_positive(e["images_per_sec"]) for e in rows) and rows[-1]["batch_size"] == 8
+    assert all(0.5 < e["train_loss"] < 5 for e in rows[1:])  # 8 random classes: about ln 8 = 2.1, and finite
+    assert isinstance(StaticScaler(2.0), StaticScaler) and LARS  # the classes named above
+
+    monkeypatch.setattr(suite, "fasttrain_step", step)
+    assert cli.main(["bench", "--quick", "--sections", "ceiling", "--out", str(tmp_path / "f")]) == 0
+    doc = json.loads((tmp_path / "f" / "bench.json").read_text())
+    assert len(doc["entries"]) == 5 and "lars" not in doc["entries"][-1]["name"]
+    assert doc["plan"]["skipped"]["ceiling/resnet18/bf16+channels_last+step+lars@8"] == \
+        "failed: RuntimeError: the line that says why"
+
     gpu = ceiling_variants(torch.device("cuda"), 256)
-    assert {(tg.amp, tg.compile_mode, tg.sgd, b) for tg, b in gpu} >= {
-        ("bf16", "default", "auto", 256), ("fp16", "default", "auto", 256), ("bf16", "default", "foreach", 256),
-        ("bf16", "default", "auto", 384), ("bf16", "default", "auto", 512), ("bf16", "reduce-overhead", "auto", 256),
-        ("bf16", "max-autotune", "auto", 256)}
+    ro = "reduce-overhead"
+    assert [(tg.amp, tg.loss_scale, tg.compile_mode, tg.compile_step, tg.sgd, tg.opt, b) for tg, b in gpu] == [
+        ("bf16", 0, "default", False, "auto", "sgd", 256), ("bf16", 0, "default", True, "auto", "sgd", 256),
+        ("bf16", 0, ro, True, "auto", "sgd", 256), ("bf16", 0, ro, False, "auto", "sgd", 256),
+        ("fp16", 1024, ro, True, "auto", "sgd", 256), ("bf16", 0, ro, True, "auto", "sgd", 384),
+        ("bf16", 0, ro, True, "auto", "lars", 512), ("fp16", 0, ro, True, "auto", "sgd", 256),
+        ("bf16", 0, ro, True, "foreach", "sgd", 256),
+        ("bf16", 0, "max-autotune-no-cudagraphs", True, "auto", "sgd", 256),
+        ("bf16", 0, "max-autotune", True, "auto", "sgd", 256)]
     assert all(tg.compile and tg.channels_last and tg.cudnn_benchmark for tg, _ in gpu)
 
 
@@ -531,10 +614,11 @@ def test_a_bench_stopped_midway_keeps_every_entry_it_measured(tmp_path, monkeypa
             raise KeyboardInterrupt  # what the time limit's SIGTERM/SIGINT looks like to Python
         return real(*a, **k)
     monkeypatch.setattr(suite, "fasttrain_step", step)
+    eager_compiled_step(monkeypatch)
     assert cli.main(["bench", "--quick", "--sections", "ceiling", "--out", str(tmp_path)]) == 130
     rows = json.loads((tmp_path / "bench.json").read_text())["entries"]
     assert [e["name"] for e in rows] == ["ceiling/resnet18/reference", "ceiling/resnet18/bf16+channels_last@4",
-                                         "ceiling/resnet18/fp16+channels_last@4"]
+                                         "ceiling/resnet18/bf16+channels_last+step@4"]
     assert all(finite_positive(e["ratio_to_reference"]) for e in rows)
 
 
@@ -623,9 +707,10 @@ def test_gpu_memory_of_an_entry(monkeypatch):
     outside torch); faked here, there is no GPU. A CPU entry has none of these keys."""
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * 2**20, 100 * 2**20))
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 12 * 2**20)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 20 * 2**20)
-    assert measure.gpu_memory(cuda) == {"gpu_peak_mb": 12.0, "gpu_reserved_mb": 20.0, "gpu_used_mb": 30.0}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 12 * 2**20 + 2**18)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 20 * 2**20 + 2**19)
+    # torch's byte counters (faked) in MiB, and the driver's in use = total - free, which no counter gives
+    assert measure.gpu_memory(cuda) == {"gpu_peak_mb": 12.25, "gpu_reserved_mb": 20.5, "gpu_used_mb": 30.0}
     assert measure.gpu_memory(torch.device("cpu")) is None
     t = time_loop(iter([(torch.zeros(2, 1), torch.zeros(2))] * 4), None, torch.device("cpu"), 1, 3)
     assert not any(k.startswith("gpu_") for k in t.summary())
@@ -694,3 +779,46 @@ def test_decode_cost_reads_folders_and_shards(tiny_data, tmp_path):
     sets = json.load(open(tmp_path / "d.json"))["sets"]
     assert [(s["images"], s["mean_width"]) for s in sets.values()] == [(96, 48), (96, 32)]
     assert all(s["full_ms"][0] > 0 for s in sets.values())
+
+
+def test_best_of_takes_the_fastest_ceiling_variant(tmp_path, capsys):
+    """--best-of BENCH_JSON (gpu_run.sh: the end-to-end and DALI runs after the ceiling run): the compiled
+    combination and the model batch become the fastest ceiling variant's, of those that compiled within
+    BEST_OF_WARMUP_S (a max-autotune compile would use up a later stage's time); a file without one is a
+    one-line error."""
+    from fasttrain.bench import make_plan
+    from fasttrain.bench.suite import Toggles
+    fast = Toggles(amp="fp16", channels_last=True, compile=True, compile_mode="reduce-overhead", compile_step=True,
+                   loss_scale=1024.0, cudnn_benchmark=True)
+    rows = [{"section": "ceiling", "arch": "resnet50", "reference": True, "images_per_sec": 9e9, "toggles": {},
+             "batch_size": 256},
+            {"section": "ceiling", "arch": "resnet50", "reference": False, "images_per_sec": 7000.0,
+             "toggles": dict(vars(fast)), "batch_size": 384},
+            {"section": "ceiling", "arch": "resnet50", "reference": False, "images_per_sec": 6000.0,
+             "toggles": dict(vars(Toggles())), "batch_size": 512},
+            {"section": "ceiling", "arch": "resnet18", "reference": False, "images_per_sec": 18000.0,
+             "toggles": dict(vars(Toggles())), "batch_size": 256},
+            {"section": "ceiling", "arch": "resnet50", "reference": False, "images_per_sec": 8000.0,  # minutes to
+             "toggles": dict(vars(Toggles(compile_mode="max-autotune"))), "batch_size": 256, "warmup_s": 400.0}]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"entries": rows}))
+    ns = cli.build_parser().parse_args(["bench", "-a", "resnet50", "--best-of", str(path)])
+    plan = make_plan(ns, torch.device("cuda"))
+    assert plan.combos[-1] == fast and plan.model_batch == 384 and plan.loader_batch == 256
+    assert plan.combos[0] == Toggles(cudnn_benchmark=True)  # the other combinations are as without it
+    path.write_text(json.dumps({"entries": rows[:1]}))
+    assert cli.main(["bench", "-a", "resnet50", "--best-of", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "no ceiling entry of resnet50 in it" in capsys.readouterr().err
+
+
+def test_e2e_alone_times_the_one_combination_it_feeds(tmp_path, monkeypatch):
+    """`--sections e2e` (gpu_run.sh's peers run): of the model section only the reference loop and the most
+    toggled combination (--best-of's) run, and are recorded: the combination end to end is divided by it."""
+    from fasttrain.bench import suite
+    fed = []
+    monkeypatch.setattr(suite, "e2e_section", lambda plan, data, arch, model, best, add: fed.append((model, best[0])))
+    assert cli.main(["bench", "--quick", "--sections", "e2e", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["entries"]
+    assert [e["name"] for e in rows] == ["model/resnet18/reference", "model/resnet18/bf16+channels_last"]
+    (model, tg), = fed
+    assert [e["name"] for e in model] == [e["name"] for e in rows] and tg.label == "bf16+channels_last"

@@ -197,21 +197,27 @@ def test_performance_toggles_auto_per_device():
 
 
 def test_importing_fasttrain_changes_no_environment_variable():
-    """A library import has no side effects on the process (the rule for the product); the `fasttrain`
-    program itself turns on huge pages for big CPU tensors, unless the environment already says."""
-    # The dependencies first: torchvision's import sets TORCHINDUCTOR_CACHE_DIR itself.
-    script = ("import os, importlib.util, torch, torchvision, numpy, PIL\n"
+    """A library import has no side effects on the process (the rule for the product): no environment
+    variable, warning filter, signal handler or torch setting changes when any fasttrain module is imported;
+    the `fasttrain` program itself turns on huge pages for big CPU tensors, unless the environment already says."""
+    # The dependencies first: torchvision's import sets TORCHINDUCTOR_CACHE_DIR itself, numpy and torch add
+    # warning filters of their own.
+    script = ("import os, signal, warnings, importlib, importlib.util, pkgutil, torch, torchvision, numpy, PIL\n"
               "if importlib.util.find_spec('nvidia.dali'): import nvidia.dali\n"
-              "before = dict(os.environ); import fasttrain, fasttrain.cli, fasttrain.train, "
-              "fasttrain.bench, fasttrain.data, fasttrain.engine; changed = {k for k in set(before) | "
-              "set(os.environ) if before.get(k) != os.environ.get(k)}; print(sorted(changed)); "
+              "def now(): return (dict(os.environ), list(warnings.filters), signal.getsignal(signal.SIGINT), "
+              "signal.getsignal(signal.SIGTERM), torch.backends.cudnn.benchmark, torch.get_num_threads())\n"
+              "before = now(); import fasttrain\n"
+              "for m in pkgutil.walk_packages(fasttrain.__path__, 'fasttrain.'):\n"
+              "    if m.name != 'fasttrain.__main__': importlib.import_module(m.name)\n"
+              "after = now(); changed = {k for k in set(before[0]) | set(after[0]) if before[0].get(k) != "
+              "after[0].get(k)}; print(sorted(changed)); print([i for i in range(1, 6) if before[i] != after[i]])\n"
               "fasttrain.cli.main(['recipes']); print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
                          cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
-    assert lines[0] == "[]" and lines[-1] == "1", out.stdout
+    assert lines[0] == "[]" and lines[1] == "[]" and lines[-1] == "1", out.stdout
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env={**env, "THP_MEM_ALLOC_ENABLE": "0"}, cwd=REPO)
     assert out.stdout.strip().splitlines()[-1] == "0", out.stdout

@@ -405,6 +405,7 @@ def test_augmentation_statistics_match_torchvision(tmp_path):
     assert abs(d["flipped"] - 0.5) < 0.12 and abs(t["flipped"] - 0.5) < 0.12, (d, t)
 
 
+@pytest.mark.slow
 def test_short_training_learns_like_torchvision(tiny_data, tmp_path):
     # lr 0.02 with a warm-up epoch: over seeds 3-9 both loaders ended at 97-100% here (lr 0.05 swings the
     # last epoch's accuracy between 78% and 100% with either loader).
@@ -451,6 +452,7 @@ def test_closing_drops_the_pipelines(tiny_data):
         gc.enable()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_train_and_score_every_val_image_once(tiny_data, tmp_path):
     """2 real processes under torchrun: DDP would hang if the ranks' step counts differed."""
     import subprocess
@@ -466,6 +468,7 @@ def test_two_gloo_ranks_train_and_score_every_val_image_once(tiny_data, tmp_path
     assert [(row["val_samples"], row["train_samples"]) for row in rows] == [(36, 96)]  # 2 ranks x 6 steps x 8
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_with_a_bad_file_keep_step_and_finish(tiny_data, tmp_path):
     """A bad file in one rank's shard: that rank warns naming it and puts another image in its place, so both
     ranks still run every step (DDP would hang otherwise); val scores every good image once."""

@@ -144,12 +144,20 @@ def test_eval_weights_ema_needs_an_ema(tiny_data, tmp_path, small, capsys):
 
 
 def test_flip_tta_averages_the_mirrored_logits():
+    """What flip TTA is for, as properties rather than its formula again: a prediction that does not change
+    when the image is mirrored left-right (but does up-down), and for a model that is already mirror-invariant
+    the model's own logits (a mean: FFCV's sum would double them, and the val loss with them)."""
     from fasttrain.model import FlipTTA
     torch.manual_seed(0)
     model = small_model(None, 5).eval()
     x = torch.randn(3, 3, 16, 16)
-    expected = (model(x) + model(torch.flip(x, dims=[3]))) / 2
-    torch.testing.assert_close(FlipTTA(model)(x), expected)
+    tta = FlipTTA(model)
+    assert not torch.allclose(model(x), model(x.flip(3)), atol=1e-4)  # the model itself is not invariant
+    torch.testing.assert_close(tta(x.flip(3)), tta(x))
+    assert not torch.allclose(tta(x.flip(2)), tta(x), atol=1e-4)
+    pooled = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                 torch.nn.Flatten(), torch.nn.Linear(4, 5)).eval()
+    torch.testing.assert_close(FlipTTA(pooled)(x), pooled(x))
 
 
 def test_dali_changes_size_in_its_one_pipeline_and_resumes_mid_ramp(tiny_data, monkeypatch):

@@ -186,6 +186,7 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_kill9_mid_training_and_mid_checkpoint_write_then_resume(tiny_data, tmp_path):
     """kill -9 while a checkpoint is half-written: the previous checkpoint is whole, --resume auto goes on
     from it and ends with the same weights as a run never killed."""
@@ -226,12 +227,15 @@ def _lines(path):
     return open(path).read().count("\n") if os.path.exists(path) else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
     not dali_backend.available(), reason="nvidia-dali is not installed"))])
-def test_kill9_at_random_moments_loses_at_most_one_interval(tiny_data, tmp_path, loader):
+def test_kill9_at_random_moments_loses_at_most_the_write_in_flight(tiny_data, tmp_path, loader):
     """kill -9 three times at arbitrary moments (mid-step, mid-checkpoint, in validation, at start-up), each
-    time `--resume auto`: no kill loses more than --checkpoint-interval steps, and the run that finally
-    finishes ends with the same weights as one never killed."""
+    time `--resume auto`: no kill loses more than the steps since the last checkpoint whose write finished
+    (checkpoints are written beside training, one at a time: the next save waits for the previous write, so
+    at most two intervals, one when a write takes less than an interval), and the run that finally finishes
+    ends with the same weights as one never killed."""
     interval, steps = 2, 6  # 96 train images / batch 16
     env = {**os.environ, "FT_TEST_TINY_MODEL": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     args = [*ARGS, "--epochs", "3", "--checkpoint-interval", str(interval), "--loader", loader, "--resume", "auto"]
@@ -260,7 +264,7 @@ def test_kill9_at_random_moments_loses_at_most_one_interval(tiny_data, tmp_path,
             proc.kill()
             proc.communicate()
         done = start + _lines(log) - n0  # global steps finished when it died
-        assert done - _global_step(out, steps) <= interval, (done, _global_step(out, steps))
+        assert done - _global_step(out, steps) <= 2 * interval, (done, _global_step(out, steps))
     assert kills >= 2
     r = run_worker(tiny_data, *args, "--output-dir", out, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -287,6 +291,7 @@ def test_nan_skip_skips_that_update(tiny_data, tmp_path):
     assert all(torch.isfinite(v).all() for v in weights(tmp_path)["state_dict"].values())
 
 
+@pytest.mark.slow
 def test_nan_on_one_of_two_ranks_stops_both(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, "train",
            tiny_data, *ARGS, "--epochs", "1", "--output-dir", str(tmp_path)]
@@ -295,6 +300,7 @@ def test_nan_on_one_of_two_ranks_stops_both(tiny_data, tmp_path):
     assert r.stderr.count("loss became NaN or infinite") == 2  # both ranks stop, at the same sync point
 
 
+@pytest.mark.slow
 def test_nan_skip_count_survives_a_resume(tiny_data, tmp_path):
     """A step skipped before a stop (here Ctrl-C: exit 130, no traceback) is still counted in metrics.jsonl
     after --resume auto."""
@@ -307,12 +313,17 @@ def test_nan_skip_count_survives_a_resume(tiny_data, tmp_path):
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["skipped_steps"] == 1
 
 
-def test_nan_skip_on_one_of_two_ranks_skips_that_step_on_both(tiny_data, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["op-by-op", "compiled"])
+def test_nan_skip_on_one_of_two_ranks_skips_that_step_on_both(step, tiny_data, tmp_path):
     """--on-nan skip: rank 1's NaN loss drops that step's update on both ranks (DDP keeps them equal); the run
-    finishes with finite weights and counts one skipped step."""
+    finishes with finite weights and counts one skipped step. With --compile-step the decision is made on
+    each rank's device from the all-reduced gradients, the same on both."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, "train",
            tiny_data, *ARGS, "--epochs", "1", "--on-nan", "skip", "--output-dir", str(tmp_path)]
-    r = run_group(cmd, 240, {"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "1:3", "OMP_NUM_THREADS": "1"})
+    cmd += ["--compile-step"] * (step == "compiled")
+    r = run_group(cmd, 240, {"FT_TEST_TINY_MODEL": "1", "FT_TEST_NAN": "1:3", "OMP_NUM_THREADS": "1",
+                             "FT_TEST_EAGER_COMPILE": "1", "PYTHONPATH": REPO})  # this tree's fasttrain
     assert r.returncode == 0, r.stderr[-3000:]
     row = read_jsonl(tmp_path / "metrics.jsonl")[0]
     assert row["skipped_steps"] == 1 and np.isfinite(row["train_loss"])
@@ -328,3 +339,75 @@ def test_a_skipped_first_step_raises_no_scheduler_warning(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["skipped_steps"] == 1
     assert "lr_scheduler.step()" not in r.stderr and "Warning" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def one_empty_file(tmp_path_factory):
+    """The issue's tree: 10 classes x 12 train images and one zero-byte JPEG (121: batches of 16 leave 9 out
+    of each epoch, wherever the shuffle puts them)."""
+    from fasttrain.data.demo import CLASSES
+
+    from .conftest import make_tree
+    root = make_tree(tmp_path_factory.mktemp("empty"), n_train=12, n_val=2, classes=CLASSES[:10], size=(24, 24))
+    bad = os.path.join(root, "train", CLASSES[3], "zero.jpg")
+    open(bad, "wb").close()
+    return root, bad
+
+
+def in_no_batch(root, bad, seed, epoch, world) -> bool:
+    """Whether no batch of that epoch holds `bad` (121 files, batches of 16 a node)."""
+    from fasttrain.data.scan import scan_dataset
+    from fasttrain.data.torchvision_backend import ResumableSampler
+    index = [p for p, _ in scan_dataset(root)[0].samples].index(bad)
+    samplers = [ResumableSampler(121, r, world, seed, 16 // world, 112 // 16) for r in range(world)]
+    for sampler in samplers:
+        sampler.set_epoch(epoch)
+    return all(index not in {i for i, _, _ in sampler} for sampler in samplers)
+
+
+@pytest.mark.parametrize("loader", ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
+    not dali_backend.available(), reason="nvidia-dali is not installed"))])
+def test_a_bad_file_is_reported_every_epoch_wherever_the_shuffle_puts_it(one_empty_file, capsys, loader):
+    """Every seed, 1 and 2 ranks: the zero-byte file is named in every epoch, also when no batch holds it
+    (the shard's tail past the last whole batch, or DistributedSampler's drop to equal shards), which the
+    loader decodes on the side. The seeds include those that put it past the last batch on every rank."""
+    from fasttrain.config import DataConfig
+    from fasttrain.data import build_loaders
+    from fasttrain.data.base import Layout
+    from fasttrain.dist import DistInfo
+    root, bad = one_empty_file
+    cfg = DataConfig(data=root, loader=loader, workers=0 if loader == "torchvision" else 1, batch_size=16,
+                     image_size=16)
+    tries = 6 if loader == "torchvision" else 2  # DALI builds a pipeline each time: slower
+    layout = Layout(torch.device("cpu"), False)
+    for world in (1, 2):
+        # 6 seeds whose first epoch holds the file in no batch (what the issue met, ~7% of runs), 6 others
+        unlucky = [s for s in range(300) if in_no_batch(root, bad, s, 0, world)][:tries]
+        assert len(unlucky) == tries
+        for seed in unlucky + [s for s in range(12) if s not in unlucky][:tries]:
+            for epoch in range(2):
+                named = 0
+                for rank in range(world):  # a fresh budget each: one report per epoch over all ranks
+                    loaders = build_loaders(cfg, DistInfo(rank=rank, world_size=world), layout, seed)
+                    loaders.train.set_epoch(epoch)
+                    for _ in loaders.train:
+                        pass
+                    loaders.train.close()
+                    loaders.val.close()
+                    named += capsys.readouterr().err.count(f"skipped bad file {bad}: empty file")
+                assert named == 1, (world, seed, epoch, in_no_batch(root, bad, seed, epoch, world))
+
+
+def test_a_bad_file_in_no_batch_is_named_by_the_run(one_empty_file, tmp_path, capsys):
+    """The issue's command, with the seed that puts the file past the last whole batch (no warning at all
+    before), -j 0 and 1, and DALI's loader: a warning naming it, once."""
+    root, bad = one_empty_file
+    unlucky = str(next(s for s in range(300) if in_no_batch(root, bad, s, 0, 1)))
+    runs = [(unlucky, "1", "torchvision"), (unlucky, "0", "torchvision"), ("3", "1", "torchvision")]
+    runs += [(unlucky, "1", "dali")] if dali_backend.available() else []
+    for seed, workers, loader in runs:
+        assert cli.main(["train", root, "-b", "16", "-j", workers, "--image-size", "16", "--epochs", "1",
+                         "--device", "cpu", "--seed", seed, "--loader", loader,
+                         "--output-dir", str(tmp_path / seed / workers / loader)]) == 0
+        err = capsys.readouterr().err
+        assert err.count(f"skipped bad file {bad}: empty file (0 bytes)") == 1, err

@@ -221,6 +221,7 @@ def test_training_from_shards_equals_the_folder_and_resumes_mid_epoch(clean, tmp
     assert [[r[k] for k in keys] for r in rows_c] == [[r[k] for k in keys] for r in rows_b]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_from_shards_score_every_val_image_once(tmp_path):
     """2 processes reading shards: the same steps on each rank (DDP would hang otherwise), 27 val images
     (odd: one rank scores 14, the other 13) each scored once."""

@@ -160,7 +160,8 @@ def _sgd_run(fused: bool, inf_steps: set[int], steps: int = 5):
     from fasttrain.optim import build_optimizer
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    opt = build_optimizer(model.parameters(), OptimConfig(lr=0.1), torch.device("cpu"), fused=fused)
+    opt = build_optimizer(model.parameters(), OptimConfig(lr=0.1, optim_impl="fused" if fused else "foreach"),
+                          torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
@@ -184,3 +185,107 @@ def test_fused_sgd_matches_foreach_when_the_grad_scaler_skips_steps(inf_steps):
     for a, b in zip(p_fused + b_fused, p_ref + b_ref):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_channels_last_reaches_validation_too(loader, tiny_data):
+    """--channels-last: the val batches come channels_last like the train ones (both loaders), and --val-tta
+    flip's mirror keeps the layout, so validation runs the channels_last model on what it wants (issue 22)."""
+    from fasttrain.config import DataConfig
+    from fasttrain.data import build_loaders, dali_backend
+    from fasttrain.data.base import Layout
+    from fasttrain.dist import DistInfo
+    if loader == "dali" and not dali_backend.available():
+        pytest.skip("nvidia.dali does not import")
+    cfg = DataConfig(data=tiny_data, loader=loader, workers=1, batch_size=8, image_size=32)
+    loaders = build_loaders(cfg, DistInfo(device=torch.device("cpu")), Layout(torch.device("cpu"), True), seed=0)
+    try:
+        for batches in (loaders.train, loaders.val):
+            batches.set_epoch(0)
+            images, _ = next(iter(batches))
+            assert images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
+            assert images.flip(3).is_contiguous(memory_format=torch.channels_last)
+    finally:
+        loaders.train.close()
+        loaders.val.close()
+
+
+def test_run_leaves_the_callers_config_and_process_as_it_found_them(tiny_data, tmp_path):
+    """train.run, eval and the --multiprocessing-distributed parent run in-process (the bench, tests, notebooks):
+    afterwards the caller's Config is unchanged (no resolved toggles, LR, demo folder or checkpoint settings
+    written into it), and so are cuDNN's autotuner flag, torch's threads, the warning filters and the signal
+    handlers."""
+    import copy
+    import warnings
+
+    from fasttrain.launch import launch
+
+    def mine(signum, frame):  # a caller's own handlers
+        pass
+    before = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        torch.backends.cudnn.benchmark = False
+        threads = torch.get_num_threads()
+        common = [a if a != "--lr" else "--lr-per-256" for a in COMMON]  # resolved into --lr by the run
+        argv = ["train", str(tiny_data), *common, "--epochs", "1", "--steps-per-epoch", "2", "--val-steps", "1",
+                "--cudnn-benchmark"]
+        runs = [(cli.parse_config(cli.build_parser().parse_args([*argv, "--output-dir", str(tmp_path / "a")])), None),
+                (cli.parse_config(cli.build_parser().parse_args(["eval", str(tiny_data), "--device", "cpu", "-j", "0",
+                                                                 "--val-steps", "1", "-b", "8",
+                                                                 "--checkpoint", "x"])),
+                 str(tmp_path / "a" / ckpt_io.LATEST)),
+                (cli.parse_config(cli.build_parser().parse_args(
+                    [*argv, "--output-dir", str(tmp_path / "b"), "--multiprocessing-distributed", "--nproc-per-node",
+                     "2", "-b", "8"])), None)]
+        for i, (cfg, checkpoint) in enumerate([runs[0], *runs]):
+            kept = copy.deepcopy(cfg)
+            assert launch(cfg, eval_checkpoint=checkpoint) == 0
+            assert cfg == kept
+            assert torch.backends.cudnn.benchmark is False and torch.get_num_threads() == threads
+            if i == 0:  # the first run imports the dependencies, some of which add filters of their own
+                filters = list(warnings.filters)
+            assert warnings.filters == filters
+            assert all(signal.getsignal(s) is mine for s in (signal.SIGINT, signal.SIGTERM))
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def test_a_checkpoint_is_written_while_training_goes_on(tiny_data, tmp_path, monkeypatch):
+    """--checkpoint-interval 2: here the write of step 2's checkpoint cannot finish before step 3 has trained
+    (it waits for it), which only a write beside training allows; the file holds step 2's state, not the
+    weights training has moved on to by the time it is written; the run ends with it on disk."""
+    import threading
+
+    from fasttrain import checkpointer
+    from fasttrain.engine import Trainer
+    steps, step3 = [0], threading.Event()
+    original_step, original_save, original_snapshot = Trainer.train_step, ckpt_io.atomic_save, checkpointer.Checkpointer.save
+    seen = {}
+
+    def train_step(self, *a):
+        out = original_step(self, *a)
+        steps[0] += 1
+        if steps[0] == 3:
+            step3.set()
+        return out
+
+    def save(self, epoch, step, *a, **kw):  # the weights the checkpoint of step 2 must hold
+        if step == 2:
+            seen["model"], seen["at_save"] = self.tr.model, {k: v.clone() for k, v in self.tr.model.state_dict().items()}
+        return original_snapshot(self, epoch, step, *a, **kw)
+
+    def atomic_save(obj, path):
+        if obj["step"] == 2:
+            seen["waited"] = step3.wait(timeout=20)  # a guard: a write on the training thread never sees step 3
+            seen["now"] = {k: v.clone() for k, v in seen["model"].state_dict().items()}
+            seen["written"] = obj["state_dict"]
+        return original_save(obj, path)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(checkpointer.Checkpointer, "save", save)
+    monkeypatch.setattr(ckpt_io, "atomic_save", atomic_save)
+    train(tiny_data, tmp_path / "r", "--epochs", "1", "--checkpoint-interval", "2", "-p", "4")
+    assert seen["waited"], "the checkpoint was written on the training thread"
+    assert all(torch.equal(seen["written"][k], seen["at_save"][k]) for k in seen["at_save"])
+    assert any(not torch.equal(seen["now"][k], seen["at_save"][k]) for k in seen["at_save"])  # training went on
+    assert weights(tmp_path / "r")["epoch"] == 1  # the last one, whole, when the run returned

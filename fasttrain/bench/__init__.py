@@ -6,6 +6,8 @@
     fasttrain bench --from-json runs/gpu/bench.json --out runs/gpu   # redraw table and PNG from a JSON
     fasttrain bench --shards --sections loader        # each loader also reading the same images as tar shards
     fasttrain bench --like imagenet --shards --max-side 256 --sections loader  # ImageNet-sized, full vs resized
+    fasttrain bench --sections ceiling -a resnet50 --out runs/c     # model-only variants past the compiled rate
+    fasttrain bench --sections e2e -a resnet50 --best-of runs/c/bench.json   # end to end with the fastest one
     make bench                                        # = fasttrain bench --out runs/bench
 
 Sections: loader only (reference ImageFolder+PIL loader, fasttrain's torchvision path, DALI CPU and DALI
@@ -51,19 +53,51 @@ def toggle_combos(device: torch.device, with_compile: bool, compile_mode: str = 
     return combos
 
 
+STATIC_LOSS_SCALE = 1024.0  # --loss-scale of the static fp16 variant: a power of 2 (unscaling is exact)
+
+
 def ceiling_variants(device: torch.device, batch: int) -> list[tuple[Toggles, int]]:
     """Section "ceiling": what might raise the compiled model-only rate past bf16 + channels_last + compile,
-    one change at a time (issue 12's list), max-autotune last (its compile takes minutes). On a CPU (tests,
-    --quick) the same changes without compile, at the plan's small batch: the mechanism, not the numbers."""
+    each a `fasttrain train` flag, in the order a short GPU window should measure them (each compiles anew:
+    the ones that reuse a compiled model graph first, max-autotune's minutes of autotuning last): the
+    optimizer step compiled too (--compile-step), CUDA graphs (reduce-overhead), then on top of both fp16
+    with a static and with the dynamic loss scale, batch x1.5 and x2 (--lr-per-256; LARS at x2), foreach
+    against fused SGD, and the max-autotune modes. On a CPU (tests, --quick) the same changes without
+    compile, at the plan's small batch: the mechanism, not the numbers."""
     gpu = device.type == "cuda"
     base = Toggles(amp="bf16", channels_last=True, compile=gpu, cudnn_benchmark=gpu)
-    other_sgd = "foreach" if gpu else "fused"  # fasttrain's default is fused on CUDA, foreach elsewhere
-    out = [(base, batch), (replace(base, amp="fp16"), batch), (replace(base, sgd=other_sgd), batch)]
-    if gpu:
-        out += [(base, batch * 3 // 2), (base, batch * 2), (replace(base, compile_mode="reduce-overhead"), batch),
-                (replace(base, amp="fp16", compile_mode="reduce-overhead"), batch),
-                (replace(base, compile_mode="max-autotune"), batch)]
-    return out
+    step = replace(base, compile_step=True)
+    if not gpu:  # fasttrain's default SGD is foreach here: the other one is fused
+        return [(base, batch), (step, batch), (replace(step, amp="fp16", loss_scale=STATIC_LOSS_SCALE), batch),
+                (replace(step, sgd="fused"), batch), (replace(step, opt="lars"), batch * 2)]
+    graphs = replace(step, compile_mode="reduce-overhead")
+    return [(base, batch), (step, batch), (graphs, batch), (replace(base, compile_mode="reduce-overhead"), batch),
+            (replace(graphs, amp="fp16", loss_scale=STATIC_LOSS_SCALE), batch), (graphs, batch * 3 // 2),
+            (replace(graphs, opt="lars"), batch * 2), (replace(graphs, amp="fp16"), batch),
+            (replace(graphs, sgd="foreach"), batch), (replace(step, compile_mode="max-autotune-no-cudagraphs"), batch),
+            (replace(step, compile_mode="max-autotune"), batch)]
+
+
+BEST_OF_WARMUP_S = 120.0  # --best-of passes over variants whose warm-up (compile) took longer
+
+
+def best_ceiling(path: str, archs: list[str]) -> tuple[Toggles, int]:
+    """--best-of: the toggles and batch of the fastest ceiling variant (not the reference loop) of these archs
+    in an earlier bench.json, for the compiled entries of this run. Not one whose warm-up took more than
+    BEST_OF_WARMUP_S (max-autotune's minutes of autotuning): gpu_run.sh gives each later stage a time limit
+    that such a compile alone would use up."""
+    try:
+        with open(path) as fh:
+            entries = json.load(fh)["entries"]
+        rows = [e for e in entries if e["section"] == "ceiling" and not e.get("reference") and e["arch"] in archs
+                and (e.get("warmup_s") or 0.0) <= BEST_OF_WARMUP_S]
+        best = max(rows, key=lambda e: e["images_per_sec"]) if rows else None
+        if best is not None:
+            return Toggles(**best["toggles"]), int(best["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--best-of {path}: not a bench.json ({type(e).__name__}: {e})") from None
+    raise UserError(f"--best-of {path}: no ceiling entry of {', '.join(archs)} in it (bench --sections ceiling "
+                    "writes them)")
 
 
 def dali_variants(device: torch.device) -> tuple[list[DaliKnobs], list[DaliKnobs]]:
@@ -98,6 +132,9 @@ def make_plan(ns: argparse.Namespace, device: torch.device) -> Plan:
     if ns.quick and gpu:
         plan.loader_steps, plan.model_steps, plan.e2e_steps = (2, 5), (2, 5), (2, 5)
     plan.combos = toggle_combos(device, with_compile=gpu or ns.full, compile_mode=ns.compile_mode)
+    if getattr(ns, "best_of", None):  # the compiled (or last) combination: the fastest of an earlier ceiling run
+        tg, plan.model_batch = best_ceiling(ns.best_of, plan.archs)
+        plan.combos[-1] = tg
     plan.loaders, plan.skipped = available_loaders(device)
     plan.repeats = ns.repeats or (1 if ns.quick or gpu else 3)
     plan.ceiling = ceiling_variants(device, plan.model_batch)

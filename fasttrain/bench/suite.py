@@ -20,15 +20,13 @@ from typing import Callable
 
 import torch
 
-from ..config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig
+from ..config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig, resolve_lr
 from ..data import build_loaders
 from ..data.base import Layout
 from ..data.torchvision_backend import PREFETCH_FACTOR
 from ..dist import DistInfo
 from ..metrics import DeviceMeter
-from ..optim import build_optimizer
-from ..schedules import build_scheduler
-from ..train import AMP_DTYPES, build_trainer, wrap_model
+from ..train import AMP_DTYPES, build_trainer, compile_update, wrap_model
 from .loaders import FASTTRAIN_LOADERS, BenchData, is_peer, open_loader
 from .measure import Timing, time_loop
 from .reference import ReferenceStep
@@ -37,19 +35,33 @@ from .shards import unsharded
 
 @dataclass(frozen=True, kw_only=True)
 class Toggles:
-    amp: str = "none"              # none | bf16 | fp16
+    """The settings an entry trains with, each one `fasttrain train` flag."""
+    amp: str = "none"              # none | bf16 | fp16 (--amp)
     channels_last: bool = False
     compile: bool = False
     compile_mode: str = "default"
     cudnn_benchmark: bool = False
-    sgd: str = "auto"              # auto (fasttrain's: fused on CUDA, foreach elsewhere) | fused | foreach
+    sgd: str = "auto"              # --optim-impl: auto (fused on CUDA, foreach elsewhere) | fused | foreach
+    compile_step: bool = False     # --compile-step: the optimizer step compiled too
+    loss_scale: float = 0.0        # --loss-scale: fp16's static loss scale (0: torch's dynamic GradScaler)
+    opt: str = "sgd"               # --opt: sgd | lars (with --lr-per-256, as a large batch wants)
 
     @property
     def label(self) -> str:
-        parts = [self.amp if self.amp != "none" else "fp32"]
+        amp = self.amp if self.amp != "none" else "fp32"
+        parts = [amp + (f"(scale{self.loss_scale:g})" if self.loss_scale else "")]
         mode = "" if self.compile_mode == "default" else f"({self.compile_mode})"
         return "+".join(parts + ["channels_last"] * self.channels_last + [f"compile{mode}"] * self.compile
-                        + [f"sgd-{self.sgd}"] * (self.sgd != "auto"))
+                        + ["step"] * self.compile_step + [f"sgd-{self.sgd}"] * (self.sgd != "auto")
+                        + [self.opt] * (self.opt != "sgd"))
+
+    def config(self, data: DataConfig, arch: str) -> Config:
+        """The Config `fasttrain train` would run with these settings (its LR: --lr-per-256 0.1)."""
+        optim = resolve_lr(OptimConfig(optimizer=self.opt, optim_impl=self.sgd, lr_per_256=0.1), data.batch_size)
+        return Config(data=data, model=ModelConfig(arch=arch), optim=optim,
+                      run=RunConfig(amp=self.amp, channels_last=self.channels_last, compile=self.compile,
+                                    compile_mode=self.compile_mode, compile_step=self.compile_step,
+                                    loss_scale=self.loss_scale, cudnn_benchmark=self.cudnn_benchmark))
 
 
 @dataclass(frozen=True)
@@ -234,27 +246,25 @@ def _vs_default(entries: list[dict]) -> None:
 
 def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int,
                    batch: int | None = None) -> tuple[Callable, Layout, Config]:
-    """fasttrain's trainer for these toggles, wrapped as `fasttrain train` wraps it.
+    """fasttrain's trainer for these toggles, wrapped as `fasttrain train` wraps it (--compile-step too).
     Returns (step function, the input Layout it wants, its Config)."""
-    cfg = Config(data=DataConfig(loader="synthetic", batch_size=batch or plan.model_batch,
-                                 image_size=plan.model_image_size,
-                                 num_classes=plan.num_classes, steps_per_epoch=steps_per_epoch, workers=plan.workers),
-                 model=ModelConfig(arch=arch), optim=OptimConfig(),
-                 run=RunConfig(amp=tg.amp, channels_last=tg.channels_last, compile=tg.compile,
-                               compile_mode=tg.compile_mode,
-                               cudnn_benchmark=tg.cudnn_benchmark))
+    cfg = tg.config(DataConfig(loader="synthetic", batch_size=batch or plan.model_batch,
+                               image_size=plan.model_image_size, num_classes=plan.num_classes,
+                               steps_per_epoch=steps_per_epoch, workers=plan.workers), arch)
     dist = DistInfo(device=plan.device)
     torch.backends.cudnn.benchmark = tg.cudnn_benchmark  # as train.run() sets it
     torch.manual_seed(0)
     tr = build_trainer(cfg, dist, plan.num_classes, steps_per_epoch)
-    if tg.sgd != "auto":  # the other SGD implementation than fasttrain's default for this device
-        tr.optimizer = build_optimizer(tr.model.parameters(), cfg.optim, plan.device, fused=tg.sgd == "fused")
-        tr.scheduler = build_scheduler(tr.optimizer, cfg.optim, steps_per_epoch)
     tr.forward, _ = wrap_model(tr.model, cfg.run, dist)
+    compile_update(tr, cfg.run)
     tr.forward.train()
     meter = DeviceMeter(plan.device)
     layout = Layout(plan.device, tg.channels_last, AMP_DTYPES[tg.amp] or torch.float32)
-    return (lambda x, y: tr.train_step(x, y, meter)), layout, cfg
+
+    def step(x, y):
+        return tr.train_step(x, y, meter)
+    step.meter = meter  # the steps' losses: the ceiling section records their mean (NaN: a broken variant)
+    return step, layout, cfg
 
 
 def model_section(plan: Plan, arch: str, add: Add = _nothing, combos: list[Toggles] | None = None
@@ -300,17 +310,31 @@ def ceiling_section(plan: Plan, arch: str, add: Add = _nothing) -> list[dict]:
     add(out[-1])
     del ref, x, y
     for tg, b in plan.ceiling:
-        step, layout, cfg = fasttrain_step(plan, arch, tg, sum(steps), batch=b)
-        loaders = build_loaders(cfg.data, DistInfo(device=plan.device), layout, seed=0)  # loader "synthetic"
-        t = time_loop(loaders.train, step, plan.device, *steps)
-        out.append(entry("ceiling", f"ceiling/{arch}/{tg.label}@{b}", "synthetic", arch, tg, b, None, t, steps))
-        add(out[-1])
-        log(f"ceiling {arch} {tg.label} batch {b}: {t.images_per_sec:.1f} img/s (warm-up {t.warmup_s:.1f}s)")
-        del step, loaders
+        try:
+            step, layout, cfg = fasttrain_step(plan, arch, tg, sum(steps), batch=b)
+            loaders = build_loaders(cfg.data, DistInfo(device=plan.device), layout, seed=0)  # loader "synthetic"
+            t = time_loop(loaders.train, step, plan.device, *steps)
+        except CEILING_ERRORS as e:  # one variant torch cannot compile or fit must not cost the others
+            last = (str(e).strip().splitlines() or [""])[-1]
+            plan.skipped[f"ceiling/{arch}/{tg.label}@{b}"] = f"failed: {type(e).__name__}: {last[:300]}"
+            log(f"ceiling {arch} {tg.label} batch {b}: failed ({type(e).__name__}: {last[:300]})")
+        else:
+            loss = step.meter.read()["loss"]  # random labels: about ln(classes) while the variant trains right
+            out.append(entry("ceiling", f"ceiling/{arch}/{tg.label}@{b}", "synthetic", arch, tg, b, None, t, steps,
+                             train_loss=loss))
+            add(out[-1])
+            log(f"ceiling {arch} {tg.label} batch {b}: {t.images_per_sec:.1f} img/s (warm-up {t.warmup_s:.1f}s)")
+        step = loaders = None
+        torch.compiler.reset()  # each variant compiles anew: the last one's graphs (and CUDA graph pools) go
         gc.collect()
         if plan.device.type == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+# What a ceiling variant may raise that leaves the process able to go on: torch.compile's errors (dynamo's and
+# inductor's derive from RuntimeError), out of memory (torch.OutOfMemoryError is one too), a missing feature.
+CEILING_ERRORS = (RuntimeError, NotImplementedError, AssertionError, TypeError, ValueError)
 
 
 def e2e_loaders(plan: Plan) -> list[str]:
@@ -406,8 +430,9 @@ def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
               save: Callable[[list[dict]], None] = lambda entries: None) -> list[dict]:
     """Every entry, ordered loader, model, e2e, ceiling, dali (within a section, in the order measured).
     `save` gets the entries so far after each one, so a run stopped by a time limit keeps every number it
-    measured. Section "dali" without "model" times only the most toggled combination (the fastest in every
-    run so far) for its end-to-end entries, and records no model entries."""
+    measured. Sections "e2e" and "dali" without "model" time only the most toggled combination (the fastest
+    in every run so far, or --best-of's) for their end-to-end entries; "e2e" records its model entries (the
+    reference loop and that combination: what of_ceiling divides by), "dali" alone none."""
     t0 = time.perf_counter()
     entries: list[dict] = []
 
@@ -425,10 +450,10 @@ def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
         dali_e2e = "dali" in sections and dali_kind(plan) is not None and bool(plan.dali_e2e)
         if "model" not in sections and "e2e" not in sections and not dali_e2e:
             continue
-        if "model" in sections or "e2e" in sections:
-            model, best = model_section(plan, arch, add if "model" in sections else _nothing)
-        else:
-            model, best = model_section(plan, arch, combos=plan.combos[-1:])
+        if "model" in sections:
+            model, best = model_section(plan, arch, add)
+        else:  # end to end or DALI only: the most toggled combination alone (--best-of's, where given)
+            model, best = model_section(plan, arch, add if "e2e" in sections else _nothing, combos=plan.combos[-1:])
         if "e2e" in sections:
             e2e_section(plan, data, arch, model, best, add)
         if dali_e2e:

@@ -91,7 +91,7 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int, ac
         train, val = torchvision_backend.build(train_split, val_split, batch, workers, cfg.image_size, layout,
                                                dist.rank, dist.world_size, seed, steps, cfg.max_bad_files,
                                                augment, size_at=sizes, val_size=sizes.val_size,
-                                               crop_ratio=cfg.val_crop_ratio)
+                                               crop_ratio=cfg.val_crop_ratio, check_unused=not cfg.steps_per_epoch)
         name = "torchvision"
         from .decode import crop_decoder_available
         if not crop_decoder_available():

@@ -8,10 +8,12 @@ only ever sees this protocol, so it cannot tell DALI from torchvision from synth
 from __future__ import annotations
 
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from ..errors import UserError
 
@@ -85,6 +87,55 @@ class BadFileBudget:
             raise UserError(f"more than --max-bad-files={self.limit} files could not be decoded (last: {path}); "
                             "run `fasttrain check-data DATA --write-clean-list clean.txt` and train with "
                             "--file-list clean.txt")
+
+
+def unused_samples(sampler: DistributedSampler, used: int) -> list[int]:
+    """Of an epoch of `sampler` (DistributedSampler with drop_last, its epoch set), the samples no batch holds
+    that this rank answers for: its shard past the first `used` (the last whole batch; or window, with
+    --grad-accum-steps), and on rank 0 those DistributedSampler leaves out so that every rank gets as many
+    (it draws the same permutation: seed + epoch). Over all ranks these and the batches are the whole split."""
+    tail = list(sampler)[used:]
+    n = len(sampler.dataset)
+    if sampler.rank == 0 and sampler.total_size < n:
+        g = torch.Generator()
+        g.manual_seed(sampler.seed + sampler.epoch)
+        tail += torch.randperm(n, generator=g).tolist()[sampler.total_size:]
+    return tail
+
+
+def bad_files(paths: list) -> list[tuple[str, str]]:
+    """(path, reason) of the files that do not decode, as the torchvision loader judges them: a full decode."""
+    from .decode import BadImage, decode_file
+    bad = []
+    for path in paths:
+        try:
+            decode_file(path)
+        except BadImage as e:
+            bad.append((e.path, e.reason))
+    return bad
+
+
+class UnusedFiles:
+    """Decodes the train files no batch of an epoch holds, on a thread while the epoch trains (a decode
+    releases the GIL; at most a batch or two of files an epoch). Without it, a bad file that the shuffle puts
+    past the last whole batch goes unreported that epoch, and in a short run perhaps in all of them. Start it
+    after the DataLoader's workers have forked, never before."""
+
+    def __init__(self):
+        self.pool: ThreadPoolExecutor | None = None
+
+    def start(self, paths: list) -> Future | None:
+        """A future of bad_files(paths), or None for no paths."""
+        if not paths:
+            return None
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="fasttrain-unused-files")
+        return self.pool.submit(bad_files, paths)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
 def check_shard_sizes(train_size: int, world_size: int, per_rank_batch: int, val_size: int) -> tuple[int, int]:

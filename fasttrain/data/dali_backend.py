@@ -69,7 +69,8 @@ from torch.utils.data import DistributedSampler
 
 from ..errors import UserError, check_counts
 from ..schedules import Resolution
-from .base import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, val_resize_size
+from .base import (IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, UnusedFiles, unused_samples,
+                   val_resize_size)
 from .decode import BadImage, decode_file
 from .scan import Split
 
@@ -379,9 +380,11 @@ class TrainBatches(DaliBatches):
     train = True
 
     def __init__(self, split: Split, steps: int, world_size: int, size_at: Callable[[int], int] | None = None,
-                 **kw):
+                 check_unused: bool = False, **kw):
+        """`check_unused`: also decode, each epoch, the files no batch holds (base.UnusedFiles); whole epochs
+        only, not with --steps-per-epoch."""
         super().__init__(split, **kw)
-        self.steps = steps
+        self.steps, self.check_unused, self.unused_files = steps, check_unused, UnusedFiles()
         self.size_at = size_at or (lambda epoch: self.spec.image_size)
         self.sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=self.rank,
                                           shuffle=True, seed=self.seed, drop_last=True)
@@ -401,6 +404,24 @@ class TrainBatches(DaliBatches):
             self.sampler.set_epoch(epoch)
             self._order = (epoch, list(self.sampler)[:self.steps * self.spec.batch])
         return self._order[1]
+
+    def __iter__(self):
+        epoch = self.epoch
+        batches = super().__iter__()
+        unused = []
+        if self.check_unused:
+            self.sampler.set_epoch(epoch)
+            unused = [self.samples[i][0] for i in unused_samples(self.sampler, self.steps * self.spec.batch)
+                      if self.good(i)]
+        return self._then_unused(batches, self.unused_files.start(unused))
+
+    def _then_unused(self, batches, check):
+        """The epoch's batches, then the bad files among those no batch held: named, and known from now on
+        (a later batch that draws one takes the next good file instead, as for any bad file)."""
+        yield from batches
+        for path, reason in check.result() if check is not None else ():
+            self.bad.add(str(path))
+            self.budget.report(str(path), reason)
 
     def _batch(self, epoch: int, step: int) -> list[int]:
         items, b = self.items(epoch), self.spec.batch
@@ -477,5 +498,6 @@ def build(train: Split, val: Split, per_rank_batch: int, workers: int, cfg, layo
                   rank=dist.rank)
     sizes = Resolution.from_config(cfg)
     val_spec = dataclasses.replace(spec, image_size=sizes.val_size, crop_ratio=cfg.val_crop_ratio)
-    return (TrainBatches(train, steps, dist.world_size, size_at=sizes, spec=spec, **shared),
+    return (TrainBatches(train, steps, dist.world_size, size_at=sizes, check_unused=not cfg.steps_per_epoch,
+                         spec=spec, **shared),
             ValBatches(val, dist.world_size, spec=val_spec, **shared))

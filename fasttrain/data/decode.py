@@ -7,6 +7,10 @@ BadImage naming the file, which the loaders turn into a warning and a skip (see 
 A train crop needs only its box: `decode_jpeg_box` decodes just that rectangle of a JPEG (fasttrain/data/_jpeg.c,
 libjpeg-turbo), with the same pixels a full decode would give there. It is an optional compiled module;
 where it was not built (no libjpeg headers), or for a file it cannot take, callers decode the whole image.
+
+torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they still work. Its
+DeprecationWarning is hidden by Python's default filters (the tests' config ignores it): nothing here
+changes the process's warning filters.
 """
 
 from __future__ import annotations
@@ -21,9 +25,6 @@ try:
     from . import _jpeg
 except ImportError:  # not built: see pyproject.toml
     _jpeg = None
-
-# torchvision 0.29 announces that its decoders move to TorchCodec; they still work, and warn on each call.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
 
 
 class BadImage(Exception):

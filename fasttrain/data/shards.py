@@ -29,6 +29,7 @@ import contextlib
 import gc
 import json
 import os
+import threading
 from typing import NamedTuple
 
 from ..errors import UserError
@@ -54,7 +55,8 @@ class Member(NamedTuple):
 
     def read(self) -> bytes:
         """The image's bytes. Raises OSError (a shard shorter than its index says, or gone)."""
-        data = os.pread(_fd(self.shard), self.size, self.offset)
+        with _FDS_LOCK:  # a descriptor read while another thread's _fd closes it would be a wrong file
+            data = os.pread(_fd(self.shard), self.size, self.offset)
         if len(data) != self.size:
             raise OSError(0, f"shard ends before this sample ({len(data)} of {self.size} bytes at byte "
                              f"{self.offset}): the shard was cut short, rerun `fasttrain shard`")
@@ -63,6 +65,9 @@ class Member(NamedTuple):
 
 _FDS: collections.OrderedDict[str, int] = collections.OrderedDict()
 MAX_OPEN = 256  # shards kept open per process (ImageNet at the default size: ~500); the least recent closes
+# The training process reads with two threads at most (-j 0 batches, the check of the files no batch holds:
+# torchvision_backend.bad_files): reads go one at a time, each with its descriptor open.
+_FDS_LOCK = threading.Lock()
 
 
 def _fd(path: str) -> int:

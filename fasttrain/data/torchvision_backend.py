@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from ..errors import UserError
-from .base import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, val_resize_size
+from .base import (IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, BadFileBudget, Layout, UnusedFiles, unused_samples,
+                   val_resize_size)
 from .decode import BadImage, decode_bytes, decode_file, decode_jpeg_box, jpeg_size, read_bytes
 from .scan import Split
 
@@ -167,11 +168,11 @@ class ResumableSampler(Sampler):
     the size of an epoch from its indices, nothing in them has to be rebuilt."""
 
     def __init__(self, n: int, rank: int, world_size: int, seed: int, batch: int, steps: int,
-                 size_at: Callable[[int], int | None] = lambda epoch: None):
+                 size_at: Callable[[int], int | None] = lambda epoch: None, check_unused: bool = False):
         self.inner = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                         drop_last=True)
         self.batch, self.steps, self.start, self.seed, self.epoch, self.n = batch, steps, 0, seed, 0, n
-        self.size_at = size_at
+        self.size_at, self.check_unused = size_at, check_unused
 
     def set_epoch(self, epoch: int, start_step: int = 0):
         self.inner.set_epoch(epoch)
@@ -184,6 +185,11 @@ class ResumableSampler(Sampler):
 
     def __len__(self):
         return self.steps * self.batch - self.start
+
+    def unused(self) -> list[int]:
+        """The samples of this epoch that no batch holds and this rank answers for (base.unused_samples);
+        none without `check_unused`."""
+        return unused_samples(self.inner, self.steps * self.batch) if self.check_unused else []
 
 
 @contextlib.contextmanager
@@ -241,6 +247,7 @@ class DeviceBatches:
         # One side stream for the loader's life: the caching allocator keeps blocks per stream, so a new
         # stream per epoch or validation pass would strand the previous ones' blocks.
         self.stream = torch.cuda.Stream(device=layout.device) if self.cuda else None
+        self.unused_files = UnusedFiles()  # decodes the train files no batch of the epoch holds
 
     def __len__(self):
         return self._steps if self._steps is not None else len(self.loader)
@@ -264,9 +271,19 @@ class DeviceBatches:
             images = images.sub_(self.mean).mul_(self.inv_std).to(self.layout.dtype)
         return images, labels
 
+    def _check_unused(self):
+        """UnusedFiles' check of the epoch's samples that no batch holds, or None."""
+        unused = getattr(self.loader.sampler, "unused", lambda: [])()
+        if not unused:
+            return None
+        samples = self.loader.dataset.samples
+        return self.unused_files.start([samples[i][0] for i in unused])
+
     def __iter__(self):
         stream, pending = self.stream, None
-        for images, labels, bad in self.loader:
+        batches = iter(self.loader)  # DataLoader workers fork here: before the checker thread runs, not during
+        unused = self._check_unused()
+        for images, labels, bad in batches:
             for path, reason in bad:
                 self.budget.report(path, reason)
             if images.shape[0] == 0:  # the whole batch was bad files; each was reported above
@@ -286,20 +303,25 @@ class DeviceBatches:
             for t in nxt:
                 t.record_stream(torch.cuda.current_stream())
             pending = nxt
+        if unused is not None:  # the epoch read every batch: now the files none of them held
+            for path, reason in unused.result():
+                self.budget.report(path, reason)
         if pending is not None:
             yield pending
 
     def close(self):
         self.loader = None
+        self.unused_files.close()
 
 
 def build(train: Split, val: Split, per_rank_batch: int, workers: int, image_size: int, layout: Layout,
           rank: int, world_size: int, seed: int, steps: int, max_bad_files: int, augment=None,
           size_at: Callable[[int], int] | None = None, val_size: int | None = None,
-          crop_ratio: float = VAL_CROP_RATIO):
+          crop_ratio: float = VAL_CROP_RATIO, check_unused: bool = False):
     """`augment`: AutoAugment/RandAugment after the flip (None: the reference's augmentation only);
     `size_at(epoch)`: the train crop size of an epoch (default: image_size always); `val_size`: the val
-    center crop (default: image_size)."""
+    center crop (default: image_size); `check_unused`: also decode, each epoch, the train files no batch
+    holds (whole epochs only: not with --steps-per-epoch or in the bench, which read a part on purpose)."""
     budget = BadFileBudget(max_bad_files, rank)
     pin = layout.device.type == "cuda"
     # Its own generator: starting an epoch's iterator draws worker seeds from it, not from the training
@@ -308,7 +330,7 @@ def build(train: Split, val: Split, per_rank_batch: int, workers: int, image_siz
                   persistent_workers=workers > 0, prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
                   generator=torch.Generator().manual_seed(seed + rank))
     train_sampler = ResumableSampler(len(train), rank, world_size, seed, per_rank_batch, steps,
-                                     size_at or (lambda epoch: image_size))
+                                     size_at or (lambda epoch: image_size), check_unused)
     train_dl = DataLoader(ImageFiles(train, TrainTransform(image_size, augment)), sampler=train_sampler,
                           drop_last=True, **common)
     val_dl = DataLoader(ImageFiles(val, ValTransform(val_size or image_size, crop_ratio)),

@@ -7,6 +7,10 @@ reproduce.
 A recipe file is a flat TOML of option keys, exactly as a --config file, and one [recipe] table saying what
 it targets: `top1`, `top5` (percent), `hardware`, `wall_minutes`, `source`, `note`. fasttrain
 has NOT run these recipes on ImageNet: the numbers are their sources' published results.
+
+A recipe is written for its number of epochs. Given another --epochs (`--recipe rn18-16ep --epochs 1`, a quick
+try), its epoch-based knobs that nothing else set (the LR peak, warm-up, progressive resizing's ramp) scale
+with it, so the run keeps the recipe's shape: `scale_to_epochs`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,37 @@ def load(name: str) -> tuple[dict[tuple[str, str], Any], dict[str, Any]]:
     if set(meta) - META_KEYS:
         raise UserError(f"recipe {name}: unknown [recipe] keys {sorted(set(meta) - META_KEYS)}")
     return toml_values(raw, f"recipe {name}"), meta
+
+
+# The options counted in epochs that a recipe's shape depends on.
+EPOCH_KNOBS = (("optim", "lr_peak_epoch"), ("optim", "warmup_epochs"), ("data", "start_ramp"),
+               ("data", "end_ramp"))
+
+
+def scale_to_epochs(recipe: dict[tuple[str, str], Any], values: dict[tuple[str, str], Any],
+                    given: set[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+    """The recipe's epoch knobs (EPOCH_KNOBS) for a run of `values`' epochs (the options of every layer)
+    instead of the recipe's own number, each in proportion (FFCV's LR peaks at epoch 2 of 16: at epoch 0.125
+    of 1), except those in `given` (set by --config or a flag, which win as ever). Ramp epochs are rounded,
+    the end kept at or after the start."""
+    own, epochs = recipe.get(("optim", "epochs")), values.get(("optim", "epochs"))
+    if not own or own == epochs:
+        return {}
+    out = {}
+    for key in EPOCH_KNOBS:
+        if key in recipe and key not in given:
+            value = recipe[key] * epochs / own
+            out[key] = round(value) if key[0] == "data" else value  # the ramp's are whole epochs
+    if ("data", "end_ramp") in out:
+        out[("data", "end_ramp")] = max(out[("data", "end_ramp")],
+                                        out.get(("data", "start_ramp"), values.get(("data", "start_ramp"), 0)))
+    return out
+
+
+def describe_scaling(name: str, own: int, epochs: int, recipe: dict, scaled: dict) -> str:
+    """One line saying what scale_to_epochs changed."""
+    what = ", ".join(f"--{key[1].replace('_', '-')} {recipe[key]:g} -> {value:g}" for key, value in scaled.items())
+    return f"recipe {name} is written for {own} epochs; for --epochs {epochs} its epoch knobs scale: {what}"
 
 
 def recipes_command() -> int:
