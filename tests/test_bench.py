@@ -365,6 +365,15 @@ def test_check_goals_reads_gpu_runs_stages_as_one_run_with_h200_goals(tmp_path):
                                                              "entries": ceiling + e2e}))
 
 
+def test_check_goals_leaves_out_loaders_reading_pre_resized_shards():
+    """A loader twin reading shards `--max-side` made smaller decodes other (cheaper) images than the
+    reference: its rate is no fasttrain path for the goals."""
+    doc = gpu_doc(dali=24_900.0)
+    doc["entries"].append({**_e("loader", "dali-gpu-shards", 60_000.0, ratio=20.0), "max_side": 256})
+    assert "dali-gpu-shards" not in "\n".join(line for _, line in _check_goals().goals(doc))
+    assert any("DALI GPU loader only" in line for ok, line in _check_goals().goals(doc) if not ok)
+
+
 def test_check_goals_on_a_cpu_run_has_no_gpu_goals():
     doc = gpu_doc()
     doc["environment"]["gpu"] = None

@@ -437,4 +437,5 @@ def test_bench_compares_the_folder_with_its_pre_resized_shards(clean, tmp_path, 
                 loaders=shard_twins(["torchvision"], FASTTRAIN_LOADERS))
     entries = loader_section(plan, replace(BenchData.scan(folder), shards=BenchData.scan(where)))
     assert [e["name"] for e in entries] == ["loader/torchvision", "loader/torchvision-shards (max side 32)"]
-    assert entries[1]["vs_folder"] > 0 and entries[1]["timed_images"] == 16
+    assert entries[1]["vs_folder"] > 0 and entries[1]["timed_images"] == 16 and entries[1]["max_side"] == 32
+    assert "max_side" not in entries[0]

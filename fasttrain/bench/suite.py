@@ -191,7 +191,8 @@ def loader_section(plan: Plan, data: BenchData, add: Add = _nothing) -> list[dic
     runs = best_of_repeats(plan, [(k, loader_only(plan, data, k, steps)) for k in list(plan.loaders)])
     out = [entry("loader", f"loader/{k}{_resized(k, data)}", k, None, None, plan.loader_batch, plan.workers,
                  best_run(ts), steps, reference=k == "reference", peer=is_peer(k),
-                 all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]) for k, ts in runs.items()]
+                 all_images_per_sec=[round(t.images_per_sec, 1) for t in ts],
+                 **({"max_side": data.shards.max_side} if _resized(k, data) else {})) for k, ts in runs.items()]
     rates = {e["loader"]: e["images_per_sec"] for e in out}
     for e in out:  # a loader reading tar shards against itself reading the folder (bench --shards)
         base, sharded = unsharded(e["loader"])
