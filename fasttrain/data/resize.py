@@ -1,6 +1,6 @@
 """Pre-resizing for `fasttrain shard --max-side N`: an image larger than N px on its longer side becomes a
-JPEG of at most N px, so every epoch after decodes fewer pixels (what FFCV's ImageNet files do: a max side
-of ~350-500 px, JPEG quality ~90).
+JPEG of at most N px, so every epoch after decodes fewer pixels (what ffcv-imagenet does to its files: a
+500 px max side, JPEG quality 90).
 
     from fasttrain.data.resize import shrink
     jpeg, (w, h) = shrink(data, max_side=448, quality=90)   # None: the image already fits: keep its bytes
@@ -8,7 +8,7 @@ of ~350-500 px, JPEG quality ~90).
 The aspect ratio is kept and the longer side comes out exactly N. For a JPEG, libjpeg first decodes at
 1/2, 1/4 or 1/8 scale (its DCT scaling) while that leaves at least twice the target size, then a Lanczos
 filter (antialiased) makes the rest of the reduction: PIL's own `thumbnail` recipe, cheaper than a
-full-size decode (the scaled DCT is itself a low-pass filter, so nothing aliases).
+full-size decode (the scaled DCT drops the high frequencies rather than skipping pixels, so it does not alias).
 Grayscale stays grayscale (one channel to decode; both loaders make RGB of it); every other mode becomes
 RGB as the loaders convert it (data/decode.py). Baseline (not progressive) JPEG, PIL's default 4:2:0
 chroma subsampling, no EXIF: the loaders ignore EXIF orientation, so the stored pixels are what they saw.
