@@ -47,7 +47,9 @@ def _rate(x: float) -> str:
 
 
 def _fasttrain(entries: list[dict]) -> list[dict]:
-    return [e for e in entries if not e.get("reference") and not e.get("peer")]
+    """fasttrain's own entries over the same images as the reference's: not a loader reading shards that
+    `fasttrain shard --max-side` pre-resized (bench --shards --max-side), which decodes smaller images."""
+    return [e for e in entries if not e.get("reference") and not e.get("peer") and not e.get("max_side")]
 
 
 def _peer_lines(entries: list[dict], what: str) -> list[tuple[bool, str]]:

@@ -50,7 +50,13 @@
 # Knobs (environment): OUT (default runs/gpu), SCRATCH (/tmp/fasttrain-gpu-run), WORKERS (16), BATCH (256),
 # IMAGES (4096), ARCH (resnet50), CEILING_S (200), E2E_S (150), DALI_S (100), TOTAL_S (570: the resume check
 # gets what is left of it), RESUME_MIN_S (60), RESUME_CHECK (1; 0 leaves it out), PROFILE_LOADER (0),
-# PROFILE (0), PYTHON (python3).
+# PROFILE (0), PYTHON (python3), LIKE (default; imagenet: every stage on JPEGs sized like ImageNet's,
+# `fasttrain bench --like imagenet`; drawing 4,096 of them took 511 s on one core of the 2-core dev machine,
+# so expect about a minute here), LOADER_S (0; N: first a loader-only stage, loader/, of N seconds), MAX_SIDE
+# (unset; N: that stage also times each fasttrain loader on the same images as shards pre-resized to N px,
+# `--shards --max-side N`).
+# Decoding full-size against pre-resized ImageNet-sized JPEGs (issue 23), the loader stage alone:
+#   LIKE=imagenet LOADER_S=240 MAX_SIDE=256 CEILING_S=0 E2E_S=0 DALI_S=0 RESUME_CHECK=0 bash benchmarks/gpu_run.sh
 # Issue 23 (which loader, and both at once), stages left out unless given a time: AUTO_S, after the DALI stage,
 # `fasttrain bench --sections auto` over AUTO_ARCHS ("resnet50 resnet18"): per arch the brief calibration
 # `train --loader auto` makes (timed), then torchvision, DALI GPU and the hybrid end to end feeding the compiled
@@ -83,6 +89,10 @@ export PYTHONUNBUFFERED=1
 export FASTTRAIN_CACHE=${FASTTRAIN_CACHE:-/tmp/fasttrain-cache}
 
 bench=(bench -j "$WORKERS" -b "$BATCH" --images "$IMAGES" -a "$ARCH")
+[[ -n "${LIKE:-}" ]] && bench+=(--like "$LIKE")
+LOADER_S=${LOADER_S:-0}
+loader=("${bench[@]}" --sections loader --out "$OUT/loader")
+[[ -n "${MAX_SIDE:-}" ]] && loader+=(--shards --max-side "$MAX_SIDE")
 ceiling=("${bench[@]}" --sections ceiling --out "$OUT/ceiling")
 best=(--best-of "$OUT/ceiling/bench.json")
 e2e=("${bench[@]}" --sections e2e --out "$OUT/e2e")
@@ -94,12 +104,14 @@ goals=(benchmarks/check_goals.py "$OUT/ceiling/bench.json" "$OUT/e2e/bench.json"
 # Issue 23: --loader auto against each path (AUTO_S), `fasttrain tune` of each arch (TUNE_S)
 auto=(bench -j "$WORKERS" -b "$BATCH" --images "$IMAGES" --sections auto --out "$OUT/auto")
 for a in ${AUTO_ARCHS:-resnet50 resnet18}; do auto+=(-a "$a"); done
+[[ -n "${LIKE:-}" ]] && auto+=(--like "$LIKE")
 tune=(-j "$WORKERS" -b "$BATCH" --amp bf16 --channels-last --compile --cudnn-benchmark)
 (( AUTO_S > 0 )) && goals+=("$OUT/auto/bench.json")
 
 if (( dry )); then
   # Everything but the measuring: the arguments must parse, the scripts compile, and OUT must take files.
   parse='import sys; from fasttrain.cli import build_parser; build_parser().parse_args(sys.argv[1:])'
+  "$PY" -c "$parse" "${loader[@]}"
   "$PY" -c "$parse" "${ceiling[@]}"
   "$PY" -c "$parse" "${e2e[@]}" "${best[@]}"
   "$PY" -c "$parse" "${dali[@]}" "${best[@]}"
@@ -111,6 +123,7 @@ if (( dry )); then
     tests/fault_worker.py
   "$PY" benchmarks/profile_loader.py --help > /dev/null
   {
+    (( LOADER_S > 0 )) && { printf '%q ' timeout "$LOADER_S" "$PY" -m fasttrain "${loader[@]}"; echo; }
     (( CEILING_S > 0 )) && { printf '%q ' timeout "$CEILING_S" "$PY" -m fasttrain "${ceiling[@]}"; echo; }
     (( E2E_S > 0 )) && { printf '%q ' timeout "$E2E_S" "$PY" -m fasttrain "${e2e[@]}" "${best[@]}"; echo; }
     (( DALI_S > 0 )) && { printf '%q ' timeout "$DALI_S" "$PY" -m fasttrain "${dali[@]}" "${best[@]}"; echo; }
@@ -181,6 +194,7 @@ run_bench() {
   fi
 }
 
+run_bench loader "$LOADER_S" "${loader[@]}"
 run_bench ceiling "$CEILING_S" "${ceiling[@]}"
 # The later stages train with the fastest ceiling variant, when the ceiling stage measured one (--best-of's pick).
 "$PY" -c 'import sys; from fasttrain.bench import best_ceiling; print(*best_ceiling(sys.argv[1], [sys.argv[2]]))' \
@@ -191,7 +205,7 @@ run_bench auto "$AUTO_S" "${auto[@]}"
 
 # The bench's generated JPEGs (drawn once into FASTTRAIN_CACHE; made here if no bench drew them).
 if (( has_dali )); then
-  data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES))")
+  data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES, like='${LIKE:-default}'))")
 fi
 if (( has_dali )) && [[ "${RESUME_CHECK:-1}" == 1 ]]; then
   left=$(( TOTAL_S - SECONDS - 5 ))
@@ -209,7 +223,8 @@ fi
 
 # Issue 23: the thorough loader profile of each arch, as `fasttrain train --loader auto` then reuses it.
 if (( TUNE_S > 0 )); then
-  [[ -n "${data:-}" ]] || data=$("$PY" -c "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES))")
+  [[ -n "${data:-}" ]] || data=$("$PY" -c \
+    "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES, like='${LIKE:-default}'))")
   for a in ${AUTO_ARCHS:-resnet50 resnet18}; do
     timeout --signal=INT --kill-after=20 "$TUNE_S" "$PY" -m fasttrain tune "$data" -a "$a" "${tune[@]}" \
       > "$OUT/tune-$a.txt" 2>&1 || true

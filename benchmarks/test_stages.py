@@ -1,6 +1,7 @@
 """Where a CPU loader's milliseconds go, stage by stage (pytest-benchmark), on the benchmark's JPEGs.
 
     .venv/bin/python -m pytest benchmarks/test_stages.py --benchmark-only      # = make bench-stages
+    FASTTRAIN_STAGE_LIKE=imagenet FASTTRAIN_STAGE_IMAGES=256 make bench-stages  # on ImageNet-sized JPEGs
 
 `fasttrain bench` times whole loaders side by side; this times their parts, on one thread, so a change to
 one stage shows up as that stage's number. Per image unless the name says batch:
@@ -39,7 +40,8 @@ SIZE = 224
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     n = int(os.environ.get("FASTTRAIN_STAGE_IMAGES", "64"))
-    return bench_dataset(n, out=str(tmp_path_factory.mktemp("stages") / "data"), processes=1)
+    like = os.environ.get("FASTTRAIN_STAGE_LIKE", "default")  # bench --like: images.py
+    return bench_dataset(n, out=str(tmp_path_factory.mktemp("stages") / "data"), processes=1, like=like)
 
 
 @pytest.fixture(scope="module")

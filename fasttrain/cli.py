@@ -9,6 +9,7 @@
     fasttrain predict runs/r50/model_best.pth.tar cat.jpg dog.jpg       # top-5 class names of each image
     fasttrain plot runs/r50 runs/r18 --out curves.png   # val top-1 by epoch and by time, loss, lr, img/s
     fasttrain shard /data/imagenet /scratch/shards -j 16 # tar shards (WebDataset layout); train reads them
+    fasttrain shard /data/imagenet /scratch/s448 --max-side 448  # the same, images pre-resized to <= 448 px
     torchrun --nproc-per-node 8 -m fasttrain train /data/imagenet -a resnet50 -b 2048 --lr 0.8
 
 Every flag of the reference script (pytorch/examples imagenet/main.py) is accepted with its meaning, so
@@ -157,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--shard-size", type=float, default=256, metavar="MB", help="target shard size (default: 256)")
     sh.add_argument("-j", "--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
                     help="processes reading, checking and writing (default: the cores, at most 8)")
+    sh.add_argument("--max-side", type=int, default=None, metavar="PX",
+                    help="write images longer than PX on a side as JPEGs scaled to PX there (aspect kept, "
+                    "antialiased), so every epoch decodes fewer pixels; the others keep their bytes (default: off)")
+    sh.add_argument("--quality", type=int, default=None, metavar="Q",
+                    help="JPEG quality of the images --max-side resizes (default: 90)")
     _add_check_flags(sh)
     bn = sub.add_parser("bench", help="measure img/s against the reference loop; writes bench.json/png")
     bn.add_argument("data", nargs="?", default=None, metavar="DATA",
@@ -191,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--shards", nargs="?", const="auto", default=None, metavar="DIR",
                     help="loader-only: each fasttrain loader also reads the same images as tar shards (DIR: made by "
                     "`fasttrain shard` from DATA; without it they are written into the cache)")
+    bn.add_argument("--max-side", type=int, default=None, metavar="PX",
+                    help="with --shards: write them pre-resized (`fasttrain shard --max-side PX`), so each shards "
+                    "twin measures decoding the smaller images against the full-size folder")
+    bn.add_argument("--like", default="default", choices=("default", "imagenet"),
+                    help="the generated JPEGs (no DATA): default = ~460x375 px, ~70 KB, all alike (those "
+                    "benchmarks/ANCHORS.md was measured on); imagenet = sized like ImageNet's photos (mean "
+                    "~400x350 px and ~110 KB, widths from ~100 to over 2,000 px)")
     bn.add_argument("--from-json", default=None, metavar="PATH",
                     help="measure nothing: redraw the table and bench.png from an earlier bench.json")
     return p

@@ -1,17 +1,22 @@
 """`fasttrain shard DATA OUT`: an ImageFolder tree as tar shards (WebDataset's layout) that both loaders read.
 
     fasttrain shard /data/imagenet /scratch/imagenet-shards -j 16     # shards of ~256 MB
+    fasttrain shard /data/imagenet /scratch/imagenet-448 --max-side 448   # pre-resized: cheaper decodes
     fasttrain train /scratch/imagenet-shards -a resnet50 ...           # trains as from the folder
 
 For each good file, KEY.<ext> (the file's own bytes, not re-encoded; ext from its content: jpg, png, ...)
 and KEY.cls (its label) in OUT/{train,val}/shard-NNNNNN.tar, DALI's index beside each shard, OUT/classes.json
 and OUT/manifest.json (the layout: data/shards.py). Each file gets check-data's checks (a full decode, its
 size) and, for a JPEG, the structural check that keeps DALI's parser from crashing (data/jpeg_check.py) on
-the way: one that fails is printed and listed in the manifest, not written.
+the way: one that fails is printed and listed in the manifest, not written. With --max-side N, an image
+longer than N px on a side is written as a JPEG scaled to N px there (--quality, default 90: data/resize.py);
+the others keep their own bytes. The manifest records N, the quality, how many were resized and the image
+bytes before and after.
 
-Deterministic: which file goes to which shard, and where, depends only on the files' paths and sizes, and
-every tar header is fixed (ustar, mtime 0, uid/gid 0, mode 0644, no user names), so the same DATA gives
-byte-identical shards whatever -j is. Atomic: a shard is written under a temporary name, fsynced, then
+Deterministic: which file goes to which shard, and where, depends only on the files' paths and sizes (with
+--max-side, --shard-size counts the files' own sizes, so shards come out smaller), every tar header is fixed
+(ustar, mtime 0, uid/gid 0, mode 0644, no user names) and JPEG encoding is deterministic, so the same DATA
+gives byte-identical shards whatever -j is. Atomic: a shard is written under a temporary name, fsynced, then
 renamed (its index first, the tar last), and a record of it goes to OUT/.partial/; the manifest is written
 last. A killed job leaves whole shards under their final names, temporary files, and no manifest, so nothing
 takes OUT for a dataset; the same command again keeps the shards its records vouch for and writes the rest.
@@ -33,6 +38,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from .data import shards as S
+from .data.resize import resize_options, resized
 from .errors import UserError
 
 BLOCK, RECORD = 512, 10240  # tar's block, and the record size tarfile and GNU tar pad an archive to
@@ -56,6 +62,7 @@ class Plan:
     index: int
     items: tuple[Item, ...]
     checks: tuple[int, int]  # (min_side, max_pixels)
+    resize: tuple[int, int] = (0, 0)  # (--max-side, --quality); max side 0: every file's own bytes
 
     @property
     def name(self) -> str:
@@ -64,6 +71,9 @@ class Plan:
     def fingerprint(self) -> str:
         """What the shard's bytes depend on (and the mtimes, so an edited file is written again)."""
         h = hashlib.sha256(f"{S.FORMAT} v{S.VERSION} {self.name} {self.checks}\n".encode())
+        if self.resize[0]:  # re-encoded bytes depend on the settings and on the encoder's version
+            from PIL import __version__ as pillow
+            h.update(f"resize {self.resize} Pillow {pillow}\n".encode())
         for it in self.items:
             h.update(f"{it.rel}\0{it.key}\0{it.label}\0{it.size}\0{it.mtime_ns}\n".encode())
         return h.hexdigest()
@@ -79,7 +89,8 @@ def _tar_bytes(size: int) -> int:
     return 3 * BLOCK + -(-size // BLOCK) * BLOCK  # image header + data, cls header + one block of data
 
 
-def plan_split(data: str, name: str, split, shard_bytes: float, checks: tuple[int, int]):
+def plan_split(data: str, name: str, split, shard_bytes: float, checks: tuple[int, int],
+               resize: tuple[int, int] = (0, 0)):
     """(shard plans, first key of each class, key digits) of one split."""
     digits = max(S.KEY_DIGITS, len(str(len(split) - 1)))
     items, first = [], {}
@@ -94,12 +105,12 @@ def plan_split(data: str, name: str, split, shard_bytes: float, checks: tuple[in
     plans, current, used = [], [], 0
     for it in sorted(items, key=lambda it: _spread(it.rel)):
         if current and used + _tar_bytes(it.size) > shard_bytes:
-            plans.append(Plan(name, len(plans), tuple(current), checks))
+            plans.append(Plan(name, len(plans), tuple(current), checks, resize))
             current, used = [], 0
         current.append(it)
         used += _tar_bytes(it.size)
     if current:
-        plans.append(Plan(name, len(plans), tuple(current), checks))
+        plans.append(Plan(name, len(plans), tuple(current), checks, resize))
     return plans, [first[c] for c in range(len(split.classes))], digits
 
 
@@ -172,6 +183,7 @@ def write_shard(plan: Plan, out: str) -> dict:
     """Check and write one shard and its index; returns (and records in OUT/.partial/) what it holds."""
     tar_path, idx_path = (os.path.join(out, f"{plan.name}.{e}") for e in ("tar", "idx"))
     lines, bad, info, per_class = [], [], [], collections.Counter()
+    sizes = {"resized": 0, "bytes_in": 0, "bytes_out": 0}  # image bytes of the written samples, as read and as written
     tmp = f"{tar_path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as fh:
         tar = _TarWriter(fh)
@@ -180,6 +192,15 @@ def write_shard(plan: Plan, out: str) -> dict:
             if data is None:
                 bad.append({"path": it.rel, "error": result["error"]})
                 continue
+            small, error = resized(data, *plan.resize, min_side=plan.checks[0])
+            if error:
+                bad.append({"path": it.rel, "error": error})
+                continue
+            sizes["bytes_in"] += len(data)
+            if small is not None:
+                data = small
+                sizes["resized"] += 1
+            sizes["bytes_out"] += len(data)
             if result["info"]:
                 info.append({"path": it.rel, "info": result["info"]})
             ext, cls = _ext(data, it.path), str(it.label).encode()
@@ -191,7 +212,7 @@ def write_shard(plan: Plan, out: str) -> dict:
         fh.flush()
         os.fsync(fh.fileno())
     record = {"fingerprint": plan.fingerprint(), "samples": len(lines), "bad": bad, "info": info,
-              "per_class": sorted(per_class.items())}
+              "per_class": sorted(per_class.items()), **sizes}
     if lines:
         index = f"{S.IDX_VERSION} {len(lines)}\n{''.join(lines)}".encode()
         _write_atomic(idx_path, index)
@@ -253,13 +274,14 @@ def shard_command(ns: argparse.Namespace) -> int:
     if ns.shard_size <= 0:
         raise UserError(f"--shard-size must be a positive number of MB, got {ns.shard_size}")
     check_options(ns)
+    resize = resize_options(ns)
     _check_paths(ns.data, ns.out)
     t0 = time.perf_counter()
     train, val = scan_dataset(ns.data)
     checks = (ns.min_side, ns.max_pixels)
     plans, layout = [], {}
     for name, split in (("train", train), ("val", val)):
-        p, first, digits = plan_split(ns.data, name, split, ns.shard_size * 1e6, checks)
+        p, first, digits = plan_split(ns.data, name, split, ns.shard_size * 1e6, checks, resize)
         plans += p
         layout[name] = {"class_first_key": first, "key_digits": digits, "scanned": len(split)}
     fingerprint = hashlib.sha256(" ".join(p.fingerprint() for p in plans).encode()).hexdigest()
@@ -336,10 +358,15 @@ def _write_all(plans: list[Plan], out: str, workers: int) -> tuple[dict[str, dic
 
 def _manifest(ns, classes, plans: list[Plan], records: dict[str, dict], layout: dict, fingerprint: str) -> dict:
     splits, bad, info = {}, [], []
+    max_side, quality = plans[0].resize if plans else (0, 0)
+    resize = {"max_side": max_side or None, "quality": quality or None, "resized": 0, "bytes_before": 0,
+              "bytes_after": 0}
     for name in ("train", "val"):
         per_class, shards = [0] * len(classes), []
         for p in (p for p in plans if p.split == name):
             r = records[p.name]
+            for mine, theirs in (("resized", "resized"), ("bytes_before", "bytes_in"), ("bytes_after", "bytes_out")):
+                resize[mine] += r.get(theirs, 0)  # records of an older fasttrain have no sizes
             bad += r["bad"]
             info += r["info"]
             for label, n in r["per_class"]:
@@ -350,7 +377,7 @@ def _manifest(ns, classes, plans: list[Plan], records: dict[str, dict], layout: 
         splits[name] = {"samples": sum(per_class), **layout[name], "per_class": per_class, "shards": shards}
     return {"format": S.FORMAT, "version": S.VERSION, "source": os.path.abspath(ns.data), "plan": fingerprint,
             "shard_size_mb": ns.shard_size, "checks": {"min_side": ns.min_side, "max_pixels": ns.max_pixels},
-            "num_classes": len(classes), "splits": splits, "bad": sorted(bad, key=lambda b: b["path"]),
+            "resize": resize, "num_classes": len(classes), "splits": splits, "bad": sorted(bad, key=lambda b: b["path"]),
             "info": sorted(info, key=lambda i: i["path"])}
 
 
@@ -359,6 +386,11 @@ def _summary(ns, manifest: dict, kept: int, seconds: float) -> None:
     shards = [s for v in sp.values() for s in v["shards"]]
     mb = sum(s["bytes"] for s in shards) / 1e6
     images = sp["train"]["samples"] + sp["val"]["samples"]
+    rs = manifest["resize"]
+    if rs["max_side"]:
+        print(f"fasttrain: --max-side {rs['max_side']}: resized {rs['resized']} of {images} images (JPEG quality "
+              f"{rs['quality']}; the others kept as they are); image bytes {rs['bytes_before'] / 1e6:.1f} MB -> "
+              f"{rs['bytes_after'] / 1e6:.1f} MB", file=sys.stderr)
     print(f"fasttrain: wrote {sp['train']['samples']} train + {sp['val']['samples']} val images of "
           f"{manifest['num_classes']} classes as {len(shards)} shards ({mb:.1f} MB) in {ns.out}, "
           f"{seconds:.1f}s ({mb / seconds:.1f} MB/s, {images / seconds:.0f} img/s)"

@@ -214,6 +214,20 @@ def test_gpu_run_dry_run_plans_issue_23s_stages_when_given_time(tmp_path):
                for t in tunes)
 
 
+def test_gpu_run_passes_like_and_max_side_to_the_bench(tmp_path):
+    """LIKE=imagenet: every stage draws ImageNet-sized JPEGs; LOADER_S=N MAX_SIDE=M: a loader-only stage
+    first, with the pre-resized shards twins (issue 23's decode rate, full-size against pre-resized)."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "LIKE": "imagenet", "LOADER_S": "240",
+           "MAX_SIDE": "256", "DALI_S": "0", "RESUME_CHECK": "0"}
+    res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    loader, ceiling, e2e, goals = (line.rstrip() for line in (tmp_path / "gpu_run_plan.txt").read_text().splitlines())
+    assert loader.startswith("timeout 240 ") and "--like imagenet --sections loader" in loader
+    assert loader.endswith("--shards --max-side 256")
+    assert "--like imagenet --sections ceiling" in ceiling and "--like imagenet --sections e2e" in e2e
+
+
 def test_gpu_run_takes_dali_and_pythonpath_as_it_finds_them():
     """No unpacking of DALI parts, no PYTHONPATH of its own: DALI imports as `pip install 'fasttrain[dali]'`
     installs it. The goal check's exit 1 (a SHORT goal) must not stop the script before the resume check."""
@@ -366,6 +380,15 @@ def test_check_goals_reads_gpu_runs_stages_as_one_run_with_h200_goals(tmp_path):
     assert cg.main([str(p) for p in paths]) == 1
     assert not any("H200" in line for _, line in cg.goals({"environment": {"gpu": "NVIDIA H100"},
                                                              "entries": ceiling + e2e}))
+
+
+def test_check_goals_leaves_out_loaders_reading_pre_resized_shards():
+    """A loader twin reading shards `--max-side` made smaller decodes other (cheaper) images than the
+    reference: its rate is no fasttrain path for the goals."""
+    doc = gpu_doc(dali=24_900.0)
+    doc["entries"].append({**_e("loader", "dali-gpu-shards", 60_000.0, ratio=20.0), "max_side": 256})
+    assert "dali-gpu-shards" not in "\n".join(line for _, line in _check_goals().goals(doc))
+    assert any("DALI GPU loader only" in line for ok, line in _check_goals().goals(doc) if not ok)
 
 
 def test_check_goals_on_a_cpu_run_has_no_gpu_goals():
@@ -690,6 +713,10 @@ def test_dali_section_without_dali_is_a_one_line_error(tmp_path, monkeypatch, ca
     (["-b", "0"], "--batch-size must be at least 1, got 0"),
     (["-j", "-1"], "--workers must be 0 or more, got -1"),
     (["--from-json", "missing.json"], "--from-json missing.json: not a bench.json (FileNotFoundError"),
+    (["--shards", "--max-side", "4"], "--max-side must be at least 8, got 4"),
+    (["--max-side", "64"], "--max-side says how the bench writes its shards: give it with --shards (no DIR"),
+    (["--shards", "dir", "--max-side", "64"], "--max-side says how the bench writes its shards"),
+    (["data", "--like", "imagenet"], "--like imagenet draws the benchmark's own JPEGs: it has no meaning with DATA"),
 ])
 def test_bench_refuses_bad_numbers_in_one_line(args, message, tmp_path, capsys, monkeypatch):
     """Before: 0 fell back to the default silently, -j -1 ended in DataLoader's traceback, a missing
@@ -728,6 +755,56 @@ def test_dali_is_imported_in_one_place():
                     if re.search(r"^\s*(import nvidia\.dali|from nvidia\.dali|from nvidia import dali)", text, re.M):
                         found.append(os.path.relpath(path, REPO))
     assert found == [os.path.join("fasttrain", "data", "dali_backend.py")], found
+
+
+def test_like_imagenet_draws_jpegs_sized_like_imagenets(tmp_path):
+    """`--like imagenet`: sizes spread as ImageNet's (mean ~400x350, widths from ~100 to over 2,000 px; the
+    default images are all ~460x375), JPEGs of several qualities, the same files whatever the processes,
+    cached apart from the default images."""
+    import numpy as np
+    from PIL import Image
+
+    from fasttrain.bench.images import bench_dataset, cache_root, imagenet_size
+    rng = np.random.default_rng(0)
+    w, h = np.array([imagenet_size(rng) for _ in range(4000)]).T
+    assert 370 < w.mean() < 430 and 320 < h.mean() < 380, (w.mean(), h.mean())
+    assert w.min() < 130 and w.max() > 2000 and (h > w).mean() > 0.15  # small, huge and portrait ones
+    one = bench_dataset(16, out=str(tmp_path / "one"), like="imagenet", processes=1)
+    two = bench_dataset(16, out=str(tmp_path / "two"), like="imagenet", processes=2)
+    paths = sorted(os.path.relpath(os.path.join(d, f), one) for d, _, fs in os.walk(one) for f in fs)
+    assert len(paths) == 32 and all(open(os.path.join(one, p), "rb").read() == open(os.path.join(two, p), "rb").read()
+                                    for p in paths)
+    sizes = {Image.open(os.path.join(one, p)).size for p in paths}
+    assert len(sizes) > 20 and all(Image.open(os.path.join(one, p)).format == "JPEG" for p in paths)
+    assert cache_root(16, "imagenet") != cache_root(16) and "imagenet" in cache_root(16, "imagenet")
+
+
+@pytest.mark.slow
+def test_resize_accuracy_trains_each_copy_and_scores_it_on_full_size_val(tmp_path):
+    """benchmarks/resize_accuracy.py at a toy size: a full-size and a pre-resized copy, each trained and
+    scored on the same full-size val images."""
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "resize_accuracy.py"), "--work", tmp_path / "w",
+           "--json", tmp_path / "r.json", "--per-class", "2", "--val-per-class", "1", "--epochs", "1", "--seeds", "0",
+           "--image-size", "32", "--max-side", "40", "-b", "8", "-j", "1"]
+    r = run_group(cmd, 300, {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.load(open(tmp_path / "r.json"))
+    assert set(doc["copies"]) == {"full", "max40"} and doc["copies"]["full"]["resized"] == 0
+    assert 0 < doc["copies"]["max40"]["resized"] and doc["copies"]["max40"]["bytes_after"] < doc["copies"]["full"][
+        "bytes_after"]
+    assert [(run["copy"], run["seed"]) for run in doc["runs"]] == [("full", 0), ("max40", 0)]
+    assert all(0 <= run["full_size_val_top1"] <= 100 for run in doc["runs"])
+
+
+def test_decode_cost_reads_folders_and_shards(tiny_data, tmp_path):
+    """benchmarks/decode_cost.py: CPU ms per image of each dataset given, a folder and its resized shards."""
+    assert cli.main(["shard", tiny_data, str(tmp_path / "s"), "--max-side", "32", "-j", "1"]) == 0
+    r = run_group([sys.executable, os.path.join(REPO, "benchmarks", "decode_cost.py"), tiny_data, tmp_path / "s",
+                   "--repeats", "1", "--json", tmp_path / "d.json"], 120, {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    sets = json.load(open(tmp_path / "d.json"))["sets"]
+    assert [(s["images"], s["mean_width"]) for s in sets.values()] == [(96, 48), (96, 32)]
+    assert all(s["full_ms"][0] > 0 for s in sets.values())
 
 
 def test_best_of_takes_the_fastest_ceiling_variant(tmp_path, capsys):

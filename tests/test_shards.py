@@ -302,3 +302,140 @@ def test_bench_times_each_loader_on_the_folder_and_on_its_shards(clean, tmp_path
     assert set(twins) == {f"{k}-shards" for k in kinds if k != "reference"}
     assert all(e["vs_folder"] > 0 and e["timed_images"] == 16 for e in twins.values())
     assert "x folder)" in table(entries)
+
+
+@pytest.fixture(scope="module")
+def resized(dirty, tmp_path_factory):
+    """The dirty tree plus a gray JPEG, a 64x48 RGBA PNG and a 72x12 strip (32x5 once resized: under
+    --min-side 8), as shards with --max-side 32 (-j 2, 3 kB shards): the 48x40 JPEGs resized, the 20x16 PNG
+    kept."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("resized")
+    data = str(root / "data")
+    shutil.copytree(dirty[0], data)
+    Image.new("L", (40, 60), 90).save(os.path.join(data, "train", "vstripes_cool", "gray.jpg"), quality=90)
+    Image.new("RGBA", (64, 48), (10, 10, 200, 100)).save(os.path.join(data, "train", "vstripes_cool", "alpha.png"))
+    Image.new("RGB", (72, 12), (200, 10, 10)).save(os.path.join(data, "val", "vstripes_cool", "strip.jpg"), quality=90)
+    bad = {**dirty[2], "val/vstripes_cool/strip.jpg": None}
+    for j, out in (("2", "out"), ("1", "again")):
+        assert shard(data, root / out, "--shard-size", "0.003", "-j", j, "--max-side", "32") == 0
+    return data, root, bad
+
+
+def test_max_side_resizes_the_large_images_and_keeps_the_rest(resized, capsys):
+    """Images longer than --max-side become JPEGs scaled to it (aspect kept, the same picture); the others
+    keep their bytes; bad files are still left out, now with one that resizing would make too small; the
+    manifest and the summary say what was resized and the bytes before and after; -j does not matter."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    data, root, bad = resized
+    out = root / "out"
+    assert files(out) == files(root / "again")
+    folder_train, folder_val = scan_dataset(data)
+    train, val = scan_dataset(str(out))
+    kept, shrunk, before, after, errors = 0, 0, 0, 0, []
+    for got, want in ((train, folder_train), (val, folder_val)):
+        good = [(p, label) for p, label in want.samples if os.path.relpath(p, data) not in bad]
+        assert len(got) == len(good)
+        for (member, label), (path, want_label) in zip(got.samples, good):
+            original, written = open(path, "rb").read(), member.read()
+            src, im = Image.open(io.BytesIO(original)), Image.open(io.BytesIO(written))
+            before, after = before + len(original), after + len(written)
+            assert label == want_label
+            if max(src.size) <= 32:
+                assert written == original, path
+                kept += 1
+                continue
+            shrunk += 1
+            w, h = src.size
+            assert im.format == "JPEG" and im.size == ((32, round(h * 32 / w)) if w >= h else (round(w * 32 / h), 32))
+            assert im.mode == ("L" if src.mode == "L" else "RGB")
+            same = np.asarray(src.convert("L").resize(im.size, Image.Resampling.LANCZOS), np.float32)
+            errors.append(np.abs(np.asarray(im.convert("L"), np.float32) - same).mean())
+    assert (kept, shrunk) == (1, 34)  # the small PNG; 48x40 JPEGs, the gray one and the RGBA PNG
+    assert max(errors) < 5  # the same picture: the JPEG's error, on images of strong stripes and noise
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["resize"] == {"max_side": 32, "quality": 90, "resized": 34, "bytes_before": before,
+                                  "bytes_after": after}
+    assert after < before
+    exts = [line.split(" ")[0] for sp in manifest["splits"].values() for sh in sp["shards"]
+            for line in open(out / sh["idx"]).read().splitlines()[1:]]
+    assert exts.count("png") == 1 and exts.count("jpg") == 34  # the resized PNG is a .jpg now
+    reasons = {b["path"]: b["error"] for b in manifest["bad"]}
+    assert set(reasons) == set(bad) and "too small once resized to --max-side 32 (32x5 < --min-side 8)" in reasons["val/vstripes_cool/strip.jpg"]
+    capsys.readouterr()
+    assert shard(data, root / "again", "--shard-size", "0.003", "--max-side", "32") == 0
+    err = capsys.readouterr().err
+    assert "nothing to do" in err
+
+
+def test_max_side_and_quality_are_part_of_what_a_rerun_keeps(resized, tmp_path, capsys):
+    """Another --quality or --max-side over a finished output rewrites it (the resume fingerprint names them),
+    with other bytes; the same settings find it complete."""
+    data, root, _ = resized
+    out = tmp_path / "o"
+    shutil.copytree(root / "out", out)
+    reference = files(out)
+    for extra in (["--max-side", "32", "--quality", "50"], ["--max-side", "24"], []):
+        assert shard(data, out, "--shard-size", "0.003", "-j", "1", *extra) == 0
+        err = capsys.readouterr().err
+        assert "nothing to do" not in err and "kept from the earlier" not in err
+        now = files(out)
+        assert now != reference, extra
+        reference = now
+        assert json.load(open(out / "manifest.json"))["resize"]["max_side"] == (int(extra[1]) if extra else None)
+    assert "--max-side" not in err  # no resizing: no resize line
+
+
+@pytest.mark.parametrize("argv, words", [(["--quality", "80"], "give --max-side too"),
+                                         (["--max-side", "4"], "--max-side must be at least --min-side (8)"),
+                                         (["--max-side", "32", "--quality", "101"], "--quality must be")])
+def test_bad_resize_flags_are_one_line_exit_2(tiny_data, tmp_path, capsys, argv, words):
+    assert shard(tiny_data, tmp_path / "o", *argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_both_loaders_train_from_resized_shards(tiny_data, tmp_path_factory, tmp_path, monkeypatch, capsys, loader):
+    """Shards of the 48x40 images at --max-side 32: a run trains from them and its checkpoint scores the
+    full-size folder's val images (what the accuracy comparison in benchmarks/ does)."""
+    out = tmp_path_factory.getbasetemp() / "tiny-max32"
+    if not out.exists():
+        assert shard(tiny_data, out, "--shard-size", "0.04", "-j", "2", "--max-side", "32") == 0
+    assert json.load(open(out / "manifest.json"))["resize"]["resized"] == 132
+    monkeypatch.setattr("fasttrain.train.build_model", tiny_model)
+    args = ["--loader", loader, "--device", "cpu", "-j", "0", "-b", "16"]
+    assert cli.main(["train", str(out), *args, "--image-size", "32", "--seed", "3", "-p", "2", "--epochs", "1",
+                     "--output-dir", str(tmp_path / "r")]) == 0
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert [(r["train_samples"], r["val_samples"]) for r in rows] == [(96, 36)]
+    capsys.readouterr()
+    assert cli.main(["eval", str(tiny_data), "--checkpoint", str(tmp_path / "r" / "checkpoint.pth.tar"),
+                     *args]) == 0
+    assert "on 36 images" in capsys.readouterr().out
+
+
+def test_bench_compares_the_folder_with_its_pre_resized_shards(clean, tmp_path, monkeypatch):
+    """`fasttrain bench --shards --max-side N`: the twins read shards written with --max-side N (cached apart
+    from the full-size ones) and say so in their names; their rate against the folder's is the decode
+    rate full-size against pre-resized."""
+    from dataclasses import replace
+
+    from fasttrain.bench.loaders import FASTTRAIN_LOADERS, BenchData
+    from fasttrain.bench.shards import bench_shards, shard_twins
+    from fasttrain.bench.suite import Plan, loader_section
+    folder, _ = clean
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    where = bench_shards(folder, max_side=32)
+    assert where != bench_shards(folder) and BenchData.scan(where).max_side == 32
+    assert BenchData.scan(folder).max_side is None
+    plan = Plan(torch.device("cpu"), ["resnet18"], 1, 8, 8, image_size=32, loader_steps=(1, 2),
+                loaders=shard_twins(["torchvision"], FASTTRAIN_LOADERS))
+    entries = loader_section(plan, replace(BenchData.scan(folder), shards=BenchData.scan(where)))
+    assert [e["name"] for e in entries] == ["loader/torchvision", "loader/torchvision-shards (max side 32)"]
+    assert entries[1]["vs_folder"] > 0 and entries[1]["timed_images"] == 16 and entries[1]["max_side"] == 32
+    assert "max_side" not in entries[0]

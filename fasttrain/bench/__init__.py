@@ -5,6 +5,7 @@
     fasttrain bench --quick --out /tmp/b              # seconds: checks that everything runs; rough numbers
     fasttrain bench --from-json runs/gpu/bench.json --out runs/gpu   # redraw table and PNG from a JSON
     fasttrain bench --shards --sections loader        # each loader also reading the same images as tar shards
+    fasttrain bench --like imagenet --shards --max-side 256 --sections loader  # ImageNet-sized, full vs resized
     fasttrain bench --sections ceiling -a resnet50 --out runs/c     # model-only variants past the compiled rate
     fasttrain bench --sections e2e -a resnet50 --best-of runs/c/bench.json   # end to end with the fastest one
     make bench                                        # = fasttrain bench --out runs/bench
@@ -162,9 +163,15 @@ def render(out: str, doc: dict) -> None:
 
 
 def check_numbers(ns: argparse.Namespace) -> None:
-    """Counts a user gives: a bad one is a one-line error, not a silent default or a traceback later."""
+    """Counts a user gives: a bad one is a one-line error, not a silent default or a traceback later; and
+    the flags that only mean something with others."""
     check_counts(("--workers", ns.workers, 0), ("--batch-size", ns.batch_size, 1), ("--repeats", ns.repeats, 1),
-                 ("--images", ns.images, CLASSES, " (one per class)"))
+                 ("--images", ns.images, CLASSES, " (one per class)"), ("--max-side", ns.max_side, 8))
+    if ns.data and ns.like != "default":
+        raise UserError(f"--like {ns.like} draws the benchmark's own JPEGs: it has no meaning with DATA ({ns.data})")
+    if ns.max_side and (not ns.shards or ns.shards != "auto"):
+        raise UserError("--max-side says how the bench writes its shards: give it with --shards (no DIR; a DIR's "
+                        "shards were written with their own settings, `fasttrain shard --max-side`)")
 
 
 def bench_command(ns: argparse.Namespace) -> int:
@@ -204,11 +211,11 @@ def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan)
         from ..data import dali_backend
         why = plan.skipped.get(dali_backend.loader_name(device), "left out")
         raise UserError(f"--sections dali: the DALI loader does not run here ({why})")
-    root = ns.data or bench_dataset(default_images(ns, device.type == "cuda"))
+    root = ns.data or bench_dataset(default_images(ns, device.type == "cuda"), like=ns.like)
     data = BenchData.scan(root)
     if ns.shards:  # loader-only twins reading the same images from tar shards (bench/shards.py)
         from .shards import bench_shards, shard_twins
-        data = replace(data, shards=BenchData.scan(bench_shards(root, ns.shards)))
+        data = replace(data, shards=BenchData.scan(bench_shards(root, ns.shards, ns.max_side)))
         plan.loaders = shard_twins(plan.loaders, FASTTRAIN_LOADERS)
     plan.num_classes = len(data.train.classes)  # the models' heads must fit the labels of the files read
     print(f"fasttrain bench: {device}, data {root} ({len(data.train)} images), loaders {', '.join(plan.loaders)}, "
@@ -217,7 +224,7 @@ def _measure(ns: argparse.Namespace, out: str, device: torch.device, plan: Plan)
         print(f"fasttrain bench: left out {kind}: {why}", flush=True)
     env = environment(device, dict(vars(ns)))
     plan_doc = {**asdict(plan), "device": str(device), "data": root, "train_images": len(data.train),
-                "sections": list(sections)}
+                "sections": list(sections), "like": None if ns.data else ns.like}
 
     def save(entries: list[dict]) -> None:
         plan_doc["skipped"] = dict(plan.skipped)  # a peer that failed during the run is left out from then on

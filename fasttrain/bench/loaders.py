@@ -73,11 +73,16 @@ class BenchData:
     train: Split
     val: Split
     shards: "BenchData | None" = None  # the same images as tar shards (bench --shards: bench/shards.py)
+    max_side: int | None = None  # shards written with `fasttrain shard --max-side`: the images' longest side
 
     @classmethod
     def scan(cls, root: str) -> "BenchData":
         train, val = scan_dataset(root)
-        return cls(root, train, val)
+        max_side = None
+        if train.sharded:
+            from ..data.shards import load_manifest
+            max_side = (load_manifest(root).get("resize") or {}).get("max_side")
+        return cls(root, train, val, max_side=max_side)
 
     def repeat_for(self, images: int) -> int:
         """How many times the file list must be chained to hold `images` samples."""

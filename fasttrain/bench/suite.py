@@ -189,9 +189,10 @@ def loader_section(plan: Plan, data: BenchData, add: Add = _nothing) -> list[dic
     # Every loader gets the longest queue's warm-up, so all entries time the same window length.
     steps = (max(warmed(plan.loader_steps, k, plan.workers)[0] for k in plan.loaders), plan.loader_steps[1])
     runs = best_of_repeats(plan, [(k, loader_only(plan, data, k, steps)) for k in list(plan.loaders)])
-    out = [entry("loader", f"loader/{k}", k, None, None, plan.loader_batch, plan.workers, best_run(ts), steps,
-                 reference=k == "reference", peer=is_peer(k),
-                 all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]) for k, ts in runs.items()]
+    out = [entry("loader", f"loader/{k}{_resized(k, data)}", k, None, None, plan.loader_batch, plan.workers,
+                 best_run(ts), steps, reference=k == "reference", peer=is_peer(k),
+                 all_images_per_sec=[round(t.images_per_sec, 1) for t in ts],
+                 **({"max_side": data.shards.max_side} if _resized(k, data) else {})) for k, ts in runs.items()]
     rates = {e["loader"]: e["images_per_sec"] for e in out}
     for e in out:  # a loader reading tar shards against itself reading the folder (bench --shards)
         base, sharded = unsharded(e["loader"])
@@ -199,6 +200,12 @@ def loader_section(plan: Plan, data: BenchData, add: Add = _nothing) -> list[dic
             e["vs_folder"] = e["images_per_sec"] / rates[base]
         add(e)
     return out
+
+
+def _resized(kind: str, data: BenchData) -> str:
+    """" (max side N)" after a loader reading shards that `fasttrain shard --max-side N` wrote."""
+    sharded = unsharded(kind)[1]
+    return f" (max side {data.shards.max_side})" if sharded and data.shards.max_side else ""
 
 
 def dali_kind(plan: Plan) -> str | None:

@@ -1,8 +1,9 @@
 """Tar shards in WebDataset's layout, as `fasttrain shard` writes them, read back as a Split.
 
     OUT/classes.json                 class names, in ImageFolder's order (label i = classes[i])
-    OUT/manifest.json                counts per split and class, shards with sizes and sha256, bad files
-    OUT/train/shard-000000.tar       KEY.jpg (the original file's bytes) + KEY.cls (its label, ASCII)
+    OUT/manifest.json                counts per split and class, shards with sizes and sha256, bad files,
+                                     resize settings (--max-side, --quality) and what they resized
+    OUT/train/shard-000000.tar       KEY.jpg (the file's bytes, or with --max-side a resized JPEG) + KEY.cls
     OUT/train/shard-000000.idx       DALI's index of it (wds2idx's v1.2 format), for fn.readers.webdataset
     OUT/val/...
 
