@@ -132,6 +132,7 @@ def _settings(out: str) -> dict[str, str]:
     return {ln.split()[0]: ln.strip() for ln in out.splitlines() if ln.startswith("  ")}
 
 
+@pytest.mark.slow
 def test_auto_measures_then_reuses_the_profile_and_trains_as_its_choice(tiny_data, tmp_path, monkeypatch, capsys):
     """--calibrate fresh measures and caches; the next run takes the cached profile; and a run with the chosen
     loader given outright ends with the same weights (measuring changed nothing of the run)."""
