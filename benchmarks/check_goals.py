@@ -12,10 +12,14 @@ file's environment. GPU runs (environment.gpu set):
 - on an H200 (issue 22: MLPerf's rate is ~7,950 img/s per H200): ResNet-50's best compiled model-only rate
   (model and ceiling sections) >= 7,500 img/s, and its best end-to-end rate >= 7,200 img/s.
 CPU runs: loader only, fasttrain's best path >= 2x the reference loader at the same worker count.
+Both, with `--sections auto`: --loader auto's pick feeds the model at >= 95% of the best path measured in
+the same run (auto_vs_best), and its calibration took < 10 s; on a GPU the hybrid ahead of both loaders
+alone wherever both were slower than the model.
 Both: fasttrain's best path ahead of every peer (timm's loader, torchvision GPU decode) measured in the same
 run, loader only and end to end (per model).
 fasttrain's best path includes the DALI settings of `fasttrain bench --sections dali` (a user's
---hw-decoder-load / --prefetch); a line met with other settings than the defaults names them.
+--hw-decoder-load / --prefetch; a line met with other settings than the defaults names them) and the
+hybrid loader of `--sections auto`.
 
 Prints one line per goal the JSON has entries for, MET or SHORT. Exit status: 0 when every such goal is
 met (or none applies), 1 when one is SHORT, 2 when the file cannot be read: a benchmark reports, and still
@@ -31,6 +35,7 @@ E2E_GOALS = {"resnet50": (0.95, 4.8), "resnet18": (0.90, 8.7)}  # (share of mode
 DALI_GPU_LOADER_GOAL = 25_000.0  # img/s
 H200_R50_GOALS = (7_500.0, 7_200.0)  # img/s: compiled model only, end to end (issue 22, one H200)
 CPU_LOADER_GOAL = 2.0  # x the reference loader
+AUTO_GOAL, CALIBRATION_S_GOAL = 0.95, 10.0  # auto's pick against the best path; the calibration's seconds
 
 
 def _line(ok: bool, text: str) -> tuple[bool, str]:
@@ -104,10 +109,11 @@ def goals(doc: dict) -> list[tuple[bool, str]]:
     out += _peer_lines(loaders, "loader only")
     if gpu and "H200" in str(doc["environment"].get("gpu")):
         out += _h200_lines(entries)
-    for arch in dict.fromkeys(e["arch"] for e in entries if e["section"] in ("e2e", "dali") and e["arch"]):
+    for arch in dict.fromkeys(e["arch"] for e in entries if e["section"] in ("e2e", "dali", "auto") and e["arch"]):
         e2e = [e for e in entries if e["section"] == "e2e" and e["arch"] == arch]
-        # fasttrain's best path may be another DALI setting than the default (--sections dali)
-        e2e += [e for e in entries if e["section"] == "dali" and e["arch"] == arch]
+        # fasttrain's best path may be another DALI setting than the default (--sections dali), or the hybrid
+        # loader (--sections auto)
+        e2e += [e for e in entries if e["section"] in ("dali", "auto") and e["arch"] == arch]
         ours = _fasttrain(e2e)
         if gpu and arch in E2E_GOALS and ours:
             share, ratio = E2E_GOALS[arch]
@@ -119,6 +125,29 @@ def goals(doc: dict) -> list[tuple[bool, str]]:
                 out.append(_line(best["ratio_to_reference"] >= ratio,
                                  f"{head} {best['ratio_to_reference']:.2f}x the reference loop (goal {ratio}x)"))
         out += _peer_lines(e2e, f"{arch} end to end")
+    out += _auto_lines(entries, gpu)
+    return out
+
+
+def _auto_lines(entries: list[dict], gpu: bool) -> list[tuple[bool, str]]:
+    """--sections auto: the pick against the best path, the calibration's cost, the hybrid where it applies."""
+    out = []
+    for e in (e for e in entries if e["section"] == "auto" and "auto_vs_best" in e):
+        paths = [p for p in entries if p["section"] == "auto" and p["arch"] == e["arch"] and "auto_vs_best" not in p]
+        rates = ", ".join(f"{p['loader']} {_rate(p['images_per_sec'])}" for p in paths)
+        out.append(_line(e["auto_vs_best"] >= AUTO_GOAL,
+                         f"{e['arch']} --loader auto picked {e['auto_choice']}: {100 * e['auto_vs_best']:.0f}% of the "
+                         f"best path measured ({rates} img/s; goal {100 * AUTO_GOAL:.0f}%)"))
+        out.append(_line(e["calibration_s"] < CALIBRATION_S_GOAL,
+                         f"{e['arch']} --loader auto's calibration took {e['calibration_s']:.1f}s (goal under "
+                         f"{CALIBRATION_S_GOAL:g}s; nothing when the profile is cached)"))
+        single = [p for p in paths if p["loader"] != "hybrid"]
+        hybrid = [p for p in paths if p["loader"] == "hybrid"]
+        if gpu and hybrid and len(single) == 2 and all(p["of_ceiling"] < 0.95 for p in single):
+            top = max(p["images_per_sec"] for p in single)
+            out.append(_line(hybrid[0]["images_per_sec"] > top,
+                             f"{e['arch']} hybrid {_rate(hybrid[0]['images_per_sec'])} img/s against the best single "
+                             f"loader's {_rate(top)} (both below the model's rate; goal: faster than either)"))
     return out
 
 

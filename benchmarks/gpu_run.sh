@@ -57,6 +57,15 @@
 # `--shards --max-side N`).
 # Decoding full-size against pre-resized ImageNet-sized JPEGs (issue 23), the loader stage alone:
 #   LIKE=imagenet LOADER_S=240 MAX_SIDE=256 CEILING_S=0 E2E_S=0 DALI_S=0 RESUME_CHECK=0 bash benchmarks/gpu_run.sh
+# Issue 23 (which loader, and both at once), stages left out unless given a time: AUTO_S, after the DALI stage,
+# `fasttrain bench --sections auto` over AUTO_ARCHS ("resnet50 resnet18"): per arch the brief calibration
+# `train --loader auto` makes (timed), then torchvision, DALI GPU and the hybrid end to end feeding the compiled
+# model, and the path auto took (auto/bench.json; check_goals: auto within 5% of the best path, the calibration
+# under 10 s, the hybrid ahead of both loaders where both are below the model); TUNE_S, last, `fasttrain tune`
+# of each of AUTO_ARCHS with bf16 + channels_last + compile, each within TUNE_S (tune-ARCH.txt: each path
+# alone and fed, p50/p95 ms, DALI's hardware-decoder share and prefetch depth). Estimated, not yet run:
+# ~150 s and ~60-90 s an arch. The issue-23 window:
+#   CEILING_S=0 E2E_S=0 DALI_S=0 RESUME_CHECK=0 AUTO_S=300 TUNE_S=120 bash benchmarks/gpu_run.sh
 set -euo pipefail
 
 dry=0
@@ -73,6 +82,8 @@ WORKERS=${WORKERS:-16}
 IMAGES=${IMAGES:-4096}
 BATCH=${BATCH:-256}
 ARCH=${ARCH:-resnet50}
+AUTO_S=${AUTO_S:-0}
+TUNE_S=${TUNE_S:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export FASTTRAIN_CACHE=${FASTTRAIN_CACHE:-/tmp/fasttrain-cache}
@@ -90,6 +101,12 @@ dali=("${bench[@]}" --sections dali --out "$OUT/dali")
 resume=(--out "$SCRATCH/resume" --stop-at 6)
 train=(--loader dali -j "$WORKERS" -b 256 --image-size 64 --epochs 1 -p 2 --seed 0 --no-compile)
 goals=(benchmarks/check_goals.py "$OUT/ceiling/bench.json" "$OUT/e2e/bench.json" "$OUT/dali/bench.json")
+# Issue 23: --loader auto against each path (AUTO_S), `fasttrain tune` of each arch (TUNE_S)
+auto=(bench -j "$WORKERS" -b "$BATCH" --images "$IMAGES" --sections auto --out "$OUT/auto")
+for a in ${AUTO_ARCHS:-resnet50 resnet18}; do auto+=(-a "$a"); done
+[[ -n "${LIKE:-}" ]] && auto+=(--like "$LIKE")
+tune=(-j "$WORKERS" -b "$BATCH" --amp bf16 --channels-last --compile --cudnn-benchmark)
+(( AUTO_S > 0 )) && goals+=("$OUT/auto/bench.json")
 
 if (( dry )); then
   # Everything but the measuring: the arguments must parse, the scripts compile, and OUT must take files.
@@ -99,6 +116,8 @@ if (( dry )); then
   "$PY" -c "$parse" "${e2e[@]}" "${best[@]}"
   "$PY" -c "$parse" "${dali[@]}" "${best[@]}"
   "$PY" -c "$parse" train DATA "${train[@]}" --output-dir "$SCRATCH/resume/stopped"
+  "$PY" -c "$parse" "${auto[@]}"
+  "$PY" -c "$parse" tune DATA "${tune[@]}"
   "$PY" -c 'from fasttrain.bench import best_ceiling'  # what picks --best-of's variant between the stages
   "$PY" -m py_compile benchmarks/check_goals.py benchmarks/resume_check.py benchmarks/profile_loader.py \
     tests/fault_worker.py
@@ -108,10 +127,16 @@ if (( dry )); then
     (( CEILING_S > 0 )) && { printf '%q ' timeout "$CEILING_S" "$PY" -m fasttrain "${ceiling[@]}"; echo; }
     (( E2E_S > 0 )) && { printf '%q ' timeout "$E2E_S" "$PY" -m fasttrain "${e2e[@]}" "${best[@]}"; echo; }
     (( DALI_S > 0 )) && { printf '%q ' timeout "$DALI_S" "$PY" -m fasttrain "${dali[@]}" "${best[@]}"; echo; }
+    (( AUTO_S > 0 )) && { printf '%q ' timeout "$AUTO_S" "$PY" -m fasttrain "${auto[@]}"; echo; }
     [[ "${RESUME_CHECK:-1}" == 1 ]] && {
       printf '%q ' "$PY" benchmarks/resume_check.py --time-limit LEFT "${resume[@]}" -- train DATA "${train[@]}"
       echo; }
     printf '%q ' "$PY" "${goals[@]}"; echo
+    if (( TUNE_S > 0 )); then
+      for a in ${AUTO_ARCHS:-resnet50 resnet18}; do
+        printf '%q ' timeout "$TUNE_S" "$PY" -m fasttrain tune DATA -a "$a" "${tune[@]}"; echo
+      done
+    fi
   } > "$OUT/gpu_run_plan.txt"
   echo "gpu_run: dry run: would run, in this order (the resume check gets what is left of ${TOTAL_S}s):"
   cat "$OUT/gpu_run_plan.txt"
@@ -176,6 +201,7 @@ run_bench ceiling "$CEILING_S" "${ceiling[@]}"
   "$OUT/ceiling/bench.json" "$ARCH" 2>/dev/null || best=()
 run_bench e2e "$E2E_S" "${e2e[@]}" "${best[@]}"
 (( has_dali )) && run_bench dali "$DALI_S" "${dali[@]}" "${best[@]}"
+run_bench auto "$AUTO_S" "${auto[@]}"
 
 # The bench's generated JPEGs (drawn once into FASTTRAIN_CACHE; made here if no bench drew them).
 if (( has_dali )); then
@@ -193,6 +219,17 @@ present=()
 for f in "${goals[@]:1}"; do [[ -f "$f" ]] && present+=("$f"); done
 if (( ${#present[@]} )); then
   "$PY" benchmarks/check_goals.py "${present[@]}" | tee "$OUT/goals.txt" || true  # exit 1: a goal SHORT
+fi
+
+# Issue 23: the thorough loader profile of each arch, as `fasttrain train --loader auto` then reuses it.
+if (( TUNE_S > 0 )); then
+  [[ -n "${data:-}" ]] || data=$("$PY" -c \
+    "from fasttrain.bench.images import bench_dataset; print(bench_dataset($IMAGES, like='${LIKE:-default}'))")
+  for a in ${AUTO_ARCHS:-resnet50 resnet18}; do
+    timeout --signal=INT --kill-after=20 "$TUNE_S" "$PY" -m fasttrain tune "$data" -a "$a" "${tune[@]}" \
+      > "$OUT/tune-$a.txt" 2>&1 || true
+    tail -12 "$OUT/tune-$a.txt" || true
+  done
 fi
 
 # Step 7, only when asked: where the DALI GPU loader's time goes alone (torch.profiler over 80 batches at

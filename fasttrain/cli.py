@@ -1,9 +1,10 @@
-"""Command line: `fasttrain train|eval|predict|recipes|plot|demo-data|check-data|shard|bench`.
+"""Command line: `fasttrain train|tune|eval|predict|recipes|plot|demo-data|check-data|shard|bench`.
 
     fasttrain train                                   # embedded demo dataset, small model
     fasttrain train /data/imagenet --recipe rn50-16ep # a named recipe (`fasttrain recipes` lists them)
     fasttrain train /data/imagenet -a resnet50 -b 256 --amp bf16 --channels-last --compile
     fasttrain train /data/imagenet --resume auto --output-dir runs/r50
+    fasttrain tune /data/imagenet -a resnet18 --compile # which loader feeds it fastest here; --loader auto reuses it
     fasttrain eval /data/imagenet --checkpoint runs/r50/model_best.pth.tar
     fasttrain predict runs/r50/model_best.pth.tar cat.jpg dog.jpg       # top-5 class names of each image
     fasttrain plot runs/r50 runs/r18 --out curves.png   # val top-1 by epoch and by time, loss, lr, img/s
@@ -117,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(sub.add_parser("train", help="train (and validate each epoch)", **fmt,
                                      description="Train on DATA (without DATA: the embedded demo dataset, with "
                                      "its own defaults), validating each epoch."))
+    tu = sub.add_parser("tune", help="measure the loaders on this host for a model and batch; cache the profile "
+                        "--loader auto reuses", **fmt,
+                        description="Time the model step alone and each loader (torchvision, DALI, both at once; "
+                        "DALI's --hw-decoder-load and --prefetch) alone and feeding it, on DATA's files, with the "
+                        "options `fasttrain train` would get; print the table and the loader --loader auto will "
+                        "take, and cache the profile it reads (per host, data, model, batch and world size).")
+    _add_config_flags(tu)
+    tu.add_argument("--quick", action="store_true",
+                    help="the brief measurement `train --loader auto` makes (seconds), not the thorough one")
     ev = sub.add_parser("eval", help="evaluate a checkpoint on DATA/val", **fmt,
                         description="Score a checkpoint on DATA/val. Its arch and image size come from the "
                         "checkpoint; nothing is written.")
@@ -177,10 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the model, end-to-end and DALI sections' compiled entries take the settings and batch of "
                     "the fastest ceiling variant in BENCH_JSON (an earlier `--sections ceiling` run)")
     bn.add_argument("--sections", default=None, metavar="LIST",
-                    help="comma list of loader,model,e2e,ceiling,recipe,dali (default: loader,model,e2e; ceiling: "
-                         "model-only variants past the compiled rate, each compiled anew; recipe: progressive "
+                    help="comma list of loader,model,e2e,ceiling,recipe,dali,auto (default: loader,model,e2e; "
+                         "ceiling: model-only variants past the compiled rate, each compiled anew; recipe: progressive "
                          "resizing and BlurPool end to end; dali: the DALI loader's --hw-decoder-load and "
-                         "--prefetch settings, loader only and end to end)")
+                         "--prefetch settings, loader only and end to end; auto: what --loader auto picks, with its "
+                         "calibration's cost, against torchvision, DALI and the hybrid end to end)")
     bn.add_argument("--repeats", type=int, default=None, metavar="N",
                     help="loader-only: run each loader N times, interleaved, and keep the best (default: 3 on CPU)")
     bn.add_argument("--shards", nargs="?", const="auto", default=None, metavar="DIR",
@@ -246,7 +257,7 @@ def parse_config(ns: argparse.Namespace) -> C.Config:
     values = _over(values, flags, "the command line")
     if recipe and ("optim", "epochs") in given:
         values = _scale_recipe(ns.recipe, recipe, values, given)
-    demo = (ns.command == "train" and values.get(("data", "data")) is None
+    demo = (ns.command in ("train", "tune") and values.get(("data", "data")) is None
             and not values.get(("data", "dummy")) and values.get(("data", "loader")) != "synthetic")
     if demo:
         defaults = dict(DEMO_DEFAULTS)
@@ -286,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = parse_config(ns)
             from .launch import launch
             return launch(cfg, eval_checkpoint=getattr(ns, "checkpoint", None))
+        if ns.command == "tune":
+            from .tune import tune_command
+            return tune_command(parse_config(ns), quick=ns.quick)
         if ns.command == "predict":
             from .predict import predict_command
             return predict_command(ns)

@@ -35,8 +35,17 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "ma
 class DataConfig:
     data: str | None = opt(None, help="dataset root holding train/ and val/ in ImageFolder layout "
                            "(omit it to use the embedded demo dataset)", metavar="DATA")
-    loader: str = opt("auto", "--loader", choices=("auto", "torchvision", "dali", "synthetic"),
-                      help="input pipeline; auto = DALI on a GPU when installed, else torchvision")
+    loader: str = opt("auto", "--loader", choices=("auto", "torchvision", "dali", "hybrid", "synthetic"),
+                      help="input pipeline; hybrid = torchvision's CPU workers and DALI feeding the same steps; auto = "
+                      "the fastest for this host, model and batch, by measurement (see --calibrate)")
+    calibrate: str = opt("auto", "--calibrate", choices=("auto", "fresh", "off"),
+                         help="how --loader auto decides: auto = from the profile `fasttrain tune` or an earlier run "
+                         "cached for this host, data, model and batch, else by a brief measurement (seconds) when "
+                         "the run is long enough to repay it; fresh = measure again and rewrite the profile; off = "
+                         "DALI on a GPU when installed, else torchvision, unmeasured")
+    dali_share: float = opt(0.0, "--dali-share", metavar="F",
+                            help="--loader hybrid: share of the train batches DALI makes, the rest from the "
+                            "torchvision workers (0 = the measured rates' ratio, see --calibrate)")
     workers: int | None = opt(None, "-j", "--workers", metavar="N",
                               help="data loading workers (DALI: CPU threads) per node, split across its processes "
                               "(default: 4 as the reference, capped at the cores each process has)")
@@ -356,6 +365,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--lr must be positive, got {cfg.optim.lr}")
     if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
         raise UserError(f"--hw-decoder-load must be between 0 and 1, got {cfg.data.hw_decoder_load}")
+    if not 0.0 <= cfg.data.dali_share < 1.0:
+        raise UserError(f"--dali-share must be at least 0 (0 = measured) and below 1, got {cfg.data.dali_share}")
     check_counts(("--print-freq", cfg.run.print_freq, 1))
     validate_recipe_knobs(cfg)
     if cfg.run.profile is not None:
@@ -394,7 +405,7 @@ def validate_knobs(cfg: Config) -> None:
     if cfg.data.auto_augment and cfg.data.randaugment:
         raise UserError("--auto-augment and --randaugment are two policies for the same step: pick one")
     loader = "synthetic" if cfg.data.dummy else cfg.data.loader
-    if (cfg.data.auto_augment or cfg.data.randaugment) and loader in ("dali", "synthetic"):
+    if (cfg.data.auto_augment or cfg.data.randaugment) and loader in ("dali", "hybrid", "synthetic"):
         what = "--dummy's synthetic batches have no images to augment" if loader == "synthetic" else \
             "fasttrain's DALI pipeline has no AutoAugment/RandAugment"
         raise UserError(f"--auto-augment and --randaugment are torchvision's, applied in the torchvision loader; "

@@ -62,9 +62,9 @@ def preflight(cfg: Config) -> None:
     if cfg.model.weights and not os.path.isfile(cfg.model.weights):
         raise UserError(f"--weights {cfg.model.weights} does not exist")
     D.check_gpu_flag(cfg.dist.gpu)
-    if cfg.data.loader == "dali":
+    if cfg.data.loader in ("dali", "hybrid"):
         from .data import dali_backend
-        dali_backend.require()
+        dali_backend.require(f"--loader {cfg.data.loader}")
     if cfg.run.tensorboard:
         from . import tb
         tb.wanted(True)  # the package imports, or a one-line error

@@ -105,7 +105,7 @@ def describe(cfg: Config, dist, loaders, threads: str, config_path: str | None) 
         f"  data     {d.data or 'synthetic'}: {loaders.train_size} train / {loaders.val_size} val images{val}, "
         f"{len(loaders.classes)} classes",
         f"  loader   {loaders.name}, {loaders.workers} worker{'s' if loaders.workers != 1 else ''} per process"
-        f"{augment}{loaders.detail}",
+        f"{augment}{loaders.detail}" + (f"\n  choice   {loaders.choice}" if loaders.choice else ""),
         f"  model    {cfg.model.arch}{' from ' + cfg.model.weights if cfg.model.weights else ''}, "
         f"{crops}",
         f"  batch    {global_batch} global = {loaders.batch} per process x {procs}{accum}; {loaders.steps} "

@@ -22,6 +22,7 @@ from . import cpu_share
 from . import dist as D
 from . import settings
 from . import signals
+from . import tune
 from .capture import CompiledUpdate, tensor_lr
 from .checkpointer import Checkpointer, Start, log0, output_dir, read_resume, warn0
 from .config import Config, RunConfig, resolve_lr, resolve_toggles
@@ -143,8 +144,10 @@ def run(cfg: Config, dist: D.DistInfo) -> int:
     with process_state():
         torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
         layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
-        loaders = build_loaders(cfg.data, dist, layout, seed, cfg.optim.grad_accum_steps)
-        threads = cpu_share.describe(*cpu_share.apply(dist.local_world_size))
+        threads = cpu_share.describe(*cpu_share.apply(dist.local_world_size))  # before --loader auto measures
+        # --loader auto: the profile cached for this host, data and model, else a brief measurement
+        pick = None if cfg.run.evaluate else tune.picker(cfg, dist, layout, ck)
+        loaders = build_loaders(cfg.data, dist, layout, seed, cfg.optim.grad_accum_steps, pick)
         try:
             if cfg.run.evaluate:
                 return _evaluate(cfg, dist, loaders, ck, threads)
@@ -170,9 +173,12 @@ def process_state():
 def resolved(cfg: Config, seed: int, out: str, loaders, dist: D.DistInfo) -> Config:
     """The config as this run uses it: what config.toml holds and checkpoints keep."""
     workers = cfg.data.workers if cfg.data.workers is not None else loaders.workers * dist.local_world_size
+    data = loaders.data or cfg.data  # with --loader auto's choice: the loader's knobs it measured best
     loader = loaders.name.split("-")[0]  # dali-gpu, dali-cpu -> dali
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed, output_dir=out),
-                               data=dataclasses.replace(cfg.data, workers=workers, loader=loader))
+                               data=dataclasses.replace(cfg.data, workers=workers, loader=loader,
+                                                        dali_share=data.dali_share if loader == "hybrid" else 0.0,
+                                                        hw_decoder_load=data.hw_decoder_load, prefetch=data.prefetch))
 
 
 def _evaluate(cfg: Config, dist: D.DistInfo, loaders, ck: dict | None, threads: str) -> int:

@@ -197,6 +197,23 @@ def test_gpu_run_dry_run_parses_its_command(tmp_path):
     assert res.returncode == 0 and "--sections ceiling" not in res.stdout and "resume_check" not in res.stdout
 
 
+def test_gpu_run_dry_run_plans_issue_23s_stages_when_given_time(tmp_path):
+    """AUTO_S: `bench --sections auto` over both archs after the other stages, its bench.json among the goals';
+    TUNE_S: `fasttrain tune` of each arch last. Neither runs unless given a time (the default plan above)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "SCRATCH": str(tmp_path / "scratch"),
+           "CEILING_S": "0", "E2E_S": "0", "DALI_S": "0", "RESUME_CHECK": "0", "AUTO_S": "300", "TUNE_S": "120"}
+    res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    auto, goals, *tunes = (line.rstrip() for line in (out / "gpu_run_plan.txt").read_text().splitlines())
+    assert auto.startswith("timeout 300 ") and f"--sections auto --out {out}/auto -a resnet50 -a resnet18" in auto
+    assert goals.endswith(f"{out}/dali/bench.json {out}/auto/bench.json")
+    assert [t.split(" -a ")[1].split()[0] for t in tunes] == ["resnet50", "resnet18"]
+    assert all(t.startswith("timeout 120 ") and "-m fasttrain tune DATA" in t and "--channels-last --compile" in t
+               for t in tunes)
+
+
 def test_gpu_run_passes_like_and_max_side_to_the_bench(tmp_path):
     """LIKE=imagenet: every stage draws ImageNet-sized JPEGs; LOADER_S=N MAX_SIDE=M: a loader-only stage
     first, with the pre-resized shards twins (issue 23's decode rate, full-size against pre-resized)."""
@@ -831,3 +848,49 @@ def test_e2e_alone_times_the_one_combination_it_feeds(tmp_path, monkeypatch):
     assert [e["name"] for e in rows] == ["model/resnet18/reference", "model/resnet18/bf16+channels_last"]
     (model, tg), = fed
     assert [e["name"] for e in model] == [e["name"] for e in rows] and tg.label == "bf16+channels_last"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dali_backend.available(), reason="nvidia.dali does not import")
+def test_auto_section_puts_autos_pick_beside_every_path(tmp_path, monkeypatch):
+    """`--sections auto`: the calibration `train --loader auto` makes (timed), then torchvision, DALI and the
+    hybrid end to end, and an entry for the path auto took, its rate taken from those measurements."""
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["bench", "--quick", "--sections", "auto", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    rows = doc["entries"]
+    assert {e["section"] for e in rows} == {"auto"}
+    paths = [e for e in rows if "auto_vs_best" not in e]
+    assert [e["loader"] for e in paths] == ["torchvision", "dali-cpu", "hybrid"]
+    assert all(finite_positive(e["images_per_sec"]) and finite_positive(e["of_ceiling"]) for e in paths)
+    assert 0 < paths[2]["dali_share"] < 1
+    (auto,) = [e for e in rows if "auto_vs_best" in e]
+    picked = next(e for e in paths if e["loader"] == auto["auto_choice"])
+    assert auto["images_per_sec"] == picked["images_per_sec"]
+    assert auto["name"] == f"auto/resnet18/auto={picked['loader']}"
+    assert auto["auto_vs_best"] == picked["images_per_sec"] / max(e["images_per_sec"] for e in paths)
+    assert finite_positive(auto["calibration_s"]) and auto["calibration"]["paths"]["torchvision"]["alone"] > 0
+    lines = [line for _, line in _check_goals().goals(doc)]
+    assert any(f"resnet18 --loader auto picked {picked['loader']}" in line for line in lines)
+    assert any("calibration took" in line for line in lines)
+    assert "| auto | resnet18/auto=" in table(rows)
+
+
+def test_check_goals_judges_autos_pick_and_the_hybrid():
+    cg = _check_goals()
+
+    def doc(vs_best, hybrid, seconds=4.0):
+        rows = [dict(_e("auto", k, ips, "resnet18", of_ceiling=ips / 18_000), name=f"auto/resnet18/{k}")
+                for k, ips in (("torchvision", 9_600.0), ("dali-gpu", 13_000.0), ("hybrid", hybrid))]
+        rows.append(dict(rows[2], name="auto/resnet18/auto=hybrid", auto_choice="hybrid", auto_vs_best=vs_best,
+                         calibration_s=seconds))
+        return {"environment": {"gpu": "NVIDIA H200"}, "entries": rows}
+    lines = {line for ok, line in cg.goals(doc(1.0, 16_500.0))}
+    assert any(line.startswith("MET   resnet18 --loader auto picked hybrid: 100%") for line in lines), lines
+    assert any(line.startswith("MET   resnet18 hybrid 16,500 img/s against the best single loader's 13,000")
+               for line in lines)
+    assert any(line.startswith("MET   resnet18 end to end: auto/resnet18/hybrid") and "92%" in line for line in lines)
+    short = {line for ok, line in cg.goals(doc(0.9, 12_000.0, seconds=11.0)) if not ok}
+    assert any("auto picked hybrid: 90%" in line for line in short)
+    assert any("calibration took 11.0s" in line for line in short)
+    assert any("hybrid 12,000 img/s" in line for line in short)

@@ -365,8 +365,8 @@ def in_no_batch(root, bad, seed, epoch, world) -> bool:
     return all(index not in {i for i, _, _ in sampler} for sampler in samplers)
 
 
-@pytest.mark.parametrize("loader", ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
-    not dali_backend.available(), reason="nvidia-dali is not installed"))])
+@pytest.mark.parametrize("loader", ["torchvision"] + [pytest.param(k, marks=pytest.mark.skipif(
+    not dali_backend.available(), reason="nvidia-dali is not installed")) for k in ("dali", "hybrid")])
 def test_a_bad_file_is_reported_every_epoch_wherever_the_shuffle_puts_it(one_empty_file, capsys, loader):
     """Every seed, 1 and 2 ranks: the zero-byte file is named in every epoch, also when no batch holds it
     (the shard's tail past the last whole batch, or DistributedSampler's drop to equal shards), which the
@@ -376,8 +376,9 @@ def test_a_bad_file_is_reported_every_epoch_wherever_the_shuffle_puts_it(one_emp
     from fasttrain.data.base import Layout
     from fasttrain.dist import DistInfo
     root, bad = one_empty_file
-    cfg = DataConfig(data=root, loader=loader, workers=0 if loader == "torchvision" else 1, batch_size=16,
-                     image_size=16)
+    # The hybrid's workers in this process (-j 0), its DALI part on one thread
+    cfg = DataConfig(data=root, loader=loader, workers=0 if loader != "dali" else 1, batch_size=16,
+                     image_size=16, dali_share=0.5 if loader == "hybrid" else 0.0)
     tries = 6 if loader == "torchvision" else 2  # DALI builds a pipeline each time: slower
     layout = Layout(torch.device("cpu"), False)
     for world in (1, 2):

@@ -15,8 +15,9 @@ GPU when present, and the peers a user would pick instead: timm's loader when ti
 GPU decode on a GPU; same files, batch and worker count, every batch delivered to the training device);
 model only (synthetic on-device batches for each toggle combination); end to end (each loader feeding the
 model); on request, --sections ceiling (model-only variants past the compiled rate), --sections recipe
-(progressive resizing and BlurPool end to end against a fixed-size run: recipe.py) and --sections dali
-(the DALI loader's hardware-decoder share and prefetch depth, loader only and end to end). Writes DIR/bench.json,
+(progressive resizing and BlurPool end to end against a fixed-size run: recipe.py), --sections dali
+(the DALI loader's hardware-decoder share and prefetch depth, loader only and end to end) and --sections auto
+(--loader auto's pick and its calibration's cost against each path it picks from: auto.py). Writes DIR/bench.json,
 DIR/bench.png and prints a table. The pieces: images.py (data), reference.py (the reference loop), peers.py
 (the peers), loaders.py, measure.py (the one timing loop), suite.py (the matrix), report.py (outputs).
 """
@@ -38,7 +39,7 @@ from .report import add_ratios, environment, load_average, plot, table, write_js
 from .suite import DaliKnobs, Plan, Toggles, dali_kind, run_suite
 
 SECTIONS = ("loader", "model", "e2e")
-ALL_SECTIONS = SECTIONS + ("ceiling", "recipe", "dali")  # only when asked for: each of their entries trains anew
+ALL_SECTIONS = SECTIONS + ("ceiling", "recipe", "dali", "auto")  # only when asked for: each trains anew
 
 
 def toggle_combos(device: torch.device, with_compile: bool, compile_mode: str = "default") -> list[Toggles]:

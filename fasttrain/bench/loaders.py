@@ -6,7 +6,7 @@
 
 - reference: the reference script's ImageFolder + PIL DataLoader (fasttrain/bench/reference.py); for
   loader-only entries its float batches are copied `.to(device, non_blocking=True)` as the script does.
-- torchvision, dali-cpu, dali-gpu: fasttrain's own backends, called exactly as build_loaders() calls them,
+- torchvision, dali-cpu, dali-gpu, hybrid: fasttrain's own backends, called exactly as build_loaders() calls them,
   but on a scanned split whose file list is repeated: a benchmark folder of a few hundred files then gives
   one long epoch, as ImageNet's 1.28 M files do, so no epoch boundary (worker restart, pipeline refill)
   falls inside a timed window. Files are read from the page cache after the first pass, as they mostly
@@ -102,10 +102,11 @@ def _to_device(batches, device: torch.device):
 
 @contextlib.contextmanager
 def open_loader(kind: str, data: BenchData, batch: int, workers: int, image_size: int, layout: Layout,
-                batches_needed: int, seed: int = 0, raw_reference: bool = False, dali=None):
+                batches_needed: int, seed: int = 0, raw_reference: bool = False, dali=None, share: float = 0.5):
     """Yield an iterable of (images, labels) batches; workers and pipelines are shut down on exit.
     raw_reference: hand out the reference DataLoader itself (CPU float batches), for the reference step
-    to copy as the script does. dali: the DALI loaders' knobs (suite.DaliKnobs; None: fasttrain's defaults)."""
+    to copy as the script does. dali: the DALI loaders' knobs (suite.DaliKnobs; None: fasttrain's defaults).
+    share: the hybrid's --dali-share."""
     kind, sharded = unsharded(kind)
     if sharded:  # a fasttrain loader reading the same images from tar shards
         data = data.shards
@@ -124,13 +125,17 @@ def open_loader(kind: str, data: BenchData, batch: int, workers: int, image_size
         if kind == "torchvision":
             batches, val = torchvision_backend.build(train, data.val, batch, workers, image_size, lay, 0, 1, seed,
                                                      steps, max_bad_files=0)
-        elif kind in ("dali-cpu", "dali-gpu"):
-            from ..data import dali_backend
+        elif kind in ("dali-cpu", "dali-gpu", "hybrid"):
+            from ..data import dali_backend, hybrid
             knobs = {} if dali is None else dict(hw_decoder_load=dali.hw_decoder_load, prefetch=dali.prefetch)
             cfg = DataConfig(data=data.root, loader="dali", workers=workers, batch_size=batch, image_size=image_size,
-                             **knobs)
-            batches, val = dali_backend.build(train, data.val, batch, workers, cfg, lay, DistInfo(device=lay.device),
-                                              seed, steps)
+                             dali_share=share, **knobs)
+            if kind == "hybrid":  # torchvision workers and DALI (GPU "mixed" on a GPU), as --loader hybrid
+                batches, val = hybrid.build(train, data.val, batch, workers, cfg, lay, DistInfo(device=lay.device),
+                                            seed, steps, lambda epoch: image_size, image_size, check_unused=False)
+            else:
+                batches, val = dali_backend.build(train, data.val, batch, workers, cfg, lay,
+                                                  DistInfo(device=lay.device), seed, steps)
         else:
             raise ValueError(f"unknown loader {kind}")
         batches.set_epoch(0)

@@ -21,7 +21,8 @@ SECTION_TITLES = {"loader": "Loader only (decode + augment, batches delivered to
                   "e2e": "End to end (loader + model)",
                   "ceiling": "Model only, variants past the compiled ceiling (x the reference loop)",
                   "recipe": "Recipe knobs end to end (torchvision loader + model; x = against the fixed-size run)",
-                  "dali": "DALI loader settings (--hw-decoder-load, --prefetch): loader only, then end to end"}
+                  "dali": "DALI loader settings (--hw-decoder-load, --prefetch): loader only, then end to end",
+                  "auto": "--loader auto's pick against every path it picks from, end to end"}
 
 
 def git_commit() -> str | None:
@@ -81,8 +82,10 @@ def load_average() -> list[float] | None:
 
 
 def reference_section(e: dict) -> str:
-    """The section whose reference an entry is measured against: its own, but the dali section's entries
-    (no reference loop of their own) against the loader section's (loader only) or the e2e section's."""
+    """The section whose reference an entry is measured against: its own, but the dali and auto sections'
+    entries (no reference loop of their own) against the loader section's (loader only) or the e2e section's."""
+    if e["section"] == "auto":
+        return "e2e"
     if e["section"] != "dali":
         return e["section"]
     return "loader" if e["arch"] is None else "e2e"

@@ -358,13 +358,13 @@ def _e2e_log(arch: str, name: str, tg: Toggles, t: Timing, ceiling: dict) -> Non
 
 
 def feeding(plan: Plan, data: BenchData, kind: str, fastest, steps: tuple[int, int],
-            dali: DaliKnobs | None = None) -> Callable[[], Timing]:
+            dali: DaliKnobs | None = None, share: float = 0.5) -> Callable[[], Timing]:
     """A run of loader `kind` feeding the model-only section's fastest trainer (toggles, step, layout)."""
     _, step, layout = fastest
 
     def run() -> Timing:
         with open_loader(kind, data, plan.model_batch, plan.workers, plan.model_image_size, layout, sum(steps),
-                         dali=dali) as batches:
+                         dali=dali, share=share) as batches:
             return time_loop(batches, step, plan.device, *steps)
     return run
 
@@ -429,7 +429,7 @@ def dali_e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list
 
 def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
               save: Callable[[list[dict]], None] = lambda entries: None) -> list[dict]:
-    """Every entry, ordered loader, model, e2e, ceiling, dali (within a section, in the order measured).
+    """Every entry, ordered loader, model, e2e, ceiling, dali, auto (within a section, in the order measured).
     `save` gets the entries so far after each one, so a run stopped by a time limit keeps every number it
     measured. Sections "e2e" and "dali" without "model" time only the most toggled combination (the fastest
     in every run so far, or --best-of's) for their end-to-end entries; "e2e" records its model entries (the
@@ -449,7 +449,7 @@ def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
         if "ceiling" in sections:
             ceiling_section(plan, arch, add)
         dali_e2e = "dali" in sections and dali_kind(plan) is not None and bool(plan.dali_e2e)
-        if "model" not in sections and "e2e" not in sections and not dali_e2e:
+        if "model" not in sections and "e2e" not in sections and not dali_e2e and "auto" not in sections:
             continue
         if "model" in sections:
             model, best = model_section(plan, arch, add)
@@ -459,6 +459,9 @@ def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
             e2e_section(plan, data, arch, model, best, add)
         if dali_e2e:
             dali_e2e_section(plan, data, arch, model, best, add)
+        if "auto" in sections:
+            from .auto import auto_section
+            auto_section(plan, data, arch, model, best, add)
         del best
         gc.collect()
         if plan.device.type == "cuda":
@@ -468,7 +471,7 @@ def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
 
 
 def ordered(entries: list[dict]) -> list[dict]:
-    """Sections in the order loader, model, e2e, ceiling, dali, recipe; within one, the order measured (sort
-    is stable)."""
-    order = {"loader": 0, "model": 1, "e2e": 2, "ceiling": 3, "dali": 4, "recipe": 5}
+    """Sections in the order loader, model, e2e, ceiling, dali, recipe, auto; within one, the order measured
+    (sort is stable)."""
+    order = {"loader": 0, "model": 1, "e2e": 2, "ceiling": 3, "dali": 4, "recipe": 5, "auto": 6}
     return sorted(entries, key=lambda e: order[e["section"]])

@@ -1,12 +1,16 @@
 """build_loaders(): pick a backend and build this rank's train and val batches.
 
 Backends: torchvision (CPU decode, works everywhere), dali (GPU "mixed" decode, or DALI's CPU-only mode
-with --device cpu; imported lazily, only in dali_backend.py), synthetic (random tensors on the device).
+with --device cpu; imported lazily, only in dali_backend.py), hybrid (both feeding the same steps: hybrid.py),
+synthetic (random tensors on the device). `--loader auto` is decided by a `pick` the caller hands in (the
+trainer's: tune.py, by measurement), after the one scan of DATA; without one, by resolve_backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from typing import Callable
 
 from ..config import DataConfig
 from ..dist import DistInfo
@@ -17,9 +21,15 @@ from .base import Layout, Loaders, check_shard_sizes
 from .scan import Split, scan_dataset
 
 
+# (train split, val split, workers per process, batch per process) -> (the DataConfig with its loader decided,
+# and with hybrid its --dali-share; the settings line that says why)
+Pick = Callable[[Split, Split, int, int], tuple[DataConfig, str]]
+
+
 def resolve_backend(loader: str, device_type: str, augment: bool = False) -> str:
-    """auto: DALI on a GPU where it imports, else torchvision; torchvision when a per-image augmentation
-    (--auto-augment, --randaugment) is asked for, which only that loader applies."""
+    """auto, unmeasured (--calibrate off, and wherever nothing is measured): DALI on a GPU where it imports,
+    else torchvision; torchvision when a per-image augmentation (--auto-augment, --randaugment) is asked for,
+    which only that loader applies."""
     if loader != "auto":
         return loader
     if device_type == "cuda" and not augment:
@@ -47,8 +57,10 @@ def train_steps(steps: int, limit: int, accum: int, batch: int) -> int:
     return steps // accum * accum
 
 
-def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int, accum: int = 1) -> Loaders:
-    """This rank's train and val batches. `accum`: batches per optimizer step (an epoch holds whole windows)."""
+def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int, accum: int = 1,
+                  pick: Pick | None = None) -> Loaders:
+    """This rank's train and val batches. `accum`: batches per optimizer step (an epoch holds whole windows).
+    `pick`: decides --loader auto (and hybrid's --dali-share 0) from the scanned splits; see Pick."""
     augment = augmentation(cfg)
     backend = resolve_backend(cfg.loader, layout.device.type, augment is not None)
     batch = dist.per_rank_batch(cfg.batch_size)
@@ -65,13 +77,19 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int, ac
     if cfg.data is None:
         raise UserError("no DATA given (and no embedded dataset for this command)")
     workers, why = workers_per_process(cfg.workers, dist.local_world_size)
-    if backend == "dali":
-        from . import dali_backend
-        dali_backend.require()  # also checked before any work (launch.preflight); kept for bench
     train_split, val_split = scan_dataset(cfg.data, cfg.file_list)
     if cfg.val_steps:
         val_split = spaced(val_split, cfg.val_steps * batch * dist.world_size)
-    if backend == "dali":
+    choice = ""
+    if pick is not None and (cfg.loader == "auto" or (cfg.loader == "hybrid" and not cfg.dali_share)):
+        cfg, choice = pick(train_split, val_split, workers, batch)
+        backend = cfg.loader
+    if backend == "hybrid" and not cfg.dali_share:
+        cfg = dataclasses.replace(cfg, dali_share=0.5)
+        choice = "--dali-share 0.5: nothing measured the two sources' rates here"
+    if backend in ("dali", "hybrid"):
+        from . import dali_backend
+        dali_backend.require(f"--loader {backend}")  # also checked before any work (launch.preflight)
         # A broken JPEG can crash DALI's parser (no error to catch): DALI never sees one.
         from .jpeg_check import drop_broken_jpegs
         train_split, val_split = drop_broken_jpegs(train_split, val_split, dist, workers, cfg.max_bad_files)
@@ -86,6 +104,14 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int, ac
     if backend == "dali":
         train, val = dali_backend.build(train_split, val_split, batch, workers, cfg, layout, dist, seed, steps)
         name = dali_backend.loader_name(layout.device)
+    elif backend == "hybrid":
+        from . import hybrid
+        train, val = hybrid.build(train_split, val_split, batch, workers, cfg, layout, dist, seed, steps, sizes,
+                                  sizes.val_size)
+        name = "hybrid"
+        detail += (f" + {dali_backend.loader_name(layout.device)} with {workers} thread{'s' * (workers != 1)}, "
+                   f"DALI making {len(train.dali.batch_ids)} of the {steps} batches an epoch (--dali-share "
+                   f"{cfg.dali_share:g}); val on DALI")
     elif backend == "torchvision":
         from . import torchvision_backend
         train, val = torchvision_backend.build(train_split, val_split, batch, workers, cfg.image_size, layout,
@@ -99,7 +125,7 @@ def build_loaders(cfg: DataConfig, dist: DistInfo, layout: Layout, seed: int, ac
     else:  # pragma: no cover - config choices stop this earlier
         raise UserError(f"unknown loader {backend}")
     return Loaders(train, val, train_split.classes, name, len(train_split), len(val_split), batch, workers, detail,
-                   accum)
+                   accum, choice, cfg)
 
 
 def augmentation(cfg: DataConfig):

@@ -51,6 +51,8 @@ class Loaders:
     workers: int = 0  # per process (DALI: threads)
     detail: str = ""  # said at start-up after the loader's name
     accum: int = 1   # batches per optimizer step (--grad-accum-steps): len(train) is a multiple of it
+    choice: str = ""  # how --loader auto (or hybrid's share) was decided, said at start-up; "" = as asked
+    data: object = None  # the config.DataConfig the loaders were built from (auto and the share decided)
 
     @property
     def steps(self) -> int:

@@ -61,7 +61,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -94,10 +94,10 @@ def import_error() -> str:
     return "" if available() else str(_import_error)
 
 
-def require() -> None:
-    """A one-line error where --loader dali is asked for and DALI does not import."""
+def require(what: str = "--loader dali") -> None:
+    """A one-line error where --loader dali (or hybrid) is asked for and DALI does not import."""
     if not available():
-        raise UserError(f"--loader dali needs NVIDIA DALI: pip install 'fasttrain[dali]' ({import_error()})")
+        raise UserError(f"{what} needs NVIDIA DALI: pip install 'fasttrain[dali]' ({import_error()})")
 
 
 def loader_name(device: torch.device) -> str:
@@ -380,18 +380,21 @@ class TrainBatches(DaliBatches):
     train = True
 
     def __init__(self, split: Split, steps: int, world_size: int, size_at: Callable[[int], int] | None = None,
-                 check_unused: bool = False, **kw):
+                 check_unused: bool = False, batch_ids: Sequence[int] | None = None, **kw):
         """`check_unused`: also decode, each epoch, the files no batch holds (base.UnusedFiles); whole epochs
-        only, not with --steps-per-epoch."""
+        only, not with --steps-per-epoch. `batch_ids`: the positions in the epoch's batch order this loader
+        makes, its step j being batch_ids[j] (the hybrid loader, data/hybrid.py, gives the other batches to
+        the torchvision workers); None: all."""
         super().__init__(split, **kw)
         self.steps, self.check_unused, self.unused_files = steps, check_unused, UnusedFiles()
+        self.batch_ids = None if batch_ids is None else list(batch_ids)
         self.size_at = size_at or (lambda epoch: self.spec.image_size)
         self.sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=self.rank,
                                           shuffle=True, seed=self.seed, drop_last=True)
         self._order: tuple[int, list[int]] | None = None  # (epoch, its sample order): one epoch cached
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps if self.batch_ids is None else len(self.batch_ids)
 
     def feed(self, info):
         names, labels = super().feed(info)
@@ -425,13 +428,14 @@ class TrainBatches(DaliBatches):
 
     def _batch(self, epoch: int, step: int) -> list[int]:
         items, b = self.items(epoch), self.spec.batch
-        idx = items[step * b:(step + 1) * b]
+        pos = step if self.batch_ids is None else self.batch_ids[step]
+        idx = items[pos * b:(pos + 1) * b]
         if not self.bad or all(self.good(i) for i in idx):
             return idx
         # A bad file's place goes to the next good file of the epoch's order (the same on a resumed run).
         out = []
         for j, i in enumerate(idx):
-            k = step * b + j
+            k = pos * b + j
             for n in range(len(items)):
                 i = items[(k + n) % len(items)]
                 if self.good(i):
@@ -484,8 +488,11 @@ class ValBatches(DaliBatches):
 
 
 def build(train: Split, val: Split, per_rank_batch: int, workers: int, cfg, layout: Layout, dist, seed: int,
-          steps: int) -> tuple[TrainBatches, ValBatches]:
-    """This rank's train and val batches. `cfg` is config.DataConfig, `dist` dist.DistInfo."""
+          steps: int, budget: BadFileBudget | None = None, batch_ids: Sequence[int] | None = None,
+          check_unused: bool | None = None) -> tuple[TrainBatches, ValBatches]:
+    """This rank's train and val batches. `cfg` is config.DataConfig, `dist` dist.DistInfo. `budget`: the bad
+    files' count, shared with another loader (the hybrid's); `batch_ids`: see TrainBatches; `check_unused`:
+    see TrainBatches (None: for whole epochs, not with --steps-per-epoch)."""
     check_counts(("--prefetch", cfg.prefetch, 1))
     gpu = layout.device.type == "cuda"
     spec = Spec(batch=per_rank_batch, image_size=cfg.image_size, threads=max(1, workers), prefetch=cfg.prefetch,
@@ -494,10 +501,12 @@ def build(train: Split, val: Split, per_rank_batch: int, workers: int, cfg, layo
                 hw_decoder_load=cfg.hw_decoder_load, channels_last=layout.channels_last,
                 half=layout.dtype in (torch.float16, torch.bfloat16),
                 padding=decoder_padding(train.samples, seed=seed) if gpu else 0, encoded=train.sharded)
-    shared = dict(layout=layout, budget=BadFileBudget(cfg.max_bad_files, dist.rank), bad=set(), seed=seed,
+    shared = dict(layout=layout, budget=budget or BadFileBudget(cfg.max_bad_files, dist.rank), bad=set(), seed=seed,
                   rank=dist.rank)
     sizes = Resolution.from_config(cfg)
     val_spec = dataclasses.replace(spec, image_size=sizes.val_size, crop_ratio=cfg.val_crop_ratio)
-    return (TrainBatches(train, steps, dist.world_size, size_at=sizes, check_unused=not cfg.steps_per_epoch,
-                         spec=spec, **shared),
+    if check_unused is None:
+        check_unused = not cfg.steps_per_epoch
+    return (TrainBatches(train, steps, dist.world_size, size_at=sizes, check_unused=check_unused,
+                         batch_ids=batch_ids, spec=spec, **shared),
             ValBatches(val, dist.world_size, spec=val_spec, **shared))

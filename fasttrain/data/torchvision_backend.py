@@ -13,7 +13,7 @@ import contextlib
 import math
 import random
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -168,23 +168,29 @@ class ResumableSampler(Sampler):
     the size of an epoch from its indices, nothing in them has to be rebuilt."""
 
     def __init__(self, n: int, rank: int, world_size: int, seed: int, batch: int, steps: int,
-                 size_at: Callable[[int], int | None] = lambda epoch: None, check_unused: bool = False):
+                 size_at: Callable[[int], int | None] = lambda epoch: None, check_unused: bool = False,
+                 batch_ids: Sequence[int] | None = None):
+        """`batch_ids`: the positions in the epoch's batch order this sampler gives, its step j being batch
+        batch_ids[j] (the hybrid loader, data/hybrid.py, gives the other batches to DALI); None: all."""
         self.inner = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                         drop_last=True)
         self.batch, self.steps, self.start, self.seed, self.epoch, self.n = batch, steps, 0, seed, 0, n
         self.size_at, self.check_unused = size_at, check_unused
+        self.batch_ids = list(range(steps)) if batch_ids is None else list(batch_ids)
 
     def set_epoch(self, epoch: int, start_step: int = 0):
         self.inner.set_epoch(epoch)
-        self.epoch, self.start = epoch, start_step * self.batch
+        self.epoch, self.start = epoch, start_step
 
     def __iter__(self):
         base = (self.seed * 1_000_003 + self.epoch) * self.n
         size = self.size_at(self.epoch)
-        return iter((i, (base + i) % 2**63, size) for i in list(self.inner)[self.start:self.steps * self.batch])
+        order, b = list(self.inner), self.batch
+        picked = (i for k in self.batch_ids[self.start:] for i in order[k * b:(k + 1) * b])
+        return iter((i, (base + i) % 2**63, size) for i in picked)
 
     def __len__(self):
-        return self.steps * self.batch - self.start
+        return (len(self.batch_ids) - self.start) * self.batch
 
     def unused(self) -> list[int]:
         """The samples of this epoch that no batch holds and this rank answers for (base.unused_samples);
@@ -280,9 +286,15 @@ class DeviceBatches:
         return self.unused_files.start([samples[i][0] for i in unused])
 
     def __iter__(self):
+        # The DataLoader's iterator now, not at the first next(): its workers (persistent: forked once, at the
+        # first pass) start before whatever is started after this call (the unused files' checker thread; in
+        # the hybrid loader DALI's threads), which a fork must not copy mid-work (a forked worker can deadlock
+        # on a lock a thread held).
+        batches = iter(self.loader)
+        return self._batches(batches, self._check_unused())
+
+    def _batches(self, batches, unused):
         stream, pending = self.stream, None
-        batches = iter(self.loader)  # DataLoader workers fork here: before the checker thread runs, not during
-        unused = self._check_unused()
         for images, labels, bad in batches:
             for path, reason in bad:
                 self.budget.report(path, reason)
@@ -317,23 +329,27 @@ class DeviceBatches:
 def build(train: Split, val: Split, per_rank_batch: int, workers: int, image_size: int, layout: Layout,
           rank: int, world_size: int, seed: int, steps: int, max_bad_files: int, augment=None,
           size_at: Callable[[int], int] | None = None, val_size: int | None = None,
-          crop_ratio: float = VAL_CROP_RATIO, check_unused: bool = False):
+          crop_ratio: float = VAL_CROP_RATIO, check_unused: bool = False, budget: BadFileBudget | None = None,
+          batch_ids: Sequence[int] | None = None, prefetch_factor: int = PREFETCH_FACTOR):
     """`augment`: AutoAugment/RandAugment after the flip (None: the reference's augmentation only);
     `size_at(epoch)`: the train crop size of an epoch (default: image_size always); `val_size`: the val
     center crop (default: image_size); `check_unused`: also decode, each epoch, the train files no batch
-    holds (whole epochs only: not with --steps-per-epoch or in the bench, which read a part on purpose)."""
-    budget = BadFileBudget(max_bad_files, rank)
+    holds (whole epochs only: not with --steps-per-epoch or in the bench, which read a part on purpose);
+    `budget`: the bad files' count, shared with another loader (the hybrid's); `batch_ids`: see
+    ResumableSampler; `prefetch_factor`: batches each worker prepares ahead."""
+    budget = budget or BadFileBudget(max_bad_files, rank)
     pin = layout.device.type == "cuda"
     # Its own generator: starting an epoch's iterator draws worker seeds from it, not from the training
     # process's RNG, which a mid-epoch resume restores to the exact state of the run it continues.
     common = dict(batch_size=per_rank_batch, num_workers=workers, collate_fn=collate, pin_memory=pin,
-                  persistent_workers=workers > 0, prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
+                  persistent_workers=workers > 0, prefetch_factor=prefetch_factor if workers > 0 else None,
                   generator=torch.Generator().manual_seed(seed + rank))
     train_sampler = ResumableSampler(len(train), rank, world_size, seed, per_rank_batch, steps,
-                                     size_at or (lambda epoch: image_size), check_unused)
+                                     size_at or (lambda epoch: image_size), check_unused, batch_ids)
     train_dl = DataLoader(ImageFiles(train, TrainTransform(image_size, augment)), sampler=train_sampler,
                           drop_last=True, **common)
     val_dl = DataLoader(ImageFiles(val, ValTransform(val_size or image_size, crop_ratio)),
                         sampler=ShardSampler(len(val), rank, world_size),
                         **common)
-    return DeviceBatches(train_dl, layout, budget, steps), DeviceBatches(val_dl, layout, budget)
+    return (DeviceBatches(train_dl, layout, budget, len(train_sampler.batch_ids)),
+            DeviceBatches(val_dl, layout, budget))
