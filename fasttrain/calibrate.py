@@ -149,7 +149,8 @@ def _forever(x, y):
 
 def calibration_split(train: Split, dist: D.DistInfo, images: int, seed: int, distinct: int = POOL) -> Split:
     """`images` samples: at most `distinct` files of this rank's share of the train split drawn at random,
-    whole JPEGs only (DALI never sees a broken one, see jpeg_check.py: ~0.1 ms a file), repeated as needed."""
+    whole JPEGs only (DALI never sees a broken one: jpeg_check.py; its cost is in benchmarks/RESULTS.md),
+    repeated as needed."""
     from .data.jpeg_check import jpeg_problem
     mine = list(train.samples[dist.rank::dist.world_size])
     rng = random.Random(seed)
