@@ -110,17 +110,24 @@ tune=(-j "$WORKERS" -b "$BATCH" --amp bf16 --channels-last --compile --cudnn-ben
 
 if (( dry )); then
   # Everything but the measuring: the arguments must parse, the scripts compile, and OUT must take files.
-  parse='import sys; from fasttrain.cli import build_parser; build_parser().parse_args(sys.argv[1:])'
-  "$PY" -c "$parse" "${loader[@]}"
-  "$PY" -c "$parse" "${ceiling[@]}"
-  "$PY" -c "$parse" "${e2e[@]}" "${best[@]}"
-  "$PY" -c "$parse" "${dali[@]}" "${best[@]}"
-  "$PY" -c "$parse" train DATA "${train[@]}" --output-dir "$SCRATCH/resume/stopped"
-  "$PY" -c "$parse" "${auto[@]}"
-  "$PY" -c "$parse" tune DATA "${tune[@]}"
-  "$PY" -c 'from fasttrain.bench import best_ceiling'  # what picks --best-of's variant between the stages
-  "$PY" -m py_compile benchmarks/check_goals.py benchmarks/resume_check.py benchmarks/profile_loader.py \
-    tests/fault_worker.py
+  # One Python for all the command lines (each stage's, separated by ---) and the scripts' syntax.
+  "$PY" - "${loader[@]}" --- "${ceiling[@]}" --- "${e2e[@]}" "${best[@]}" --- "${dali[@]}" "${best[@]}" \
+    --- train DATA "${train[@]}" --output-dir "$SCRATCH/resume/stopped" --- "${auto[@]}" \
+    --- tune DATA "${tune[@]}" <<'PY'
+import py_compile, sys
+from fasttrain.bench import best_ceiling  # noqa: F401  (what picks --best-of's variant between the stages)
+from fasttrain.cli import build_parser
+line = []
+for arg in sys.argv[1:] + ["---"]:
+    if arg != "---":
+        line.append(arg)
+        continue
+    build_parser().parse_args(line)
+    line = []
+for script in ("benchmarks/check_goals.py", "benchmarks/resume_check.py", "benchmarks/profile_loader.py",
+               "tests/fault_worker.py"):
+    py_compile.compile(script, doraise=True)
+PY
   "$PY" benchmarks/profile_loader.py --help > /dev/null
   {
     (( LOADER_S > 0 )) && { printf '%q ' timeout "$LOADER_S" "$PY" -m fasttrain "${loader[@]}"; echo; }
