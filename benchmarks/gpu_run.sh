@@ -12,13 +12,13 @@
 # after every entry (a stage cut short keeps what it measured):
 #   1. env.txt: date, commit, GPU, CPUs, Python, torch, torchvision, DALI, timm; where the crop-box JPEG
 #      decoder (a C module pip builds) is missing, build it with gcc if it can;
-#   2. ceiling/ (CEILING_S): ResNet-50 model-only variants, each `fasttrain train` flags, in this order:
-#      bf16+channels_last+compile (this run's baseline); + --compile-step (the optimizer step compiled too);
-#      + --compile-mode reduce-overhead (CUDA graphs over both); reduce-overhead alone; then on top of
-#      reduce-overhead + --compile-step: fp16 with --loss-scale 1024, batch 384 (--lr-per-256), batch 512
-#      with --opt lars, fp16 with the dynamic GradScaler, foreach SGD; then max-autotune-no-cudagraphs and
-#      max-autotune (minutes of autotuning each: last). A variant that fails is left out with its reason
-#      (bench.json's plan.skipped) and the next one runs;
+#   2. ceiling/ (CEILING_S): ResNet-50 model-only variants, each `fasttrain train` flags, in the order the
+#      2026-12-04 H200 run set (bench's ceiling_variants): bf16+channels_last+compile (this run's baseline);
+#      + --compile-mode reduce-overhead (CUDA graphs: the fastest there); on top of it fp16 with
+#      --loss-scale 1024, batch 384 (--lr-per-256), batch 512 with --opt lars (its step compiled), fp16
+#      with the dynamic GradScaler; then --compile-step without and with CUDA graphs (no gain measured),
+#      foreach SGD, max-autotune-no-cudagraphs and max-autotune (minutes of autotuning each: last). A
+#      variant that fails is left out with its reason (bench.json's plan.skipped) and the next one runs;
 #   3. e2e/ (E2E_S): ResNet-50 end to end with the fastest ceiling variant (`--best-of`; its batch too; not a
 #      variant whose compile took over 2 minutes, which would use up this stage):
 #      the reference loop, fasttrain's torchvision and DALI GPU loaders, and the peers (timm's loader with
@@ -36,13 +36,12 @@
 #      (profile.txt, profile-metrics.jsonl, trace.json.gz).
 # On 4,096 generated JPEGs like those benchmarks/ANCHORS.md's figures were measured on (~460x375 px, ~70 KB),
 # drawn once into FASTTRAIN_CACHE in ~15 s on 16 cores.
-# Time plan (estimates, not yet run this way): setup and JPEGs ~20 s; ceiling 200 s (ResNet-50's compile
-# took 46 s on the H200, and each variant compiles anew: the first three or four variants fit, more where
-# inductor's cache serves graphs an earlier variant compiled); end to end 150 s (one compile, seven short
-# entries); DALI 100 s; the resume check's three short runs 60-90 s (the 2026-11-27 H200 run: its two runs
-# took ~36 s, and the comparison run as long again): about 570 s. A 15-minute device lease has room for it
-# once. Lengthen CEILING_S for more ceiling variants; 0 leaves a stage out (CEILING_S=0: no --best-of, the
-# later stages use bf16+channels_last+compile at batch 256).
+# Time plan: setup and JPEGs ~20 s; ceiling 200 s (the 2026-12-04 H200 run at its 190 s: the first
+# variant's cold compile 61 s, later ones 2-36 s as inductor's cache served graphs an earlier variant
+# compiled: four variants fit); end to end 150 s (71 s there: one compile, five short entries); DALI 100 s
+# (84 s there, ResNet-18); the resume check's three short runs 60-90 s: about 570 s. A 15-minute device
+# lease has room for it once. Lengthen CEILING_S for more ceiling variants; 0 leaves a stage out
+# (CEILING_S=0: no --best-of, the later stages use bf16+channels_last+compile at batch 256).
 # Results, the only files under OUT: env.txt, {ceiling,e2e,dali}/{bench.json,bench.log,bench.png},
 # resume.txt, goals.txt (and the profiles, when asked). Checkpoints and the generated JPEGs go under
 # SCRATCH and FASTTRAIN_CACHE, outside OUT. No matplotlib there? Then render the PNG elsewhere:

@@ -60,22 +60,25 @@ STATIC_LOSS_SCALE = 1024.0  # --loss-scale of the static fp16 variant: a power o
 def ceiling_variants(device: torch.device, batch: int) -> list[tuple[Toggles, int]]:
     """Section "ceiling": what might raise the compiled model-only rate past bf16 + channels_last + compile,
     each a `fasttrain train` flag, in the order a short GPU window should measure them (each compiles anew:
-    the ones that reuse a compiled model graph first, max-autotune's minutes of autotuning last): the
-    optimizer step compiled too (--compile-step), CUDA graphs (reduce-overhead), then on top of both fp16
-    with a static and with the dynamic loss scale, batch x1.5 and x2 (--lr-per-256; LARS at x2), foreach
-    against fused SGD, and the max-autotune modes. On a CPU (tests, --quick) the same changes without
-    compile, at the plan's small batch: the mechanism, not the numbers."""
+    the ones that reuse a compiled model graph first, max-autotune's minutes of autotuning last). On a GPU,
+    the H200 measurements in benchmarks/RESULTS.md set the order: CUDA graphs (reduce-overhead) were the
+    fastest, and the compiled optimizer step (--compile-step) changed nothing, so reduce-overhead comes
+    first and the untried changes are stacked on it: fp16 with a static and with the dynamic loss scale,
+    batch x1.5 and x2 (--lr-per-256; LARS at x2, its step compiled), then the --compile-step variants,
+    foreach against fused SGD, and the max-autotune modes. On a CPU (tests, --quick) the same changes
+    without compile, at the plan's small batch: the mechanism, not the numbers."""
     gpu = device.type == "cuda"
     base = Toggles(amp="bf16", channels_last=True, compile=gpu, cudnn_benchmark=gpu)
     step = replace(base, compile_step=True)
     if not gpu:  # fasttrain's default SGD is foreach here: the other one is fused
         return [(base, batch), (step, batch), (replace(step, amp="fp16", loss_scale=STATIC_LOSS_SCALE), batch),
                 (replace(step, sgd="fused"), batch), (replace(step, opt="lars"), batch * 2)]
+    ro = replace(base, compile_mode="reduce-overhead")
     graphs = replace(step, compile_mode="reduce-overhead")
-    return [(base, batch), (step, batch), (graphs, batch), (replace(base, compile_mode="reduce-overhead"), batch),
-            (replace(graphs, amp="fp16", loss_scale=STATIC_LOSS_SCALE), batch), (graphs, batch * 3 // 2),
-            (replace(graphs, opt="lars"), batch * 2), (replace(graphs, amp="fp16"), batch),
-            (replace(graphs, sgd="foreach"), batch), (replace(step, compile_mode="max-autotune-no-cudagraphs"), batch),
+    return [(base, batch), (ro, batch), (replace(ro, amp="fp16", loss_scale=STATIC_LOSS_SCALE), batch),
+            (ro, batch * 3 // 2), (replace(graphs, opt="lars"), batch * 2), (replace(ro, amp="fp16"), batch),
+            (step, batch), (graphs, batch), (replace(ro, sgd="foreach"), batch),
+            (replace(step, compile_mode="max-autotune-no-cudagraphs"), batch),
             (replace(step, compile_mode="max-autotune"), batch)]
 
 
