@@ -189,16 +189,20 @@ def _open(kind: str, split: Split, val: Split, batch: int, workers: int, data: D
 
 
 def probe(kind: str, split: Split, val: Split, batch: int, workers: int, data: DataConfig, layout: Layout,
-          step, step_s: float, w: Windows, seed: int = 0, share: float = 0.0) -> LC.PathRate:
+          step, step_s: float, w: Windows, seed: int = 0, share: float = 0.0,
+          phases: dict[str, float] | None = None, name: str | None = None) -> LC.PathRate:
     """One loader: queue drained, then alone for w.alone_s, then (with `step`) feeding the model for ~w.fed_s
-    (at least FED_STEPS steps)."""
+    (at least FED_STEPS steps). `phases[f"{name} open"]`: the seconds from building it to its queue drained."""
     from .bench.measure import sync, time_loop, tree_cpu_seconds
+    t_open = time.perf_counter()
     train, val_b = _open(kind, split, val, batch, workers, data, layout, seed, share)
     it = iter(train)
     try:
         for _ in range(_queue(kind, workers, data.prefetch)):
             next(it)
         sync(layout.device)
+        if phases is not None:
+            phases[f"{name or kind} open"] = time.perf_counter() - t_open
         cpu0, t0, images, n = tree_cpu_seconds(), time.perf_counter(), 0, 0
         while n < 2 or (time.perf_counter() - t0 < w.alone_s and n < w.max_batches):
             images += int(next(it)[1].shape[0])
@@ -233,12 +237,22 @@ def dali_variants(data: DataConfig, device: torch.device) -> list[DataConfig]:
     return base + [dataclasses.replace(data, prefetch=n) for n in (1, 4) if n != data.prefetch]
 
 
+def _timed(phases: dict[str, float], name: str, run):
+    """run(), its seconds (failed or not) in phases[name]."""
+    t0 = time.perf_counter()
+    try:
+        return run()
+    finally:
+        phases[name] = time.perf_counter() - t0
+
+
 def _combine(per_rank: list[LC.Rates | None]) -> LC.Rates | None:
     """The slowest rank's rates (DDP runs at its pace); None if a rank could not measure at all."""
     if any(r is None for r in per_rank):
         return None
     out = per_rank[0]
     out.model = min(r.model for r in per_rank)
+    out.phases = {k: max(r.phases.get(k, 0.0) for r in per_rank) for k in out.phases}
     for name in list(out.paths):
         ps = [r.paths.get(name) for r in per_rank]
         if any(p is None for p in ps):
@@ -262,13 +276,16 @@ def measure(cfg: Config, dist: D.DistInfo, layout: Layout, train: Split, val: Sp
     t0 = time.perf_counter()
     size = Resolution.from_config(cfg.data)(0)
     batch = min(batch, max(1, len(train) // dist.world_size))
+    phases: dict[str, float] = {}  # seconds of each part, in the order measured (the bench and tune print them)
     with _KeepRng(layout.device):
         rates, step, step_s = None, None, 0.0
         try:
             step, note = model_step(cfg, layout.device, len(train.classes), compiled)
             model, step_s = _model_rate(step, layout, batch, size, len(train.classes), w)
+            phases["model"] = time.perf_counter() - t0  # building it (compile, in tune) and timing it
             rates = LC.Rates(model=model, device=layout.device.type, model_note=note,
-                             cores=cpu_share.cores_per_process(dist.local_world_size), threads=torch.get_num_threads())
+                             cores=cpu_share.cores_per_process(dist.local_world_size), threads=torch.get_num_threads(),
+                             phases=phases)
         except Exception as e:  # noqa: BLE001 - whatever it is, the run falls back to the unmeasured rule
             _warn(dist, f"could not time the model step ({type(e).__name__}: {e})")
         per_batch = _queue("hybrid", workers, max(cfg.data.prefetch, 4)) + 2 * w.max_batches + 4
@@ -279,8 +296,11 @@ def measure(cfg: Config, dist: D.DistInfo, layout: Layout, train: Split, val: Sp
             if "dali" in paths and w.dali_variants:
                 variants = {}
                 for i, v in enumerate(dali_variants(data, layout.device)):
-                    got = _try(dist, f"dali@{i}", lambda: probe("dali", split, val, batch, workers, v, layout, None,
-                                                                step_s, w, seed))
+                    set_to = {"hw_decoder_load": v.hw_decoder_load, "prefetch": v.prefetch}
+                    label = f"dali@{LC.dali_label(set_to, layout.device.type)}"
+                    got = _try(dist, f"dali@{i}", lambda: _timed(phases, label, lambda: probe(
+                        "dali", split, val, batch, workers, v, layout, None, step_s, w, seed, phases=phases,
+                        name=label)))
                     if got is not None:
                         variants[f"dali@{LC.dali_label(got.knobs, layout.device.type)}"] = got
                 best = LC.best_dali_knobs(variants, {"hw_decoder_load": data.hw_decoder_load,
@@ -292,19 +312,25 @@ def measure(cfg: Config, dist: D.DistInfo, layout: Layout, train: Split, val: Sp
             fed_cost = len(singles) * (max(FED_STEPS * step_s, w.fed_s) + 0.5)
             feed = step if time.perf_counter() - t0 + fed_cost <= w.budget_s else None
             for kind in singles:
-                got = _try(dist, kind, lambda: probe(kind, split, val, batch, workers,
-                                                     knobs if kind == "dali" else data, layout, feed, step_s, w,
-                                                     seed))
+                got = _try(dist, kind, lambda: _timed(phases, kind, lambda: probe(
+                    kind, split, val, batch, workers, knobs if kind == "dali" else data, layout, feed, step_s, w,
+                    seed, phases=phases)))
                 if got is not None:
                     rates.paths[kind] = got
             rates.seconds = time.perf_counter() - t0
+        t_x = time.perf_counter()
         rates = _combine(D.all_gather_object(rates, dist))
+        if rates is not None:
+            rates.phases["ranks' exchange"] = time.perf_counter() - t_x
         if rates is not None and "hybrid" in paths and LC.wants_hybrid(rates) and \
                 all(p.fed is not None for p in rates.paths.values()):
             share = LC.hybrid_share(rates)
-            got = _try(dist, "hybrid", lambda: probe("hybrid", split, val, batch, workers, knobs, layout, step,
-                                                     step_s, w, seed, share))
-            hybrid = D.all_gather_object(got, dist)
+            mine: dict[str, float] = {}
+            got = _try(dist, "hybrid", lambda: _timed(mine, "hybrid", lambda: probe(
+                "hybrid", split, val, batch, workers, knobs, layout, step, step_s, w, seed, share, phases=mine)))
+            gathered = D.all_gather_object((got, mine), dist)
+            hybrid = [h for h, _ in gathered]
+            rates.phases.update({k: max(m.get(k, 0.0) for _, m in gathered) for k in mine})
             if all(h is not None for h in hybrid):
                 rates.paths["hybrid"] = LC.PathRate(
                     alone=min(h.alone for h in hybrid), fed=min(h.fed for h in hybrid),

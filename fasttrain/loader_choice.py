@@ -61,6 +61,7 @@ class Rates:
     created: str = ""
     cores: int = 1              # this process's share of the node's cores
     threads: int = 1            # torch's intra-op threads the model step ran on
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of each part of `seconds` (phases_text)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -70,7 +71,8 @@ class Rates:
         return cls(model=float(d["model"]), paths={k: PathRate(**v) for k, v in d.get("paths", {}).items()},
                    device=d.get("device", "cpu"), model_note=d.get("model_note", "eager"),
                    seconds=float(d.get("seconds", 0.0)), created=d.get("created", ""), cores=int(d.get("cores", 1)),
-                   threads=int(d.get("threads", 1)))
+                   threads=int(d.get("threads", 1)),
+                   phases={k: float(v) for k, v in (d.get("phases") or {}).items()})
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,20 @@ def save_profile(key: dict, rates: Rates) -> str | None:
     except OSError:
         return None
     return path
+
+
+def phases_text(rates: Rates) -> str:
+    """Where a calibration's seconds went (the slowest rank's, each part): `model 2.1s, torchvision 1.9s (open
+    1.2s), dali-gpu 3.0s (open 2.5s), ...`; "" where not recorded (a profile from an older fasttrain)."""
+    parts = []
+    for name, sec in rates.phases.items():
+        if name.endswith(" open"):
+            continue
+        base = name.split("@")[0]
+        label = display(base, rates.device) + name[len(base):]
+        opened = rates.phases.get(f"{name} open")
+        parts.append(f"{label} {sec:.1f}s" + (f" (open {opened:.1f}s)" if opened is not None else ""))
+    return ", ".join(parts)
 
 
 def table(rates: Rates) -> str:

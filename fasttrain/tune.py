@@ -168,7 +168,7 @@ def tune_command(cfg: Config, quick: bool = False) -> int:
             choice = LC.decide(rates)
             print(LC.table(rates), flush=True)
             print(f"fasttrain tune: --loader auto takes {LC.describe_choice(choice, rates.device)}: {choice.why}; "
-                  f"measured in {rates.seconds:.1f}s", flush=True)
+                  f"measured in {rates.seconds:.1f}s ({LC.phases_text(rates)})", flush=True)
             print(f"fasttrain tune: profile written to {where}" if where else
                   "fasttrain tune: warning: the profile could not be written (cache folder not writable)", flush=True)
         return 0

@@ -122,6 +122,11 @@ def test_measuring_on_this_cpu_leaves_the_run_as_it_was(tiny_data):
         assert draws() == want
     assert r.model > 0 and r.model_note == "eager" and r.seconds > 0
     paths = ["torchvision"] + (["dali"] if "dali" in r.paths else [])
+    # where the seconds went: the model, then each loader (its opening apart), all within the total
+    assert list(r.phases)[0] == "model" and all(r.phases[f"{p} open"] <= r.phases[p] for p in paths)
+    assert sum(v for k, v in r.phases.items() if not k.endswith(" open")) <= r.seconds
+    assert LC.phases_text(r).startswith("model ") and "torchvision " in LC.phases_text(r)
+    assert LC.Rates.from_json(r.to_json()).phases == r.phases
     for name in paths:
         p = r.paths[name]
         assert p.alone > 0 and p.fed > 0 and p.p95_ms >= p.p50_ms > 0

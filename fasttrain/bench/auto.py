@@ -55,6 +55,7 @@ def auto_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dic
     if dali:
         kinds.update(dali=dali, hybrid="hybrid")
     log(f"auto {arch}: calibrated in {seconds:.1f}s: {LC.describe_choice(choice, rates.device)} ({choice.why})")
+    log(f"auto {arch}: the calibration's seconds: {LC.phases_text(rates)}")
     steps = {k: warmed(plan.e2e_steps, k, plan.workers) for k in kinds.values()}
     runs = {k: [] for k in kinds.values()}
     for _ in range(plan.repeats):  # interleaved: a busy neighbour slows every path alike
