@@ -47,9 +47,10 @@
 # SCRATCH and FASTTRAIN_CACHE, outside OUT. No matplotlib there? Then render the PNG elsewhere:
 # fasttrain bench --from-json DIR/bench.json --out DIR.
 # Knobs (environment): OUT (default runs/gpu), SCRATCH (/tmp/fasttrain-gpu-run), WORKERS (16), BATCH (256),
-# IMAGES (4096), ARCH (resnet50), CEILING_S (200), E2E_S (150), DALI_S (100), TOTAL_S (570: the resume check
-# gets what is left of it), RESUME_MIN_S (60), RESUME_CHECK (1; 0 leaves it out), PROFILE_LOADER (0),
-# PROFILE (0), PYTHON (python3), LIKE (default; imagenet: every stage on JPEGs sized like ImageNet's,
+# IMAGES (4096), ARCH (resnet50), E2E_ARCHS (ARCH; "resnet50 resnet18": the end-to-end stage, peers included,
+# for each, at the settings of ARCH's fastest ceiling variant), CEILING_S (200), E2E_S (150), DALI_S (100),
+# TOTAL_S (570: the resume check gets what is left of it), RESUME_MIN_S (60), RESUME_CHECK (1; 0 leaves it
+# out), PROFILE_LOADER (0), PROFILE (0), PYTHON (python3), LIKE (default; imagenet: every stage on JPEGs sized like ImageNet's,
 # `fasttrain bench --like imagenet`; drawing 4,096 of them took 511 s on one core of the 2-core dev machine,
 # so expect about a minute here), LOADER_S (0; N: first a loader-only stage, loader/, of N seconds), MAX_SIDE
 # (unset; N: that stage also times each fasttrain loader on the same images as shards pre-resized to N px,
@@ -94,7 +95,9 @@ loader=("${bench[@]}" --sections loader --out "$OUT/loader")
 [[ -n "${MAX_SIDE:-}" ]] && loader+=(--shards --max-side "$MAX_SIDE")
 ceiling=("${bench[@]}" --sections ceiling --out "$OUT/ceiling")
 best=(--best-of "$OUT/ceiling/bench.json")
-e2e=("${bench[@]}" --sections e2e --out "$OUT/e2e")
+e2e=("${bench[@]}")  # E2E_ARCHS: more archs end to end (each with the peers), at --best-of's settings
+for a in ${E2E_ARCHS:-}; do [[ "$a" == "$ARCH" ]] || e2e+=(-a "$a"); done
+e2e+=(--sections e2e --out "$OUT/e2e")
 dali=("${bench[@]}" --sections dali --out "$OUT/dali")
 # ResNet-18 at 64 px for 16 steps of 256: the check is about positions, not speed.
 resume=(--out "$SCRATCH/resume" --stop-at 6)

@@ -192,9 +192,12 @@ def test_gpu_run_dry_run_parses_its_command(tmp_path):
     assert goals.endswith(f"check_goals.py {out}/ceiling/bench.json {out}/e2e/bench.json {out}/dali/bench.json")
     assert sorted(os.listdir(out)) == ["gpu_run_plan.txt"]
     res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), "--dry-run"], cwd=REPO,
-                         env={**env, "CEILING_S": "0", "RESUME_CHECK": "0"}, capture_output=True, text=True,
-                         timeout=120)
+                         env={**env, "CEILING_S": "0", "RESUME_CHECK": "0", "E2E_ARCHS": "resnet50 resnet18"},
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--sections ceiling" not in res.stdout and "resume_check" not in res.stdout
+    # E2E_ARCHS: both archs end to end (the peers with each), the other stages ARCH's alone
+    e2e, dali = (line for line in (out / "gpu_run_plan.txt").read_text().splitlines() if "--sections" in line)
+    assert "-a resnet50 -a resnet18 --sections e2e" in e2e and "-a resnet50 --sections dali" in dali
 
 
 def test_gpu_run_dry_run_plans_issue_23s_stages_when_given_time(tmp_path):
