@@ -215,6 +215,7 @@ def probe(kind: str, split: Split, val: Split, batch: int, workers: int, data: D
             fed = int(min(w.max_batches, max(FED_STEPS - 1, w.fed_s / max(step_s, 1e-6))))
             t = time_loop(_Keep(it), step, layout.device, 1, fed)
             out.fed, out.p50_ms, out.p95_ms = t.images_per_sec, t.percentile_ms(50), t.percentile_ms(95)
+            out.fed_step_ms = [round(x, 1) for x in t.step_ms]
     finally:
         close = getattr(it, "close", None)
         if close is not None:
@@ -259,6 +260,8 @@ def _combine(per_rank: list[LC.Rates | None]) -> LC.Rates | None:
             del out.paths[name]
             continue
         p = out.paths[name]
+        if p.fed is not None and all(q.fed is not None for q in ps):
+            p.fed_step_ms = min(ps, key=lambda q: q.fed).fed_step_ms  # the slowest rank's steps
         for f in ("alone", "fed"):
             vals = [getattr(q, f) for q in ps]
             setattr(p, f, None if None in vals else min(vals))
@@ -335,7 +338,8 @@ def measure(cfg: Config, dist: D.DistInfo, layout: Layout, train: Split, val: Sp
                 rates.paths["hybrid"] = LC.PathRate(
                     alone=min(h.alone for h in hybrid), fed=min(h.fed for h in hybrid),
                     cpu_ms=max((h.cpu_ms or 0.0) for h in hybrid) or None,
-                    p50_ms=max(h.p50_ms for h in hybrid), p95_ms=max(h.p95_ms for h in hybrid), knobs=hybrid[0].knobs)
+                    p50_ms=max(h.p50_ms for h in hybrid), p95_ms=max(h.p95_ms for h in hybrid), knobs=hybrid[0].knobs,
+                    fed_step_ms=min(hybrid, key=lambda h: h.fed).fed_step_ms)
         del step
     if rates is not None:
         rates.seconds = D.broadcast_object(time.perf_counter() - t0, dist)

@@ -48,6 +48,7 @@ class PathRate:
     p50_ms: float | None = None
     p95_ms: float | None = None
     knobs: dict | None = None  # DALI: {"hw_decoder_load": F, "prefetch": N}; hybrid: {"dali_share": F}
+    fed_step_ms: list[float] | None = None  # each fed step's time, in order: a stall at the start or throughout
 
 
 @dataclass

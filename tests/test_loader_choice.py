@@ -130,6 +130,7 @@ def test_measuring_on_this_cpu_leaves_the_run_as_it_was(tiny_data):
     for name in paths:
         p = r.paths[name]
         assert p.alone > 0 and p.fed > 0 and p.p95_ms >= p.p50_ms > 0
+        assert len(p.fed_step_ms) >= calibrate.FED_STEPS - 1 and min(p.fed_step_ms) > 0
     assert LC.decide(r).loader in paths
 
 
