@@ -12,7 +12,8 @@ from . import dist as D
 from . import monitor
 from . import tb
 from .checkpointer import Start, log0
-from .config import Config, profile_window
+from .config import Config
+from .config_rules import profile_window
 from .errors import UserError
 from .metrics import JsonlWriter, Progress, read_jsonl
 from .profiling import ProfiledBatches
