@@ -555,7 +555,8 @@ def test_ceiling_section_runs_each_variant_with_its_own_settings(tmp_path, monke
         built.append((type(tr.optimizer).__name__, tr.optimizer.defaults.get("fused"), tr.update is not None,
                       type(tr.scaler).__name__, float(tr.optimizer.param_groups[0]["lr"])))
     monkeypatch.setattr(suite, "compile_update", spy)
-    real_step = suite.fasttrain_step
+    from fasttrain.bench import ceiling
+    real_step = ceiling.fasttrain_step
 
     def step(plan, arch, tg, *a, **k):
         if tg.opt == "lars":
@@ -575,7 +576,7 @@ def test_ceiling_section_runs_each_variant_with_its_own_settings(tmp_path, monke
     assert all(0.5 < e["train_loss"] < 5 for e in rows[1:])  # 8 random classes: about ln 8 = 2.1, and finite
     assert isinstance(StaticScaler(2.0), StaticScaler) and LARS  # the classes named above
 
-    monkeypatch.setattr(suite, "fasttrain_step", step)
+    monkeypatch.setattr(ceiling, "fasttrain_step", step)
     import fasttrain.bench as B
     every = B.ceiling_variants  # the failing one (LARS, last) between two others: the one after it still runs
     monkeypatch.setattr(B, "ceiling_variants", lambda device, b: [every(device, b)[i] for i in (0, -1, 1)])
@@ -638,15 +639,15 @@ def test_dali_section_builds_each_setting_it_names(tmp_path, monkeypatch):
 def test_a_bench_stopped_midway_keeps_every_entry_it_measured(tmp_path, monkeypatch):
     """bench.json is rewritten after each entry: gpu_run.sh stops the bench at its time limit, and the
     ceiling variants (each compiled anew, ~50 s on a GPU) measured before the stop must be in it."""
-    from fasttrain.bench import suite
-    real, calls = suite.fasttrain_step, []
+    from fasttrain.bench import ceiling
+    real, calls = ceiling.fasttrain_step, []
 
     def step(*a, **k):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt  # what the time limit's SIGTERM/SIGINT looks like to Python
         return real(*a, **k)
-    monkeypatch.setattr(suite, "fasttrain_step", step)
+    monkeypatch.setattr(ceiling, "fasttrain_step", step)
     eager_compiled_step(monkeypatch)
     assert cli.main(["bench", "--quick", "--sections", "ceiling", "--out", str(tmp_path)]) == 130
     rows = json.loads((tmp_path / "bench.json").read_text())["entries"]

@@ -14,11 +14,11 @@ Sections: loader only (reference ImageFolder+PIL loader, fasttrain's torchvision
 GPU when present, and the peers a user would pick instead: timm's loader when timm imports, torchvision's
 GPU decode on a GPU; same files, batch and worker count, every batch delivered to the training device);
 model only (synthetic on-device batches for each toggle combination); end to end (each loader feeding the
-model); on request, --sections ceiling (model-only variants past the compiled rate), --sections recipe
+model); on request, --sections ceiling (model-only variants past the compiled rate: ceiling.py), --sections recipe
 (progressive resizing and BlurPool end to end against a fixed-size run: recipe.py), --sections dali
-(the DALI loader's hardware-decoder share and prefetch depth, loader only and end to end) and --sections auto
-(--loader auto's pick and its calibration's cost against each path it picks from: auto.py). Writes DIR/bench.json,
-DIR/bench.png and prints a table. The pieces: images.py (data), reference.py (the reference loop), peers.py
+(the DALI loader's hardware-decoder share and prefetch depth, loader only and end to end: dali_sweep.py) and
+--sections auto (--loader auto's pick and its calibration's cost against each path it picks from: auto.py).
+Writes DIR/bench.json, DIR/bench.png and prints a table. The pieces: images.py (data), reference.py (the reference loop), peers.py
 (the peers), loaders.py, measure.py (the one timing loop), suite.py (the matrix), report.py (outputs).
 """
 

@@ -1,6 +1,7 @@
 """The benchmark matrix: loader only, then per arch model only and end to end; every entry is timed by
-measure.time_loop. On request: "ceiling" (model-only variants), "dali" (DALI's own knobs: the hardware
-decoder's share and the prefetch depth, loader only and feeding the model).
+measure.time_loop. On request: "ceiling" (model-only variants: ceiling.py), "dali" (DALI's own knobs: the
+hardware decoder's share and the prefetch depth, loader only and feeding the model: dali_sweep.py), "auto"
+(--loader auto against every path: auto.py).
 
 fasttrain entries run fasttrain's own pieces: its loaders (loaders.py), build_trainer/wrap_model from
 train.py and Trainer.train_step from engine.py, so what is timed is what `fasttrain train` runs. The
@@ -215,36 +216,6 @@ def dali_kind(plan: Plan) -> str | None:
     return kind if kind in plan.loaders else None
 
 
-def dali_loader_section(plan: Plan, data: BenchData, add: Add = _nothing) -> list[dict]:
-    """Section "dali", loader only: the DALI loader at each of plan.dali_loader's knob settings, fasttrain's
-    defaults among them, interleaved repeats, each timed over 3x the loader section's window (at ~25,000
-    img/s that window is half a second, and one batch more or less in DALI's queue moves the rate)."""
-    kind = dali_kind(plan)
-    if kind is None or not plan.dali_loader:
-        return []
-    steps = warmed((plan.loader_steps[0], 3 * plan.loader_steps[1]), kind, plan.workers)
-    runs = best_of_repeats(plan, [(f"{kind}@{k.label(kind)}", loader_only(plan, data, kind, steps, k))
-                                  for k in plan.dali_loader])
-    out = []
-    for knobs in plan.dali_loader:
-        ts = runs[f"{kind}@{knobs.label(kind)}"]
-        out.append(entry("dali", f"dali/{kind}@{knobs.label(kind)}", kind, None, None, plan.loader_batch, plan.workers,
-                         best_run(ts), steps, dali=asdict(knobs), default_knobs=knobs == DaliKnobs(),
-                         all_images_per_sec=[round(t.images_per_sec, 1) for t in ts]))
-    _vs_default(out)
-    for e in out:
-        add(e)
-    return out
-
-
-def _vs_default(entries: list[dict]) -> None:
-    """vs_default: each entry's img/s over the entry with fasttrain's default knobs of the same arch."""
-    base = {e["arch"]: e["images_per_sec"] for e in entries if e["default_knobs"]}
-    for e in entries:
-        if e["arch"] in base:
-            e["vs_default"] = e["images_per_sec"] / base[e["arch"]]
-
-
 def fasttrain_step(plan: Plan, arch: str, tg: Toggles, steps_per_epoch: int,
                    batch: int | None = None) -> tuple[Callable, Layout, Config]:
     """fasttrain's trainer for these toggles, wrapped as `fasttrain train` wraps it (--compile-step too).
@@ -294,48 +265,6 @@ def model_section(plan: Plan, arch: str, add: Add = _nothing, combos: list[Toggl
             best, best_ips = (tg, step, layout), t.images_per_sec
         del step, loaders
     return out, best
-
-
-def ceiling_section(plan: Plan, arch: str, add: Add = _nothing) -> list[dict]:
-    """Model only, the variants that might raise the compiled ceiling (compile modes, fp16 against bf16,
-    larger batches, SGD implementation): each a fresh trainer, compiled anew, on synthetic device batches.
-    The reference loop at the plan's batch is this section's reference. Each entry is handed to `add` as
-    soon as it is measured: a run stopped by a time limit keeps the variants done so far."""
-    steps, size = plan.model_steps, plan.model_image_size
-    ref = ReferenceStep(arch, plan.num_classes, plan.device)
-    x = torch.randn(plan.model_batch, 3, size, size, device=plan.device)
-    y = torch.randint(0, plan.num_classes, (plan.model_batch,), device=plan.device)
-    t = time_loop(itertools.repeat((x, y)), ref, plan.device, *steps)
-    out = [entry("ceiling", f"ceiling/{arch}/reference", "synthetic", arch, Toggles(), plan.model_batch, None, t,
-                 steps, reference=True)]
-    add(out[-1])
-    del ref, x, y
-    for tg, b in plan.ceiling:
-        try:
-            step, layout, cfg = fasttrain_step(plan, arch, tg, sum(steps), batch=b)
-            loaders = build_loaders(cfg.data, DistInfo(device=plan.device), layout, seed=0)  # loader "synthetic"
-            t = time_loop(loaders.train, step, plan.device, *steps)
-        except CEILING_ERRORS as e:  # one variant torch cannot compile or fit must not cost the others
-            last = (str(e).strip().splitlines() or [""])[-1]
-            plan.skipped[f"ceiling/{arch}/{tg.label}@{b}"] = f"failed: {type(e).__name__}: {last[:300]}"
-            log(f"ceiling {arch} {tg.label} batch {b}: failed ({type(e).__name__}: {last[:300]})")
-        else:
-            loss = step.meter.read()["loss"]  # random labels: about ln(classes) while the variant trains right
-            out.append(entry("ceiling", f"ceiling/{arch}/{tg.label}@{b}", "synthetic", arch, tg, b, None, t, steps,
-                             train_loss=loss))
-            add(out[-1])
-            log(f"ceiling {arch} {tg.label} batch {b}: {t.images_per_sec:.1f} img/s (warm-up {t.warmup_s:.1f}s)")
-        step = loaders = None
-        torch.compiler.reset()  # each variant compiles anew: the last one's graphs (and CUDA graph pools) go
-        gc.collect()
-        if plan.device.type == "cuda":
-            torch.cuda.empty_cache()
-    return out
-
-
-# What a ceiling variant may raise that leaves the process able to go on: torch.compile's errors (dynamo's and
-# inductor's derive from RuntimeError), out of memory (torch.OutOfMemoryError is one too), a missing feature.
-CEILING_ERRORS = (RuntimeError, NotImplementedError, AssertionError, TypeError, ValueError)
 
 
 def e2e_loaders(plan: Plan) -> list[str]:
@@ -402,31 +331,6 @@ def e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict
     return out
 
 
-def dali_e2e_section(plan: Plan, data: BenchData, arch: str, model_entries: list[dict], fastest,
-                     add: Add = _nothing) -> list[dict]:
-    """Section "dali", end to end: the DALI loader at each of plan.dali_e2e's knob settings (fasttrain's
-    defaults among them) feeding the same trainer, already compiled: where DALI shares the GPU with the
-    model, the hardware decoder's share and the queue depth move the model's rate, not only the loader's."""
-    kind = dali_kind(plan)
-    if kind is None or not plan.dali_e2e:
-        return []
-    steps, b = warmed(plan.e2e_steps, kind, plan.workers), plan.model_batch
-    tg = fastest[0]
-    ceiling = _ceiling_of(model_entries, tg)
-    torch.backends.cudnn.benchmark = tg.cudnn_benchmark
-    out = []
-    for knobs in plan.dali_e2e:
-        t = feeding(plan, data, kind, fastest, steps, knobs)()
-        out.append(entry("dali", f"dali/{arch}/{kind}@{knobs.label(kind)}+{tg.label}", kind, arch, tg, b, plan.workers,
-                         t, steps, dali=asdict(knobs), default_knobs=knobs == DaliKnobs(),
-                         of_ceiling=t.images_per_sec / ceiling["images_per_sec"]))
-        _e2e_log(arch, f"{kind}@{knobs.label(kind)}", tg, t, ceiling)
-    _vs_default(out)
-    for e in out:
-        add(e)
-    return out
-
-
 def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
               save: Callable[[list[dict]], None] = lambda entries: None) -> list[dict]:
     """Every entry, ordered loader, model, e2e, ceiling, dali, auto (within a section, in the order measured).
@@ -441,6 +345,8 @@ def run_suite(plan: Plan, data: BenchData, sections=("loader", "model", "e2e"),
         entries.append(e)
         save(ordered(entries))
 
+    from .ceiling import ceiling_section  # each imports this module: here, not at its top
+    from .dali_sweep import dali_e2e_section, dali_loader_section
     if "loader" in sections:
         loader_section(plan, data, add)
     if "dali" in sections:
