@@ -18,8 +18,9 @@ model); on request, --sections ceiling (model-only variants past the compiled ra
 (progressive resizing and BlurPool end to end against a fixed-size run: recipe.py), --sections dali
 (the DALI loader's hardware-decoder share and prefetch depth, loader only and end to end: dali_sweep.py) and
 --sections auto (--loader auto's pick and its calibration's cost against each path it picks from: auto.py).
-Writes DIR/bench.json, DIR/bench.png and prints a table. The pieces: images.py (data), reference.py (the reference loop), peers.py
-(the peers), loaders.py, measure.py (the one timing loop), suite.py (the matrix), report.py (outputs).
+Writes DIR/bench.json, DIR/bench.png and prints a table. The pieces: images.py (data), reference.py (the
+reference loop), peers.py (the peers), loaders.py, measure.py (the one timing loop), suite.py (the matrix),
+report.py (outputs).
 """
 
 from __future__ import annotations
