@@ -804,6 +804,17 @@ def test_resize_accuracy_trains_each_copy_and_scores_it_on_full_size_val(tmp_pat
     assert all(0 <= run["full_size_val_top1"] <= 100 for run in doc["runs"])
 
 
+def test_calibration_settle_probes_with_and_without_a_pause(tiny_data):
+    """benchmarks/calibration_settle.py: the calibration's torchvision probe fed by a stand-in model step, as
+    calibrate.py runs it and with a pause before the fed window; both fed rates and their steps printed."""
+    r = run_group([sys.executable, os.path.join(REPO, "benchmarks", "calibration_settle.py"), tiny_data, "-j", "1",
+                   "-b", "8", "--step-ms", "5", "--alone-s", "0.05", "--fed-s", "0.05", "--settle", "0.1"], 120,
+                  {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("settle ")]
+    assert [ln.split(":")[0] for ln in lines] == ["settle 0s", "settle 0.1s"] and all("fed steps [" in ln for ln in lines)
+
+
 def test_decode_cost_reads_folders_and_shards(tiny_data, tmp_path):
     """benchmarks/decode_cost.py: CPU ms per image of each dataset given, a folder and its resized shards."""
     assert cli.main(["shard", tiny_data, str(tmp_path / "s"), "--max-side", "32", "-j", "1"]) == 0
