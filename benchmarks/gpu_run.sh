@@ -50,11 +50,11 @@
 # IMAGES (4096), ARCH (resnet50), E2E_ARCHS (ARCH; "resnet50 resnet18": the end-to-end stage, peers included,
 # for each, at the settings of ARCH's fastest ceiling variant), CEILING_S (200), E2E_S (150), DALI_S (100),
 # TOTAL_S (570: the resume check gets what is left of it), RESUME_MIN_S (60), RESUME_CHECK (1; 0 leaves it
-# out), PROFILE_LOADER (0), PROFILE (0), PYTHON (python3), LIKE (default; imagenet: every stage on JPEGs sized like ImageNet's,
-# `fasttrain bench --like imagenet`; drawing 4,096 of them took 511 s on one core of the 2-core dev machine,
-# so expect about a minute here), LOADER_S (0; N: first a loader-only stage, loader/, of N seconds), MAX_SIDE
-# (unset; N: that stage also times each fasttrain loader on the same images as shards pre-resized to N px,
-# `--shards --max-side N`).
+# out), PROFILE_LOADER (0), PROFILE (0), PYTHON (python3), LIKE (default; imagenet: every stage on JPEGs
+# sized like ImageNet's, `fasttrain bench --like imagenet`; drawing 4,096 of them took 511 s on one core of
+# the 2-core dev machine, so expect about a minute here), LOADER_S (0; N: first a loader-only stage, loader/,
+# of N seconds), MAX_SIDE (unset; N: that stage also times each fasttrain loader on the same images as shards
+# pre-resized to N px, `--shards --max-side N`).
 # Decoding full-size against pre-resized ImageNet-sized JPEGs (issue 23), the loader stage alone:
 #   LIKE=imagenet LOADER_S=240 MAX_SIDE=256 CEILING_S=0 E2E_S=0 DALI_S=0 RESUME_CHECK=0 bash benchmarks/gpu_run.sh
 # Issue 23 (which loader, and both at once), stages left out unless given a time: AUTO_S, after the DALI stage,
