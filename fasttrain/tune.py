@@ -138,14 +138,14 @@ def tune_command(cfg: Config, quick: bool = False) -> int:
     from .launch import preflight, use_demo_data
     preflight(cfg)
     if cfg.data.data is None:
-        use_demo_data(cfg)
+        cfg = use_demo_data(cfg)  # a new Config (the caller's is left as it is)
     if cfg.data.auto_augment or cfg.data.randaugment:
         raise UserError("--auto-augment/--randaugment train with the torchvision loader only: nothing to tune")
     dist = D.setup(cfg.dist, cfg.run.device)
     threads = torch.get_num_threads()
     try:
         cpu_share.apply(dist.local_world_size)
-        cfg.run = resolve_toggles(cfg.run, dist.device.type)
+        cfg = dataclasses.replace(cfg, run=resolve_toggles(cfg.run, dist.device.type))
         torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
         from .train import AMP_DTYPES
         layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)

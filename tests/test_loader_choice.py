@@ -190,6 +190,19 @@ def test_a_resumed_run_keeps_the_loader_of_its_checkpoint(tiny_data):
     assert d.loader == "torchvision" and "--randaugment" in why
 
 
+def test_tune_without_data_measures_the_demo_dataset(tmp_path, monkeypatch, capsys):
+    """`fasttrain tune` with no DATA, as `fasttrain train` without it: the embedded demo dataset (here a few
+    images a class of it), not a traceback."""
+    from fasttrain.data import demo
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    real = demo.write_demo_dataset
+    monkeypatch.setattr(demo, "write_demo_dataset", lambda root: real(root, {"train": 4, "val": 1}))
+    assert cli.main(["tune", "--device", "cpu", "-j", "1", "-b", "8", "--image-size", "32", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "writing the embedded demo dataset" in out and "model alone (eager)" in out
+    assert "profile written to" in out
+
+
 def test_tune_prints_the_table_and_train_reuses_its_profile(tiny_data, tmp_path, monkeypatch, capsys):
     pytest.importorskip("nvidia.dali")  # without it auto has one loader: no profile to read
     monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
