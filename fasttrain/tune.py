@@ -132,46 +132,52 @@ def tune_command(cfg: Config, quick: bool = False) -> int:
     """Measure every path thoroughly (DALI's settings too; the compiled model with --compile), print the
     table and the choice, write the profile `fasttrain train --loader auto` then reuses. `quick`: the brief
     measurement a run makes instead."""
-    from .config import resolve_toggles
-    from .data import dali_backend
-    from .data.scan import scan_dataset
     from .launch import preflight, use_demo_data
+    from .train import process_state  # train.py imports this module: not at its top
     preflight(cfg)
     if cfg.data.data is None:
         cfg = use_demo_data(cfg)  # a new Config (the caller's is left as it is)
     if cfg.data.auto_augment or cfg.data.randaugment:
         raise UserError("--auto-augment/--randaugment train with the torchvision loader only: nothing to tune")
     dist = D.setup(cfg.dist, cfg.run.device)
-    threads = torch.get_num_threads()
     try:
-        cpu_share.apply(dist.local_world_size)
-        cfg = dataclasses.replace(cfg, run=resolve_toggles(cfg.run, dist.device.type))
-        torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
-        from .train import AMP_DTYPES
-        layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
-        workers, _ = cpu_share.workers_per_process(cfg.data.workers, dist.local_world_size)
-        batch = dist.per_rank_batch(cfg.data.batch_size)
-        train, val = scan_dataset(cfg.data.data, cfg.data.file_list)
-        paths = ["torchvision"] + (["dali", "hybrid"] if dali_backend.available() else [])
-        if dist.is_main:
-            print(f"fasttrain tune: {cfg.model.arch} at {Resolution.from_config(cfg.data)(0)} px, batch {batch} per "
-                  f"process x {dist.world_size}, {dist.device}, {workers} workers per process, amp {cfg.run.amp}, "
-                  f"channels_last {cfg.run.channels_last}, compile {cfg.run.compile}; measuring "
-                  f"{', '.join(LC.display(p, dist.device.type) for p in paths)}", flush=True)
-        rates = measure(cfg, dist, layout, train, val, workers, batch, paths, BRIEF if quick else THOROUGH,
-                        compiled=not quick, seed=cfg.run.seed or 0)
-        if rates is None:
-            raise UserError("the model step could not be timed (see the warning above)")
-        key = profile_key(cfg, dist, workers, batch)
-        if dist.is_main:
-            where = LC.save_profile(key, rates)
-            choice = LC.decide(rates)
-            print(LC.table(rates), flush=True)
-            print(f"fasttrain tune: --loader auto takes {LC.describe_choice(choice, rates.device)}: {choice.why}; "
-                  f"measured in {rates.seconds:.1f}s ({LC.phases_text(rates)})", flush=True)
-            print(f"fasttrain tune: profile written to {where}" if where else
-                  "fasttrain tune: warning: the profile could not be written (cache folder not writable)", flush=True)
-        return 0
+        with process_state():  # cuDNN's flag and torch's threads back as they were
+            return _tune(cfg, dist, quick)
     finally:
-        torch.set_num_threads(threads)
         D.teardown(dist)
+
+
+def _tune(cfg: Config, dist: D.DistInfo, quick: bool) -> int:
+    """tune_command's measuring and report, on this process's ranks."""
+    from .config import resolve_toggles
+    from .data import dali_backend
+    from .data.scan import scan_dataset
+    from .train import AMP_DTYPES
+    cpu_share.apply(dist.local_world_size)
+    cfg = dataclasses.replace(cfg, run=resolve_toggles(cfg.run, dist.device.type))
+    torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+    layout = Layout(dist.device, cfg.run.channels_last, AMP_DTYPES[cfg.run.amp] or torch.float32)
+    workers, _ = cpu_share.workers_per_process(cfg.data.workers, dist.local_world_size)
+    batch = dist.per_rank_batch(cfg.data.batch_size)
+    train, val = scan_dataset(cfg.data.data, cfg.data.file_list)
+    paths = ["torchvision"] + (["dali", "hybrid"] if dali_backend.available() else [])
+    if dist.is_main:
+        print(f"fasttrain tune: {cfg.model.arch} at {Resolution.from_config(cfg.data)(0)} px, batch {batch} per "
+              f"process x {dist.world_size}, {dist.device}, {workers} workers per process, amp {cfg.run.amp}, "
+              f"channels_last {cfg.run.channels_last}, compile {cfg.run.compile}; measuring "
+              f"{', '.join(LC.display(p, dist.device.type) for p in paths)}", flush=True)
+    rates = measure(cfg, dist, layout, train, val, workers, batch, paths, BRIEF if quick else THOROUGH,
+                    compiled=not quick, seed=cfg.run.seed or 0)
+    if rates is None:
+        raise UserError("the model step could not be timed (see the warning above)")
+    key = profile_key(cfg, dist, workers, batch)
+    if dist.is_main:
+        where = LC.save_profile(key, rates)
+        choice = LC.decide(rates)
+        print(LC.table(rates), flush=True)
+        print(f"fasttrain tune: --loader auto takes {LC.describe_choice(choice, rates.device)}: {choice.why}; "
+              f"measured in {rates.seconds:.1f}s ({LC.phases_text(rates)})", flush=True)
+        print(f"fasttrain tune: profile written to {where}" if where else
+              "fasttrain tune: warning: the profile could not be written (cache folder not writable)", flush=True)
+    return 0
+
