@@ -305,7 +305,7 @@ def measure(cfg: Config, dist: D.DistInfo, layout: Layout, train: Split, val: Sp
                         "dali", split, val, batch, workers, v, layout, None, step_s, w, seed, phases=phases,
                         name=label)))
                     if got is not None:
-                        variants[f"dali@{LC.dali_label(got.knobs, layout.device.type)}"] = got
+                        variants[label] = got
                 best = LC.best_dali_knobs(variants, {"hw_decoder_load": data.hw_decoder_load,
                                                      "prefetch": data.prefetch})
                 knobs = dataclasses.replace(data, **best)

@@ -66,7 +66,7 @@ class Member(NamedTuple):
 _FDS: collections.OrderedDict[str, int] = collections.OrderedDict()
 MAX_OPEN = 256  # shards kept open per process (ImageNet at the default size: ~500); the least recent closes
 # The training process reads with two threads at most (-j 0 batches, the check of the files no batch holds:
-# torchvision_backend.bad_files): reads go one at a time, each with its descriptor open.
+# base.UnusedFiles): reads go one at a time, each with its descriptor open.
 _FDS_LOCK = threading.Lock()
 
 
